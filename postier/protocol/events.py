@@ -1,0 +1,122 @@
+"""What the peer did, as frozen dataclasses.
+
+`ServerConnection.next_event()` returns these. Events that carry a command (`Hello`, `Mail`,
+`Rcpt`, `Data`, `StartTLS`, `Auth`, `AuthResponse`, `EndOfData`) wait for the application's
+decision: exactly one `accept()` or `reject(reply)` (or `challenge()` for SASL). Commands the
+protocol can answer alone (NOOP, HELP, VRFY, RSET, syntax and sequence errors) never surface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from postier.protocol.address import Address
+from postier.protocol.replies import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    name: str
+    extended: bool  # EHLO (True) or HELO (False)
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    sender: Address | None  # None is the null reverse-path <>
+    size: int | None
+    body: str | None  # "7BIT" / "8BITMIME" / None
+    smtputf8: bool
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Rcpt:
+    recipient: Address
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """DATA with at least one accepted recipient; accept() sends 354."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Message content: whole lines, dot-unstuffed, CRLF line endings."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfData:
+    """CRLF.CRLF seen. accept() or reject() decides the reply for the whole message."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataRejected:
+    """The message ended but cannot be taken (too big, bare CR/LF); the reply is already sent.
+
+    The application discards what it stored from the chunks. No decision is needed.
+    """
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """accept() sends 220, discards any bytes already received, and waits for tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    mechanism: str
+    initial_response: str | None  # still base64; "=" means empty; None means absent
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """A client line during a SASL exchange, still base64 ("*" cancels)."""
+
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The peer broke the protocol badly enough that we replied and will close."""
+
+    reply: Reply
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """After QUIT (221 queued) or a fatal error: flush the output and close."""
+
+    reason: str
+
+
+class NeedData:
+    """Sentinel: no event until more bytes arrive. Flush pending output now."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+Event = (
+    Hello
+    | Mail
+    | Rcpt
+    | Data
+    | DataChunk
+    | EndOfData
+    | DataRejected
+    | StartTLS
+    | Auth
+    | AuthResponse
+    | ProtocolViolation
+    | ConnectionClosed
+)
