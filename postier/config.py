@@ -1,0 +1,263 @@
+"""Configuration: frozen dataclasses, a TOML file (`-c`) and flags that override it.
+
+Every setting has one name. In TOML it is the long flag with `-` written as `_` (`mail_root`,
+`queue_dir`, `tls_cert`); repeatable flags are lists (`domain = ["a.example", "b.example"]`,
+`mx = ["eth0:25"]`). Errors name the file or flag and the key, and say what is wrong, because
+the operator reading them is usually in the middle of an outage.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from postier.errors import ConfigError
+from postier.netaddr import ListenSpec, is_loopback, parse_listen
+
+MAILBOX_FORMATS = ("maildir", "mbox", "spool", "lmtp")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    hostname: str = ""
+    domain: tuple[str, ...] = ()
+    mail_root: Path = Path("/var/spool/mail")
+    mailbox_format: str = "maildir"
+    mailbox_template: str = ""  # e.g. "/home/{user}/Maildir"; empty: <mail_root>/<mailbox>
+    lmtp: str = ""  # LMTP target for mailbox_format = "lmtp": HOST:PORT or a socket path
+    users: Path | None = None
+    aliases: Path | None = None
+    passwords: Path | None = None  # flag -P/--pass, TOML key "pass"
+    queue_dir: Path = Path("/var/spool/postier")
+    mx: tuple[ListenSpec, ...] = ()
+    local: tuple[ListenSpec, ...] = ()
+    submission: tuple[ListenSpec, ...] = ()
+    submissions: tuple[ListenSpec, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_cert_dir: Path | None = None
+    dns_server: str = ""
+    remote_port: int = 25
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password: str = ""
+    workers: int = 1
+    user: str = ""  # drop privileges to this user after binding; default "postier" if it exists
+    recipient_delimiter: str = ""
+    reverse_dns: bool = True
+    log_level: str = "info"
+    # limits
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 10
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    min_free_space: int = 100 * 1024 * 1024
+    # timeouts, seconds (RFC 5321 §4.5.3.2: the server waits 5 minutes for a command)
+    command_timeout: float = 300.0
+    data_timeout: float = 300.0
+    min_data_rate: int = 0  # bytes/s during DATA, checked after the first data_timeout/10
+    session_timeout: float = 3600.0
+    shutdown_grace: float = 30.0
+    greet_pause: float = 0.0
+    # queue
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+    max_queue_age: float = 5 * 86400.0
+    delay_warning_after: float = 4 * 3600.0
+    per_destination_limit: int = 4
+
+    @property
+    def listeners(self) -> dict[str, tuple[ListenSpec, ...]]:
+        return {
+            "mx": self.mx,
+            "local": self.local,
+            "submission": self.submission,
+            "submissions": self.submissions,
+        }
+
+
+DEFAULT_MX = (ListenSpec("", 25, "all"),)
+DEFAULT_LOCAL = (ListenSpec("127.0.0.1", 2525, "ip"),)
+
+# TOML key -> dataclass field, where they differ.
+_KEY_ALIASES = {"pass": "passwords", "domains": "domain"}
+_LISTENER_KEYS = ("mx", "local", "submission", "submissions")
+_PATH_KEYS = {
+    "mail_root",
+    "users",
+    "aliases",
+    "passwords",
+    "queue_dir",
+    "tls_cert",
+    "tls_key",
+    "tls_cert_dir",
+}
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
+    """Turn one raw value (TOML or flag) into the field's type, or say what is wrong."""
+    where = f"{source}: {key}"
+    types = _field_types()
+    ftype = types[key]
+    if key in _LISTENER_KEYS:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(parse_listen(str(v), where) for v in items)
+    if key == "domain":
+        items = value if isinstance(value, list | tuple) else [value]
+        out = []
+        for v in items:
+            if not isinstance(v, str) or not v.strip() or " " in v.strip():
+                raise ConfigError(f"{where}: {v!r} is not a domain name")
+            out.append(v.strip().lower().rstrip("."))
+        return tuple(dict.fromkeys(out))
+    if key == "retry_schedule":
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(f"{where}: expected a non-empty list of seconds")
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected numbers of seconds") from None
+    if key in _PATH_KEYS:
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(f"{where}: expected a path")
+        p = Path(value)
+        if base_dir is not None and not p.is_absolute():
+            p = base_dir / p
+        return p
+    if ftype in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if ftype in ("float", float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
+    if ftype in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("yes", "true", "1", "no", "false", "0"):
+            return value.lower() in ("yes", "true", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file into field values (relative paths are relative to the file)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):  # tables are only for grouping: [limits], [timeouts] ...
+            for sub, subval in value.items():
+                flat[sub] = subval
+        else:
+            flat[key] = value
+    valid = _field_types()
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        name = _KEY_ALIASES.get(key, key)
+        if name not in valid:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        out[name] = _coerce(name, value, str(path), path.parent)
+    return out
+
+
+def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Config:
+    """Merge file values and flags (flags win), apply defaults, then validate."""
+    merged: dict[str, Any] = {}
+    merged.update(file_values)
+    for key, value in flag_values.items():
+        if value is None or value == [] or value == ():
+            continue
+        merged[key] = _coerce(key, value, f"--{key.replace('_', '-')}", None)
+    cfg = Config(**merged)
+    if not cfg.hostname:
+        cfg = replace(cfg, hostname=socket.getfqdn() or "localhost")
+    if "mx" not in merged:
+        cfg = replace(cfg, mx=DEFAULT_MX)
+    if "local" not in merged:
+        cfg = replace(cfg, local=DEFAULT_LOCAL)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if cfg.mailbox_format not in MAILBOX_FORMATS:
+        raise ConfigError(
+            f"mailbox_format: {cfg.mailbox_format!r} is not one of {', '.join(MAILBOX_FORMATS)}"
+        )
+    if cfg.mailbox_format == "lmtp" and not cfg.lmtp:
+        raise ConfigError("lmtp: mailbox_format = lmtp needs an lmtp target (HOST:PORT or path)")
+    for spec in cfg.local:
+        if not is_loopback(spec):
+            raise ConfigError(
+                f"--local: {spec} is not a loopback address; the local listener relays without "
+                "authentication, so it may only listen on 127.0.0.0/8, [::1] or lo"
+            )
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ConfigError("tls_cert and tls_key: give both or neither")
+    if (cfg.submission or cfg.submissions) and cfg.tls_cert is None:
+        raise ConfigError("submission/submissions need a certificate: set --tls-cert and --tls-key")
+    if (cfg.submission or cfg.submissions) and cfg.passwords is None:
+        raise ConfigError("submission/submissions need a password file: set -P/--pass")
+    for name in ("max_message_size", "max_recipients", "max_errors", "max_connections"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1")
+    if cfg.workers < 1 or cfg.workers > 64:
+        raise ConfigError("workers: must be between 1 and 64")
+    for name in ("command_timeout", "data_timeout", "session_timeout"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}: must be a positive number of seconds")
+    if len(cfg.recipient_delimiter) > 1:
+        raise ConfigError("recipient_delimiter: must be one character or empty")
+    for path_key in ("users", "aliases", "passwords", "tls_cert", "tls_key"):
+        p = getattr(cfg, path_key)
+        if p is not None and not Path(p).is_file():
+            flag = "pass" if path_key == "passwords" else path_key
+            raise ConfigError(f"{flag}: {p}: no such file")
+
+
+def describe(cfg: Config) -> str:
+    """The effective settings as TOML-like lines (for `check-config`)."""
+    lines = []
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        key = "pass" if f.name == "passwords" else f.name
+        if f.name == "smarthost_password" and value:
+            value = "********"
+        if isinstance(value, tuple):
+            shown = (
+                "["
+                + ", ".join(f'"{v}"' if not isinstance(v, float) else f"{v:g}" for v in value)
+                + "]"
+            )
+        elif isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif isinstance(value, int | float):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+        elif value is None:
+            shown = '""  # not set'
+        else:
+            shown = f'"{value}"'
+        lines.append(f"{key} = {shown}")
+    return "\n".join(lines)

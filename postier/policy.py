@@ -1,0 +1,221 @@
+"""Who may send what to whom: local users, aliases, postmaster, and the listener roles.
+
+Roles:
+- `mx`: accepts mail only for local domains and known local users. Never relays.
+- `local` (loopback only) and authenticated `submission`/`submissions`: may also relay to
+  remote domains.
+
+Mailbox names come from the users file (validated once at load), never from protocol bytes:
+an RCPT local part is only ever used as a key into the users map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from postier import log
+from postier.errors import ConfigError
+from postier.protocol import replies as R
+from postier.protocol.address import Address
+from postier.protocol.replies import Reply
+
+_LOG = logging.getLogger("postier.policy")
+
+MAX_ALIAS_DEPTH = 10
+
+
+def validate_mailbox_name(name: str) -> str:
+    """A mailbox name is one path component we create under the mail root; nothing more."""
+    if not name or len(name.encode("utf-8")) > 255:
+        raise ValueError("must be 1 to 255 bytes")
+    if name.startswith("."):
+        raise ValueError("must not start with a dot")
+    if "/" in name or "\\" in name:
+        raise ValueError("must not contain / or \\")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("must not contain control characters")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class LocalUser:
+    address: str  # canonical "local@domain" (lower-case), or "local" for every local domain
+    mailbox: str
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTarget:
+    """A recipient that ends in a local mailbox."""
+
+    address: str  # the envelope recipient as accepted
+    user: LocalUser
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteTarget:
+    address: Address  # a recipient to relay (or an alias target at a remote domain)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reply: Reply
+    reason: str
+
+
+Decision = list[LocalTarget | RemoteTarget] | Rejection
+
+
+def load_users(path: Path, domains: Iterable[str]) -> dict[str, LocalUser]:
+    """Lines `address [mailbox]`; `#` comments. A bare local part is a user at every domain."""
+    users: dict[str, LocalUser] = {}
+    domain_set = set(domains)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read users file: {exc.strerror}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 2:
+            raise ConfigError(f"{path}:{lineno}: expected 'address [mailbox]', got {raw.strip()!r}")
+        address = parts[0].lower()
+        local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
+        if not local:
+            raise ConfigError(f"{path}:{lineno}: {parts[0]!r} has an empty local part")
+        if domain and domain not in domain_set:
+            _LOG.warning(
+                "event=config-warning %s",
+                log.fields(file=f"{path}:{lineno}", problem=f"domain {domain} is not local"),
+            )
+        mailbox = parts[1] if len(parts) == 2 else local
+        try:
+            validate_mailbox_name(mailbox)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{lineno}: mailbox name {mailbox!r} {exc}") from None
+        users[address] = LocalUser(address=address, mailbox=mailbox)
+    return users
+
+
+def load_aliases(path: Path) -> dict[str, list[str]]:
+    """Lines `alias: target, target`; `#` comments. Keys and targets are lower-cased."""
+    aliases: dict[str, list[str]] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read aliases file: {exc.strerror}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, rest = line.partition(":")
+        name = name.strip().lower()
+        targets = [t.strip().lower() for t in rest.split(",") if t.strip()]
+        if not sep or not name or " " in name or not targets:
+            raise ConfigError(f"{path}:{lineno}: expected 'alias: target, target', got {raw!r}")
+        for t in targets:
+            if any(ord(c) < 32 for c in t) or " " in t:
+                raise ConfigError(f"{path}:{lineno}: bad target {t!r}")
+        aliases.setdefault(name, []).extend(targets)
+    return aliases
+
+
+class Policy:
+    def __init__(
+        self,
+        domains: Iterable[str],
+        users: dict[str, LocalUser],
+        aliases: dict[str, list[str]] | None = None,
+        recipient_delimiter: str = "",
+    ) -> None:
+        self.domains = frozenset(d.lower() for d in domains)
+        self.users = users
+        self.aliases = aliases or {}
+        self.delimiter = recipient_delimiter
+        self.postmaster_targets = self._postmaster_targets()
+
+    def _postmaster_targets(self) -> list[str]:
+        if "postmaster" in self.aliases:
+            return self.aliases["postmaster"]
+        for d in sorted(self.domains):
+            if f"postmaster@{d}" in self.aliases:
+                return self.aliases[f"postmaster@{d}"]
+        if "postmaster" in self.users:
+            return ["postmaster"]
+        if self.users:
+            first = next(iter(self.users.values()))
+            _LOG.warning(
+                "event=config-warning %s",
+                log.fields(
+                    problem="no postmaster alias; postmaster mail goes to the first local user",
+                    user=first.address,
+                ),
+            )
+            return [first.address]
+        _LOG.warning('event=config-warning problem="no local users: postmaster mail bounces"')
+        return []
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.domains
+
+    def _find_user(self, local: str, domain: str) -> LocalUser | None:
+        key_full = f"{local}@{domain}"
+        user = self.users.get(key_full) or self.users.get(local)
+        if user is None and self.delimiter and self.delimiter in local:
+            base = local.split(self.delimiter, 1)[0]
+            user = self.users.get(f"{base}@{domain}") or self.users.get(base)
+        return user
+
+    def resolve_local(
+        self, local: str, domain: str, depth: int = 0
+    ) -> list[LocalTarget | RemoteTarget] | None:
+        """Expand an address at a local domain through aliases to users; None if unknown."""
+        local = local.lower()
+        domain = domain.lower()
+        if depth > MAX_ALIAS_DEPTH:
+            return None
+        if local == "postmaster":
+            targets = self.postmaster_targets
+        else:
+            targets = self.aliases.get(f"{local}@{domain}") or self.aliases.get(local) or []
+        if targets:
+            out: list[LocalTarget | RemoteTarget] = []
+            for t in targets:
+                t_local, _, t_domain = t.rpartition("@") if "@" in t else (t, "", domain)
+                if t_domain and t_domain not in self.domains:
+                    out.append(RemoteTarget(Address(t_local, t_domain)))
+                    continue
+                if t_local == local and t_domain == domain:
+                    user = self._find_user(t_local, t_domain)
+                    if user:
+                        out.append(LocalTarget(f"{local}@{domain}", user))
+                    continue
+                sub = self.resolve_local(t_local, t_domain, depth + 1)
+                if sub:
+                    out.extend(sub)
+            return out or None
+        user = self._find_user(local, domain)
+        if user is None:
+            return None
+        return [LocalTarget(f"{local}@{domain}", user)]
+
+    def check_recipient(self, rcpt: Address, *, may_relay: bool) -> Decision:
+        if rcpt.domain == "" and rcpt.local.lower() == "postmaster":
+            targets = self.resolve_local(
+                "postmaster", sorted(self.domains)[0] if self.domains else ""
+            )
+            if not targets:
+                return Rejection(R.NO_SUCH_USER, "no postmaster configured")
+            return targets
+        if self.is_local_domain(rcpt.domain):
+            targets = self.resolve_local(rcpt.local, rcpt.domain)
+            if not targets:
+                return Rejection(R.NO_SUCH_USER, "unknown local user")
+            return targets
+        if may_relay:
+            return [RemoteTarget(rcpt)]
+        return Rejection(R.RELAY_DENIED, "relay denied")

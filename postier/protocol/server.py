@@ -1,0 +1,346 @@
+"""`ServerConnection`: the SMTP server state machine, sans I/O (the h11 model).
+
+Use:
+    conn = ServerConnection(config, peer_name="[192.0.2.1]")
+    out = conn.greeting()                      # bytes to write
+    conn.receive_data(bytes_from_socket)
+    while (event := conn.next_event()) is not NEED_DATA:
+        ...decide... conn.accept() / conn.reject(reply) / conn.challenge(b64)
+    write(conn.data_to_send())
+
+Replies are queued in order and only flushed by the caller when `next_event()` says NEED_DATA
+(or before closing), so pipelined commands get all their replies in one write (RFC 2920).
+An event that carries a command blocks further parsing until the application decides, which
+keeps replies in command order even when a decision is slow (disk, DNS, password hashing).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from postier.protocol import replies as R
+from postier.protocol.buffer import LineBuffer, LineTooLong
+from postier.protocol.dot import DataReader
+from postier.protocol.events import (
+    NEED_DATA,
+    Auth,
+    AuthResponse,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    DataRejected,
+    EndOfData,
+    Event,
+    Hello,
+    Mail,
+    NeedData,
+    ProtocolViolation,
+    Rcpt,
+    StartTLS,
+)
+from postier.protocol.handlers import (
+    CROSS_PROTOCOL,
+    GROUP_ENDERS,
+    HANDLERS,
+    NOT_IMPLEMENTED,
+    ehlo_lines,
+)
+from postier.protocol.replies import Reply
+from postier.protocol.state import Phase, ServerConfig, Session
+
+
+class ProtocolUsageError(RuntimeError):
+    """The application used the state machine wrongly (a bug in postier, not in the peer)."""
+
+
+class ServerConnection:
+    def __init__(self, config: ServerConfig, peer_name: str = "unknown") -> None:
+        self.config = config
+        self.peer_name = peer_name
+        self.session = Session(tls=config.implicit_tls)
+        self.phase = Phase.COMMAND
+        self._lines = LineBuffer(config.max_auth_line)
+        self._reader: DataReader | None = None
+        self._out = bytearray()
+        self._events: deque[Event] = deque()
+        self._pending: Event | None = None
+        self._greeted = False
+        self._closed_reported = False
+        self.close_reason = ""
+        self.discarded_after_starttls = 0
+
+    # ---- output ------------------------------------------------------------------------
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _send(self, reply: Reply) -> None:
+        self._out += reply.to_bytes()
+        if reply.code >= 500:
+            self.session.errors += 1
+
+    def greeting(self) -> bytes:
+        """The 220 banner. Bytes received before it was produced are a protocol violation."""
+        self._greeted = True
+        self._send(R.greeting(self.config.hostname))
+        return self.data_to_send()
+
+    def refuse(self, reply: Reply, reason: str) -> bytes:
+        """Answer a connection we will not serve (limits, shutdown) with one reply and close."""
+        self._greeted = True
+        self._send(reply)
+        self._close(reason)
+        return self.data_to_send()
+
+    def _close(self, reason: str) -> None:
+        self.phase = Phase.CLOSED
+        self.close_reason = reason
+        self._events.append(ConnectionClosed(reason))
+
+    # ---- input -------------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase is Phase.TLS_PENDING:
+            # RFC 3207 §4 / CVE-2011-0411: nothing sent in plaintext after STARTTLS survives.
+            self.discarded_after_starttls += len(data)
+            return
+        if not self._greeted and data:
+            self._violation(R.PREGREET, "client talked before the greeting")
+            return
+        if self.phase is Phase.DATA and self._reader is not None:
+            self._feed_data(data)
+        else:
+            self._lines.feed(data)
+
+    def _feed_data(self, data: bytes) -> None:
+        reader = self._reader
+        assert reader is not None
+        chunk = reader.feed(data)
+        if chunk:
+            self._events.append(DataChunk(chunk))
+        if reader.done:
+            self._reader = None
+            self.phase = Phase.COMMAND
+            rest = reader.rest
+            if reader.bad_line_endings:
+                self._finish_rejected(R.BAD_LINE_ENDINGS)
+            elif reader.overflow:
+                self._finish_rejected(R.MESSAGE_TOO_BIG)
+            else:
+                self._events.append(EndOfData(size=reader.size))
+            if rest:
+                self._lines.feed(rest)
+
+    def _finish_rejected(self, reply: Reply) -> None:
+        self._send(reply)
+        self.session.reset_transaction()
+        self._events.append(DataRejected(reply))
+
+    def next_event(self) -> Event | NeedData:
+        if self._pending is not None:
+            raise ProtocolUsageError(f"decide on {self._pending!r} before asking for more")
+        while True:
+            if self._events:
+                event = self._events.popleft()
+                if isinstance(event, ConnectionClosed):
+                    if self._closed_reported:
+                        return NEED_DATA
+                    self._closed_reported = True
+                    return event
+                if isinstance(event, (DataChunk, DataRejected, ProtocolViolation)):
+                    return event
+                self._pending = event
+                return event
+            if self.phase is not Phase.COMMAND and self.phase is not Phase.AUTH:
+                return NEED_DATA
+            line = self._lines.next_line()
+            if line is None:
+                return NEED_DATA
+            if self.phase is Phase.AUTH:
+                result = self._auth_line(line)
+            else:
+                result = self._command_line(line)
+            if result is not None:
+                self._pending = result
+                return result
+            if self.session.errors >= self.config.max_errors and self.phase is not Phase.CLOSED:
+                self._send(R.TOO_MANY_ERRORS)
+                self._close("too many errors")
+
+    # ---- command lines -----------------------------------------------------------------
+    def _command_line(self, line: bytes | LineTooLong) -> Event | None:
+        if isinstance(line, LineTooLong):
+            self._send(R.LINE_TOO_LONG)
+            return None
+        verb_end = line.find(b" ")
+        raw_verb = line if verb_end < 0 else line[:verb_end]
+        verb = raw_verb.decode("ascii", "replace").upper()
+        limit = self.config.max_command_line - 2  # without CRLF
+        if verb in ("MAIL", "RCPT"):
+            limit = self.config.max_mail_rcpt_line - 2
+        elif verb == "AUTH":
+            limit = self.config.max_auth_line - 2
+        if len(line) > limit:
+            self._send(R.LINE_TOO_LONG)
+            return None
+        handler = HANDLERS.get(verb)
+        if handler is None:
+            if verb in NOT_IMPLEMENTED:
+                self._send(R.NOT_IMPLEMENTED)
+            elif verb == "QUIT":
+                self._send(R.closing(self.config.hostname))
+                self._close("quit")
+            elif verb == "BDAT":
+                # We do not offer CHUNKING: the chunk bytes that follow would be read as
+                # commands, so the only safe answer is to stop.
+                self._violation(Reply(554, "5.5.1", "BDAT without CHUNKING; closing"), "BDAT")
+            elif verb in CROSS_PROTOCOL:
+                self._violation(
+                    Reply(554, "5.7.0", "This is an SMTP server, not an HTTP proxy"),
+                    f"cross-protocol command {verb}",
+                )
+            else:
+                self._send(R.UNKNOWN_COMMAND)
+            return None
+        try:
+            arg = line[verb_end + 1 :].decode("utf-8") if verb_end >= 0 else ""
+        except UnicodeDecodeError:
+            self._send(R.Reply(501, "5.5.4", "Invalid UTF-8 in command"))
+            return None
+        if "\n" in arg or "\r" in arg or "\x00" in arg:
+            self._send(R.Reply(501, "5.5.4", "Bare CR, LF or NUL in command"))
+            return None
+        result = handler(self.session, self.config, arg)
+        if isinstance(result, Reply):
+            self._send(result)
+            return None
+        if (
+            verb in GROUP_ENDERS
+            and self.config.enforce_pipelining_sync
+            and len(self._lines)
+            and not isinstance(result, (Rcpt, Mail))
+        ):
+            self._violation(R.SYNC_ERROR, f"pipelined input after {verb}")
+            return None
+        return result
+
+    def _auth_line(self, line: bytes | LineTooLong) -> Event | None:
+        if isinstance(line, LineTooLong):
+            self.phase = Phase.COMMAND
+            self._send(R.LINE_TOO_LONG)
+            return None
+        return AuthResponse(line.decode("ascii", "replace"))
+
+    def _violation(self, reply: Reply, reason: str) -> None:
+        self._send(reply)
+        self._events.append(ProtocolViolation(reply, reason))
+        self._close(reason)
+
+    # ---- decisions ---------------------------------------------------------------------
+    def _take_pending(self) -> Event:
+        event = self._pending
+        if event is None:
+            raise ProtocolUsageError("no command is waiting for a decision")
+        self._pending = None
+        return event
+
+    def accept(self, reply: Reply | None = None) -> None:
+        """Approve the pending command; `reply` overrides the default positive reply."""
+        event = self._take_pending()
+        session = self.session
+        if isinstance(event, Hello):
+            session.helo = event.name
+            session.esmtp = event.extended
+            session.reset_transaction()
+            if reply is None:
+                if event.extended:
+                    reply = Reply(250, None, ehlo_lines(session, self.config, self.peer_name))
+                else:
+                    reply = Reply(250, None, f"{self.config.hostname} Hello {self.peer_name}")
+        elif isinstance(event, Mail):
+            env = session.envelope
+            env.mail_given = True
+            env.sender = event.sender
+            env.size_hint = event.size
+            env.body = event.body
+            env.smtputf8 = event.smtputf8
+            reply = reply or R.SENDER_OK
+        elif isinstance(event, Rcpt):
+            session.envelope.recipients.append(event.recipient)
+            reply = reply or R.RECIPIENT_OK
+        elif isinstance(event, Data):
+            self._send(reply or R.START_DATA)
+            if self.config.enforce_pipelining_sync and len(self._lines):
+                # Message content before our 354: the client did not wait (RFC 2920 §3.1).
+                self._violation(R.SYNC_ERROR, "message data sent before the 354 reply")
+                return
+            self.phase = Phase.DATA
+            self._reader = DataReader(self.config.max_message_size)
+            pending = self._lines.take_all()
+            if pending:
+                self._feed_data(pending)
+            return
+        elif isinstance(event, EndOfData):
+            session.reset_transaction()
+            session.transactions += 1
+            reply = reply or R.OK
+        elif isinstance(event, StartTLS):
+            self._send(reply or R.READY_TLS)
+            self.discarded_after_starttls = self._lines.clear()
+            self.phase = Phase.TLS_PENDING
+            return
+        elif isinstance(event, (Auth, AuthResponse)):
+            raise ProtocolUsageError("use auth_succeeded() or reject() for AUTH")
+        else:  # pragma: no cover - every event type above is handled
+            raise ProtocolUsageError(f"cannot accept {event!r}")
+        self._send(reply)
+
+    def reject(self, reply: Reply) -> None:
+        """Refuse the pending command with `reply`; the state stays as it was."""
+        event = self._take_pending()
+        if isinstance(event, (Auth, AuthResponse)):
+            self.phase = Phase.COMMAND
+        elif isinstance(event, EndOfData):
+            self.session.reset_transaction()
+        self._send(reply)
+        if reply.code == 421:
+            self._close(f"421 after {type(event).__name__}")
+
+    def challenge(self, b64_text: str) -> None:
+        """Continue a SASL exchange: send `334 <text>` and read the client's next line raw."""
+        event = self._take_pending()
+        if not isinstance(event, (Auth, AuthResponse)):
+            raise ProtocolUsageError("challenge() outside AUTH")
+        self._out += f"334 {b64_text}\r\n".encode("ascii")
+        self.phase = Phase.AUTH
+
+    def auth_succeeded(self, user: str) -> None:
+        event = self._take_pending()
+        if not isinstance(event, (Auth, AuthResponse)):
+            raise ProtocolUsageError("auth_succeeded() outside AUTH")
+        self.session.auth_user = user
+        self.phase = Phase.COMMAND
+        self._send(R.AUTH_OK)
+
+    def tls_started(self) -> None:
+        """The handshake finished: forget everything (RFC 3207 §4.2); EHLO is needed again."""
+        if self.phase is not Phase.TLS_PENDING:
+            raise ProtocolUsageError("tls_started() without STARTTLS")
+        helo_errors = self.session.errors
+        self.session = Session(tls=True, errors=helo_errors)
+        self._lines.clear()
+        self.phase = Phase.COMMAND
+
+    def close(self, reply: Reply, reason: str) -> None:
+        """Send a final reply (421 timeout, shutdown) and close."""
+        if self.phase is Phase.CLOSED:
+            return
+        self._pending = None
+        self._send(reply)
+        self._close(reason)
+
+    @property
+    def pending(self) -> Event | None:
+        return self._pending
