@@ -162,6 +162,21 @@ class Policy:
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.domains
 
+    def local_domain_of(self, address: Address) -> str | None:
+        """The configured local domain this address belongs to (U-label or A-label), or None.
+
+        Address literals never match: mail to `user@[192.0.2.1]` is not ours by accident.
+        """
+        if address.is_address_literal:
+            return None
+        if address.domain in self.domains:
+            return address.domain
+        try:
+            ascii_domain = address.domain_ascii
+        except ValueError:
+            return None
+        return ascii_domain if ascii_domain in self.domains else None
+
     def _find_user(self, local: str, domain: str) -> LocalUser | None:
         key_full = f"{local}@{domain}"
         user = self.users.get(key_full) or self.users.get(local)
@@ -211,8 +226,9 @@ class Policy:
             if not targets:
                 return Rejection(R.NO_SUCH_USER, "no postmaster configured")
             return targets
-        if self.is_local_domain(rcpt.domain):
-            targets = self.resolve_local(rcpt.local, rcpt.domain)
+        domain = self.local_domain_of(rcpt)
+        if domain is not None:
+            targets = self.resolve_local(rcpt.local, domain)
             if not targets:
                 return Rejection(R.NO_SUCH_USER, "unknown local user")
             return targets

@@ -32,6 +32,7 @@ class SpoolWriter:
         self.content_offset = header.index(b"\n") + 1  # after the Return-Path line
         self.size = 0
         self._fd: int | None = None
+        self.failed = False  # a flush failed; the end of data answers 451
 
     def add(self, crlf_lines: bytes) -> bool:
         """Add whole CRLF lines; True when enough is buffered that `flush()` should run."""

@@ -1,0 +1,287 @@
+"""`postier serve`: bind the listeners, start the workers, run until SIGTERM/SIGINT.
+
+Processes: Python runs one core per process, so with `workers = N` the parent binds every
+listening socket (it may need root for port 25), then forks N workers that each run their own
+event loop on the same sockets; the kernel spreads connections among them. The pid in Maildir
+names and queue ids keeps the workers' files distinct. With one worker, the parent serves
+directly.
+
+Shutdown: stop accepting, let every transaction in flight finish (idle sessions get 421 at
+once), wait up to `shutdown_grace` seconds, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from postier import log
+from postier.config import Config
+from postier.errors import ConfigError
+from postier.net.context import ServerContext
+from postier.net.limits import ConnectionTracker
+from postier.net.roles import ROLES
+from postier.net.session import SmtpSession, server_config
+from postier.netaddr import ListenSpec, resolve_bind_addresses
+from postier.policy import Policy, load_aliases, load_users
+from postier.router import Router
+
+_LOG = logging.getLogger("postier.daemon")
+
+SPOOL_SUBDIR = ".postier-tmp"
+
+
+def bind_sockets(spec: ListenSpec) -> list[socket.socket]:
+    """Create, bind and listen; IPv6 sockets are IPv6-only so both families can share a port."""
+    socks: list[socket.socket] = []
+    for host in resolve_bind_addresses(spec):
+        infos = socket.getaddrinfo(
+            host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+        seen = set()
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, type_, proto)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(addr)
+                s.listen(1024)
+                s.setblocking(False)
+            except OSError as exc:
+                s.close()
+                for other in socks:
+                    other.close()
+                raise ConfigError(f"cannot listen on {spec}: {exc.strerror}") from None
+            socks.append(s)
+    return socks
+
+
+def bind_all(config: Config) -> list[tuple[str, socket.socket]]:
+    bound: list[tuple[str, socket.socket]] = []
+    for role, specs in config.listeners.items():
+        for spec in specs:
+            bound += [(role, s) for s in bind_sockets(spec)]
+    return bound
+
+
+def build_context(config: Config) -> ServerContext:
+    """Load everything a worker needs; ConfigError on anything wrong."""
+    users = load_users(config.users, config.domain) if config.users else {}
+    aliases = load_aliases(config.aliases) if config.aliases else {}
+    policy = Policy(config.domain, users, aliases, config.recipient_delimiter)
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="postier-io")
+    backend = make_backend(config)
+    router = Router(backend, executor)
+    ctx = ServerContext(
+        config=config,
+        policy=policy,
+        router=router,
+        executor=executor,
+        connections=ConnectionTracker(config.max_connections, config.max_connections_per_ip),
+        spool_dir=Path(config.mail_root) / SPOOL_SUBDIR,
+    )
+    if config.tls_cert is not None and config.tls_key is not None:
+        from postier.tls import CertificateStore
+
+        ctx.tls = CertificateStore(config.tls_cert, config.tls_key, config.tls_cert_dir)
+    if config.passwords is not None:
+        from postier.auth.passwd import PasswordFile
+        from postier.auth.throttle import FailureThrottle
+
+        ctx.passwords = PasswordFile.load(config.passwords)
+        ctx.throttle = FailureThrottle()
+        if ctx.passwords.plain_users:
+            log.event(
+                "config-warning",
+                logging.WARNING,
+                _LOG,
+                file=str(config.passwords),
+                problem=f"{len(ctx.passwords.plain_users)} users have plain-text passwords; "
+                "run 'postier passwd' to hash them",
+            )
+    return ctx
+
+
+def make_backend(config: Config) -> object:
+    fmt = config.mailbox_format
+    root = Path(config.mail_root)
+    if fmt == "maildir":
+        from postier.delivery.maildir import MaildirBackend
+
+        return MaildirBackend(root, config.hostname, config.mailbox_template)
+    if fmt == "mbox":
+        from postier.delivery.mbox import MboxBackend
+
+        return MboxBackend(root, config.mailbox_template or None)
+    if fmt == "spool":
+        from postier.delivery.numbered import NumberedSpoolBackend
+
+        return NumberedSpoolBackend(root, config.mailbox_template or None)
+    from postier.delivery.lmtp import LmtpBackend
+
+    return LmtpBackend(config.lmtp)
+
+
+def _install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def _serve_worker(
+    config: Config, bound: list[tuple[str, socket.socket]], worker: int | None
+) -> int:
+    loop = asyncio.get_running_loop()
+    ctx = build_context(config)
+    ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    servers: list[asyncio.Server] = []
+    for role_name, sock in bound:
+        role = ROLES[role_name]
+        pcfg = server_config(ctx, role)
+
+        def factory(role=role, pcfg=pcfg) -> SmtpSession:  # type: ignore[no-untyped-def]
+            return SmtpSession(ctx, role, pcfg)
+
+        servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watch_task = None
+    if ctx.tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, ctx.tls.reload)
+        watch_task = loop.create_task(ctx.tls.watch())
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    for role_name, sock in bound:
+        name = sock.getsockname()
+        log.event("listening", logger=_LOG, role=role_name, address=f"{name[0]}:{name[1]}")
+    log.event("ready", logger=_LOG, pid=os.getpid(), worker=worker)
+    await stop.wait()
+    log.event("shutdown", logger=_LOG, sessions=len(ctx.sessions))
+    for srv in servers:
+        srv.close()
+    ctx.begin_shutdown()
+    deadline = loop.time() + config.shutdown_grace
+    while ctx.sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if ctx.sessions:
+        log.event("shutdown-forced", logging.WARNING, _LOG, sessions=len(ctx.sessions))
+        for s in list(ctx.sessions):
+            if s.transport is not None:
+                s.transport.abort()
+        await asyncio.sleep(0.1)
+    if watch_task is not None:
+        watch_task.cancel()
+    ctx.executor.shutdown(wait=True)
+    log.event("stopped", logger=_LOG, pid=os.getpid())
+    return 0
+
+
+def _run_worker(config: Config, bound: list[tuple[str, socket.socket]], worker: int | None) -> int:
+    _install_uvloop()
+    return asyncio.run(_serve_worker(config, bound, worker))
+
+
+def serve(config: Config) -> int:
+    log.setup(config.log_level)
+    # Fail fast on configuration problems, in the parent, before any fork.
+    build_context(config).executor.shutdown()
+    bound = bind_all(config)
+    _warn_if_root(config)
+    loop_name = "uvloop" if _has_uvloop() else "asyncio"
+    log.event(
+        "starting",
+        logger=_LOG,
+        hostname=config.hostname,
+        domains=",".join(config.domain) or "-",
+        mail_root=str(config.mail_root),
+        format=config.mailbox_format,
+        workers=config.workers,
+        loop=loop_name,
+    )
+    if config.workers == 1:
+        return _run_worker(config, bound, None)
+    return _supervise(config, bound)
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _warn_if_root(config: Config) -> None:
+    if os.geteuid() == 0:
+        log.event(
+            "security-warning",
+            logging.WARNING,
+            _LOG,
+            problem="running as root; run postier as an unprivileged user",
+        )
+
+
+def _supervise(config: Config, bound: list[tuple[str, socket.socket]]) -> int:
+    """Fork the workers and wait; forward SIGTERM/SIGINT; exit 0 when they all stopped."""
+    children: dict[int, int] = {}
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                log.setup(config.log_level, worker=index)
+                code = _run_worker(config, bound, index)
+            except BaseException:
+                _LOG.exception("event=worker-crash worker=%s", index)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i in range(config.workers):
+        spawn(i)
+    status = 0
+    while children:
+        try:
+            pid, wstatus = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(wstatus)
+        if code != 0:
+            status = 1
+        if not stopping and index is not None:
+            log.event("worker-died", logging.ERROR, _LOG, worker=index, code=code)
+            spawn(index)
+    for _, s in bound:
+        s.close()
+    sys.stderr.flush()
+    return 0 if stopping and status == 0 else status

@@ -1,0 +1,548 @@
+"""One SMTP connection: an asyncio Protocol that drives the sans-I/O `ServerConnection`.
+
+Why a Protocol and not streams: STARTTLS must discard every plaintext byte received after the
+`220 Ready to start TLS` (CVE-2011-0411). With asyncio streams, bytes already sitting in the
+StreamReader's buffer survive `start_tls()` and would be read as if they came through TLS; here
+`data_received` hands every byte to the state machine at once, which drops them in its
+TLS-pending phase, and `loop.start_tls()` (public API) swaps the transport under us.
+
+Flow: `data_received` feeds the state machine and pauses reading; the session task processes
+every complete event, writes the queued replies in one write (so pipelined commands get their
+replies together, RFC 2920) and resumes reading only when it needs more input. That is
+back-pressure for free: a client can never make us buffer more than one read ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import ssl
+import time
+
+from postier import log
+from postier.net.context import ServerContext
+from postier.net.received import trace_headers, with_protocol
+from postier.net.roles import Role
+from postier.policy import LocalTarget, Rejection, RemoteTarget
+from postier.protocol import replies as R
+from postier.protocol.events import (
+    NEED_DATA,
+    Auth,
+    AuthResponse,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    DataRejected,
+    EndOfData,
+    Hello,
+    Mail,
+    ProtocolViolation,
+    Rcpt,
+    StartTLS,
+)
+from postier.protocol.replies import Reply
+from postier.protocol.server import ServerConnection
+from postier.protocol.state import Phase, ServerConfig
+from postier.queue.ids import new_queue_id
+from postier.router import Transaction
+from postier.spool import SpoolWriter
+
+_LOG = logging.getLogger("postier.session")
+
+MAX_WRITE_BUFFER = 256 * 1024
+MAX_AUTH_FAILURES = 3
+
+
+def server_config(ctx: ServerContext, role: Role) -> ServerConfig:
+    cfg = ctx.config
+    return ServerConfig(
+        hostname=cfg.hostname,
+        max_message_size=cfg.max_message_size,
+        max_recipients=cfg.max_recipients,
+        max_errors=cfg.max_errors,
+        starttls_available=ctx.tls is not None and not role.implicit_tls,
+        implicit_tls=role.implicit_tls,
+        auth_mechanisms=("PLAIN", "LOGIN") if role.offers_auth and ctx.passwords else (),
+        auth_requires_tls=True,
+        auth_required_for_mail=role.requires_auth,
+    )
+
+
+class SmtpSession(asyncio.Protocol):
+    def __init__(self, ctx: ServerContext, role: Role, protocol_config: ServerConfig) -> None:
+        self.ctx = ctx
+        self.role = role
+        self.protocol_config = protocol_config
+        self.sid = secrets.token_hex(5)
+        self.transport: asyncio.Transport | None = None
+        self.conn: ServerConnection | None = None
+        self.ip = "?"
+        self.port = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._lost = False
+        self._eof = False
+        self._admitted = False
+        self._write_paused: asyncio.Future[None] | None = None
+        self._rdns: asyncio.Task[str] | None = None
+        self.txn: Transaction | None = None
+        self.tls_info = ""
+        self.auth_failures = 0
+        self._sasl: object | None = None
+        self._data_started = 0.0
+        self._bytes_in = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.ip, self.port = str(peer[0]), int(peer[1])
+        if self.ip.startswith("::ffff:"):
+            self.ip = self.ip[7:]
+        name = f"[{'IPv6:' if ':' in self.ip else ''}{self.ip}]"
+        self.conn = ServerConnection(self.protocol_config, peer_name=name)
+        self.ctx.sessions.add(self)
+        loop = asyncio.get_running_loop()
+        if self.ctx.config.reverse_dns:
+            self._rdns = loop.create_task(self._reverse_dns())
+        self._task = loop.create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.conn is not None
+        self._bytes_in += len(data)
+        self.conn.receive_data(data)
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+        self.wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self.wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.wake()
+        if self._write_paused is not None and not self._write_paused.done():
+            self._write_paused.set_result(None)
+
+    def pause_writing(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._write_paused = loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_paused is not None and not self._write_paused.done():
+            self._write_paused.set_result(None)
+        self._write_paused = None
+
+    def wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _log(self, name: str, level: int = logging.INFO, **kv: object) -> None:
+        log.event(name, level, _LOG, session=self.sid, **kv)
+
+    async def _reverse_dns(self) -> str:
+        loop = asyncio.get_running_loop()
+        try:
+            host, _ = await asyncio.wait_for(
+                loop.getnameinfo((self.ip, 0), socket.NI_NAMEREQD), timeout=3.0
+            )
+            if host and all(c.isalnum() or c in "-._" for c in host):
+                return host
+        except (OSError, TimeoutError, UnicodeError):
+            pass
+        return "unknown"
+
+    async def _flush(self) -> None:
+        assert self.conn is not None and self.transport is not None
+        out = self.conn.data_to_send()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+        if self._write_paused is not None:
+            await self._write_paused
+
+    def _timeout_for_phase(self) -> float:
+        cfg = self.ctx.config
+        assert self.conn is not None
+        return cfg.data_timeout if self.conn.phase is Phase.DATA else cfg.command_timeout
+
+    async def _wait_input(self, deadline: float) -> Reply | None:
+        """Wait for bytes; return a closing reply on timeout, None when woken."""
+        assert self.transport is not None
+        if self._lost or self._eof:
+            return None
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        now = loop.time()
+        timeout = min(self._timeout_for_phase(), deadline - now)
+        try:
+            await asyncio.wait_for(self._waiter, timeout=max(timeout, 0.0))
+        except TimeoutError:
+            if loop.time() >= deadline:
+                return R.SESSION_TOO_LONG
+            return R.TIMEOUT
+        finally:
+            self._waiter = None
+        return self._check_data_rate()
+
+    def _check_data_rate(self) -> Reply | None:
+        cfg = self.ctx.config
+        if not cfg.min_data_rate or self.conn is None or self.conn.phase is not Phase.DATA:
+            return None
+        elapsed = time.monotonic() - self._data_started
+        grace = max(cfg.data_timeout / 10, 1.0)
+        if elapsed > grace and self._bytes_in / elapsed < cfg.min_data_rate:
+            return R.TOO_SLOW
+        return None
+
+    def _idle(self) -> bool:
+        c = self.conn
+        return c is not None and c.phase is Phase.COMMAND and not c.session.envelope.mail_given
+
+    # ---- the session -------------------------------------------------------------------
+    async def _run(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        assert conn is not None and transport is not None
+        loop = asyncio.get_running_loop()
+        cfg = self.ctx.config
+        started = loop.time()
+        deadline = started + cfg.session_timeout
+        refusal = self.ctx.connections.admit(self.ip)
+        self._admitted = refusal is None
+        self._log("connect", peer=f"{self.ip}:{self.port}", listener=self.role.name)
+        reason = "closed"
+        try:
+            if refusal is not None or self.ctx.shutting_down:
+                refusal = refusal or R.SHUTTING_DOWN
+                transport.write(conn.refuse(refusal, "refused"))
+                self._log("refused", logging.WARNING, ip=self.ip, reply=refusal)
+                reason = "refused"
+                return
+            if self.role.implicit_tls and not await self._start_tls(implicit=True):
+                reason = "tls handshake failed"
+                return
+            if cfg.greet_pause > 0:
+                await asyncio.sleep(cfg.greet_pause)
+            if conn.phase is not Phase.CLOSED:
+                self.transport.write(conn.greeting())  # type: ignore[union-attr]
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    await self._flush()
+                    if conn.phase is Phase.CLOSED:
+                        reason = conn.close_reason or reason
+                        break
+                    if self.ctx.shutting_down and self._idle():
+                        conn.close(R.SHUTTING_DOWN, "shutdown")
+                        continue
+                    if self._lost or self._eof:
+                        reason = "peer closed" if not self.txn else "peer closed mid-transaction"
+                        break
+                    closing = await self._wait_input(deadline)
+                    if closing is not None:
+                        self._log("timeout", logging.WARNING, ip=self.ip, reply=closing)
+                        conn.close(closing, "timeout")
+                    continue
+                await self._dispatch(event)
+        except (ConnectionError, ssl.SSLError) as exc:
+            reason = f"connection error: {exc}"
+        except Exception:
+            _LOG.exception("event=session-crash session=%s", self.sid)
+            reason = "internal error"
+            if conn.phase is not Phase.CLOSED and self.transport is not None:
+                conn.close(Reply(421, "4.3.0", "Internal error, closing connection"), reason)
+                self.transport.write(conn.data_to_send())
+        finally:
+            await self._cleanup(reason, loop.time() - started)
+
+    async def _cleanup(self, reason: str, duration: float) -> None:
+        if self.txn is not None and self.txn.writer is not None:
+            writer = self.txn.writer
+            await asyncio.get_running_loop().run_in_executor(self.ctx.executor, writer.discard)
+            self.txn = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if self._rdns is not None and not self._rdns.done():
+            self._rdns.cancel()
+        if self._admitted:
+            self.ctx.connections.release(self.ip)
+        self.ctx.sessions.discard(self)
+        conn = self.conn
+        self._log(
+            "disconnect",
+            ip=self.ip,
+            reason=reason,
+            transactions=conn.session.transactions if conn else 0,
+            seconds=f"{duration:.3f}",
+        )
+
+    async def _dispatch(self, event: object) -> None:
+        conn = self.conn
+        assert conn is not None
+        if isinstance(event, DataChunk):
+            await self._on_chunk(event)
+        elif isinstance(event, Rcpt):
+            self._on_rcpt(event)
+        elif isinstance(event, Mail):
+            self._on_mail(event)
+        elif isinstance(event, Data):
+            self._on_data()
+        elif isinstance(event, EndOfData):
+            await self._on_end_of_data(event)
+        elif isinstance(event, Hello):
+            self._log("helo", helo=event.name, esmtp=event.extended)
+            conn.accept()
+        elif isinstance(event, DataRejected):
+            await self._on_data_rejected(event)
+        elif isinstance(event, StartTLS):
+            conn.accept()
+            await self._flush()
+            await self._start_tls(implicit=False)
+        elif isinstance(event, Auth | AuthResponse):
+            await self._on_auth(event)
+        elif isinstance(event, ProtocolViolation):
+            self._log("protocol-violation", logging.WARNING, ip=self.ip, reason=event.reason)
+        elif isinstance(event, ConnectionClosed):
+            pass
+
+    # ---- MAIL / RCPT / DATA ------------------------------------------------------------
+    def _on_mail(self, event: Mail) -> None:
+        conn = self.conn
+        assert conn is not None
+        session = conn.session
+        sender = event.sender
+        if session.auth_user is not None:
+            if sender is None:
+                conn.reject(Reply(553, "5.7.1", "Null sender not allowed for submission"))
+                self._log("mail-rejected", sender="<>", reason="null sender on submission")
+                return
+            if str(sender).lower() != session.auth_user.lower():
+                conn.reject(Reply(553, "5.7.1", f"Sender address not owned by {session.auth_user}"))
+                self._log("mail-rejected", sender=str(sender), user=session.auth_user)
+                return
+        if self.ctx.low_on_disk(event.size or 0):
+            conn.reject(R.LOW_DISK)
+            self._log("mail-rejected", logging.WARNING, reason="low disk space")
+            return
+        self.txn = Transaction(
+            queue_id=new_queue_id(),
+            sender=sender,
+            smtputf8=event.smtputf8,
+            body_8bit=event.body == "8BITMIME",
+        )
+        conn.accept()
+        self._log("mail", qid=self.txn.queue_id, sender=f"<{sender or ''}>", size=event.size)
+
+    def _on_rcpt(self, event: Rcpt) -> None:
+        conn = self.conn
+        txn = self.txn
+        assert conn is not None and txn is not None
+        may_relay = self.role.relay_without_auth or conn.session.auth_user is not None
+        decision = self.ctx.policy.check_recipient(event.recipient, may_relay=may_relay)
+        rcpt = str(event.recipient)
+        if isinstance(decision, Rejection):
+            conn.reject(decision.reply)
+            self._log("rcpt-rejected", qid=txn.queue_id, to=f"<{rcpt}>", reply=decision.reply)
+            return
+        if any(isinstance(t, RemoteTarget) for t in decision) and not self.ctx.router.can_relay:
+            reply = Reply(451, "4.3.5", "Relaying is not available on this server right now")
+            conn.reject(reply)
+            self._log("rcpt-rejected", qid=txn.queue_id, to=f"<{rcpt}>", reply=reply)
+            return
+        for target in decision:
+            if isinstance(target, LocalTarget):
+                if all(t.user.mailbox != target.user.mailbox for t in txn.local):
+                    txn.local.append(target)
+            elif all(t.address != target.address for t in txn.remote):
+                txn.remote.append(target)
+        txn.accepted.append(rcpt)
+        conn.accept()
+        self._log("rcpt", qid=txn.queue_id, to=f"<{rcpt}>")
+
+    def _on_data(self) -> None:
+        conn = self.conn
+        txn = self.txn
+        assert conn is not None and txn is not None
+        session = conn.session
+        rdns = "unknown"
+        if self._rdns is not None and self._rdns.done() and not self._rdns.cancelled():
+            rdns = self._rdns.result()
+        header = trace_headers(
+            sender=txn.sender_text,
+            helo=session.helo or "unknown",
+            rdns=rdns,
+            ip=self.ip,
+            hostname=self.ctx.config.hostname,
+            protocol=with_protocol(
+                esmtp=session.esmtp,
+                tls=session.tls,
+                auth=session.auth_user is not None,
+                smtputf8=txn.smtputf8,
+            ),
+            queue_id=txn.queue_id,
+            recipients=txn.accepted,
+            tls_info=self.tls_info,
+        )
+        txn.writer = SpoolWriter(self.ctx.spool_dir, txn.queue_id, header)
+        self._data_started = time.monotonic()
+        self._bytes_in = 0
+        conn.accept()
+
+    async def _on_chunk(self, event: DataChunk) -> None:
+        txn = self.txn
+        if txn is None or txn.writer is None:
+            return
+        if txn.writer.add(event.data):
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self.ctx.executor, txn.writer.flush)
+            except OSError as exc:
+                # Keep reading to the end of data; the failure is reported there.
+                self._log("spool-write-failed", logging.ERROR, qid=txn.queue_id, error=exc)
+                txn.writer.failed = True
+
+    async def _on_end_of_data(self, event: EndOfData) -> None:
+        conn = self.conn
+        txn = self.txn
+        assert conn is not None and txn is not None and txn.writer is not None
+        self.txn = None
+        if txn.writer.failed:
+            await asyncio.get_running_loop().run_in_executor(self.ctx.executor, txn.writer.discard)
+            reply = R.STORAGE_FAILED
+        else:
+            reply = await self.ctx.router.finish(txn)
+        self._log(
+            "message",
+            qid=txn.queue_id,
+            sender=f"<{txn.sender_text}>",
+            nrcpt=len(txn.accepted),
+            size=event.size,
+            result=reply.code,
+            reply=reply,
+        )
+        if reply.is_positive:
+            conn.accept(reply)
+        else:
+            conn.reject(reply)
+
+    async def _on_data_rejected(self, event: DataRejected) -> None:
+        txn = self.txn
+        self.txn = None
+        if txn is not None and txn.writer is not None:
+            await asyncio.get_running_loop().run_in_executor(self.ctx.executor, txn.writer.discard)
+        self._log(
+            "message-rejected",
+            logging.WARNING,
+            qid=txn.queue_id if txn else None,
+            ip=self.ip,
+            reply=event.reply,
+        )
+
+    # ---- TLS ---------------------------------------------------------------------------
+    async def _start_tls(self, *, implicit: bool) -> bool:
+        conn = self.conn
+        assert conn is not None and self.transport is not None and self.ctx.tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await loop.start_tls(
+                self.transport,
+                self,
+                self.ctx.tls.context(),
+                server_side=True,
+                ssl_handshake_timeout=min(60.0, self.ctx.config.command_timeout),
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self._log(
+                "tls-failed", logging.WARNING, ip=self.ip, error=str(exc) or type(exc).__name__
+            )
+            if not implicit:
+                conn.close(Reply(421, "4.7.0", "TLS handshake failed"), "tls handshake failed")
+            self._lost = True
+            return False
+        if new_transport is None:
+            self._lost = True
+            return False
+        self.transport = new_transport  # type: ignore[assignment]
+        self._paused = False
+        ssl_object = new_transport.get_extra_info("ssl_object")
+        from postier.tls import describe
+
+        self.tls_info = describe(ssl_object) if ssl_object is not None else ""
+        if not implicit:
+            conn.tls_started()
+            if conn.discarded_after_starttls:
+                self._log(
+                    "starttls-injection",
+                    logging.WARNING,
+                    ip=self.ip,
+                    discarded=conn.discarded_after_starttls,
+                )
+        self._log("tls", ip=self.ip, tls=self.tls_info, implicit=implicit)
+        return True
+
+    # ---- AUTH --------------------------------------------------------------------------
+    async def _on_auth(self, event: Auth | AuthResponse) -> None:
+        from postier.auth import sasl
+
+        conn = self.conn
+        assert conn is not None
+        if isinstance(event, Auth):
+            throttle = self.ctx.throttle
+            delay = throttle.delay_for(self.ip) if throttle is not None else 0.0
+            if delay > 0:
+                self._log("auth-throttled", logging.WARNING, ip=self.ip, delay=f"{delay:.1f}")
+                await asyncio.sleep(delay)
+            step = sasl.start(event.mechanism, event.initial_response)
+        else:
+            exchange = self._sasl
+            assert isinstance(exchange, sasl.Exchange)
+            step = exchange.step(event.line)
+        if isinstance(step, sasl.Challenge):
+            self._sasl = step.exchange
+            conn.challenge(step.b64_text)
+            return
+        self._sasl = None
+        if isinstance(step, sasl.Failure):
+            conn.reject(step.reply)
+            self._log("auth-failed", logging.WARNING, ip=self.ip, reason=step.reason or step.text)
+            if step.reply.code == 535:
+                await self._auth_failed()
+            return
+        passwords = self.ctx.passwords
+        assert passwords is not None
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(
+            self.ctx.executor, passwords.verify, step.username, step.password
+        )
+        if ok:
+            user = passwords.canonical(step.username) or step.username
+            conn.auth_succeeded(user)
+            if self.ctx.throttle is not None:
+                self.ctx.throttle.record_success(self.ip)
+            self._log("auth", ip=self.ip, user=user)
+        else:
+            conn.reject(R.AUTH_FAILED)
+            self._log("auth-failed", logging.WARNING, ip=self.ip, user=step.username)
+            await self._auth_failed()
+
+    async def _auth_failed(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        if self.ctx.throttle is not None:
+            self.ctx.throttle.record_failure(self.ip)
+        self.auth_failures += 1
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            conn.close(R.TOO_MANY_AUTH_FAILURES, "too many auth failures")
+            self._log("auth-cutoff", logging.WARNING, ip=self.ip, failures=self.auth_failures)

@@ -1,0 +1,146 @@
+"""The router: at end of data, make every accepted recipient durable, then answer.
+
+Local recipients go to the mailbox backend; remote recipients are committed to the queue.
+The 250 is only returned once every copy is on stable storage (fsync'd file and directory).
+For a file backend the whole sequence — write the spool file, fsync, deliver, remove the
+spool file — is one thread-pool job, so a small message costs a single hop off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from postier import log
+from postier.delivery.base import Recipient, RecipientResult, Status, StoredMessage
+from postier.policy import LocalTarget, RemoteTarget
+from postier.protocol import replies as R
+from postier.protocol.address import Address
+from postier.protocol.replies import Reply
+from postier.spool import SpoolWriter
+
+_LOG = logging.getLogger("postier.router")
+
+# Called with the finished spool message and remote recipients; must make them durable in the
+# queue (blocking, thread pool) and return nothing, or raise OSError.
+QueueCommit = Callable[[StoredMessage, Sequence[Address]], None]
+QueueNotify = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One mail transaction as the application sees it (the protocol keeps its own)."""
+
+    queue_id: str
+    sender: Address | None
+    smtputf8: bool = False
+    body_8bit: bool = False
+    local: list[LocalTarget] = field(default_factory=list)
+    remote: list[RemoteTarget] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted
+    writer: SpoolWriter | None = None
+
+    @property
+    def sender_text(self) -> str:
+        return str(self.sender) if self.sender else ""
+
+
+class Router:
+    def __init__(
+        self,
+        backend: object,
+        executor: Executor,
+        queue_commit: QueueCommit | None = None,
+        queue_notify: QueueNotify | None = None,
+    ) -> None:
+        self.backend = backend
+        self.executor = executor
+        self.queue_commit = queue_commit
+        self.queue_notify = queue_notify
+        deliver = getattr(backend, "deliver", None)
+        self._async_backend = deliver is not None and inspect.iscoroutinefunction(deliver)
+
+    @property
+    def can_relay(self) -> bool:
+        return self.queue_commit is not None
+
+    def _stored(self, txn: Transaction) -> StoredMessage:
+        writer = txn.writer
+        assert writer is not None
+        return StoredMessage(
+            path=writer.path,
+            size=writer.size,
+            content_offset=writer.content_offset,
+            sender=txn.sender_text,
+            queue_id=txn.queue_id,
+            received_at=time.time(),
+            smtputf8=txn.smtputf8,
+            body_8bit=txn.body_8bit,
+        )
+
+    @staticmethod
+    def _recipients(txn: Transaction) -> list[Recipient]:
+        return [
+            Recipient(address=t.address, mailbox=t.user.mailbox, user=t.user.address)
+            for t in txn.local
+        ]
+
+    def _blocking_finish(self, txn: Transaction) -> tuple[StoredMessage, list[RecipientResult]]:
+        writer = txn.writer
+        assert writer is not None
+        writer.finish()
+        message = self._stored(txn)
+        results: list[RecipientResult] = []
+        if txn.remote:
+            assert self.queue_commit is not None
+            self.queue_commit(message, [t.address for t in txn.remote])
+        if txn.local and not self._async_backend:
+            results = self.backend.deliver(message, self._recipients(txn))  # type: ignore[attr-defined]
+        return message, results
+
+    async def finish(self, txn: Transaction) -> Reply:
+        """Store and deliver; the reply for the end of data."""
+        loop = asyncio.get_running_loop()
+        writer = txn.writer
+        assert writer is not None
+        try:
+            message, results = await loop.run_in_executor(self.executor, self._blocking_finish, txn)
+            if txn.local and self._async_backend:
+                deliver: Callable[..., Awaitable[list[RecipientResult]]] = self.backend.deliver  # type: ignore[attr-defined]
+                results = await deliver(message, self._recipients(txn))
+        except OSError as exc:
+            _LOG.error(
+                "event=store-failed %s",
+                log.fields(qid=txn.queue_id, error=exc.strerror or type(exc).__name__),
+            )
+            await loop.run_in_executor(self.executor, writer.discard)
+            return R.STORAGE_FAILED
+        finally:
+            pass
+        await loop.run_in_executor(self.executor, writer.discard)
+        for r in results:
+            _LOG.info(
+                "event=delivery %s",
+                log.fields(
+                    qid=txn.queue_id,
+                    to=r.recipient.address,
+                    mailbox=r.recipient.mailbox,
+                    status=r.status.value,
+                    reply=r.reply_line,
+                ),
+            )
+        if txn.remote and self.queue_notify is not None:
+            self.queue_notify(txn.queue_id)
+        if any(r.status is not Status.DELIVERED for r in results):
+            if all(r.status is Status.PERMANENT for r in results) and not txn.remote:
+                first = results[0]
+                return Reply(554, "5.3.0", f"Delivery failed: {first.text}")
+            # Nothing was kept for the local recipients (backends are all-or-nothing), so the
+            # client's retry is safe.
+            return R.STORAGE_FAILED
+        return R.queued(txn.queue_id)
