@@ -1,0 +1,389 @@
+"""An asyncio SMTP load generator: N messages of L bytes over S concurrent sessions.
+
+No third-party dependencies (uvloop is used when installed). Raw asyncio streams, not
+smtplib, so that the generator costs little per message and the server is what we measure.
+
+Each session opens a connection, says EHLO, then takes messages from a shared counter and
+sends them back to back on that connection (MAIL, RCPT, DATA, body; no RSET between them),
+optionally pipelined (MAIL+RCPT+DATA in one write, RFC 2920), or with ``per_connection``
+one message per connection (connect, EHLO, transaction, QUIT), as Postfix's smtp-source does
+by default. A message's latency runs from the moment MAIL is written to the moment the reply
+to the end of data is read. The load is bounded: exactly ``messages`` are attempted at most,
+and everything stops at the wall-clock ``deadline``.
+
+Command line::
+
+    python3 bench/loadgen.py --port 2525 -n 5000 -l 2048 -s 20 --rcpt alice@example.org
+
+As a module::
+
+    result = asyncio.run(run_load(LoadConfig(port=2525, messages=10, sessions=2,
+                                             recipients=["alice@example.org"])))
+    assert result.ok == 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["LoadConfig", "LoadResult", "build_message", "main", "percentile", "run_load"]
+
+MAX_ERROR_SAMPLES = 20
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    messages: int = 1000
+    size: int = 2048
+    sessions: int = 1
+    recipients: tuple[str, ...] = ("postmaster@example.org",)
+    sender: str = "loadgen@bench.example"
+    helo: str = "loadgen.bench.example"
+    pipelining: bool = False
+    per_connection: bool = False
+    deadline: float = 120.0
+    connect_timeout: float = 10.0
+
+
+@dataclass
+class LoadResult:
+    config: dict
+    ok: int = 0
+    failed: int = 0  # a transaction that got a reply other than the expected one
+    io_errors: int = 0  # connection refused / reset / closed mid-transaction
+    unsent: int = 0  # never attempted: the deadline came first
+    connections: int = 0
+    elapsed: float = 0.0
+    timed_out: bool = False
+    latencies: list[float] = field(default_factory=list, repr=False)
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> int:
+        return self.failed + self.io_errors + self.unsent
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    def p(self, q: float) -> float | None:
+        return percentile(self.latencies, q)
+
+    def summary(self) -> dict:
+        """A JSON-friendly digest (latencies in milliseconds, without the raw list)."""
+        d = {k: v for k, v in asdict(self).items() if k != "latencies"}
+        p50, p99 = self.p(50), self.p(99)
+        d.update(
+            errors=self.errors,
+            msgs_per_s=round(self.rate, 1),
+            p50_ms=None if p50 is None else round(p50 * 1000, 3),
+            p99_ms=None if p99 is None else round(p99 * 1000, 3),
+            max_ms=round(max(self.latencies) * 1000, 3) if self.latencies else None,
+        )
+        return d
+
+    def note_error(self, text: str) -> None:
+        if len(self.error_samples) < MAX_ERROR_SAMPLES:
+            self.error_samples.append(text)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100.0 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+def build_message(size: int, sender: str, rcpt: str) -> tuple[bytes, bytes]:
+    """Return (head, tail) of a message; the sequence number goes between them.
+
+    ``size`` is the payload (body) length in bytes, headers excluded, as smtp-source's
+    ``-l``. The body is lines of 'X' of at most 78 characters plus CRLF, so no line needs
+    dot-stuffing. ``tail`` ends with the terminating ``.`` line.
+    """
+    head = (
+        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: loadgen\r\n"
+        "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\nMessage-ID: <"
+    ).encode()
+    full, rest = divmod(max(size, 0), 80)
+    body = (b"X" * 78 + b"\r\n") * full
+    if rest:
+        body += b"X" * max(rest - 2, 0) + b"\r\n"
+    tail = b"@loadgen.bench.example>\r\n\r\n" + body + b".\r\n"
+    return head, tail
+
+
+class _Shared:
+    """The counter the sessions take message numbers from, and the result they fill."""
+
+    def __init__(self, cfg: LoadConfig, result: LoadResult) -> None:
+        self.cfg = cfg
+        self.result = result
+        self.next = 0
+        self.bodies = [build_message(cfg.size, cfg.sender, r) for r in cfg.recipients]
+        self.mail = f"MAIL FROM:<{cfg.sender}>\r\n".encode()
+        self.rcpts = [f"RCPT TO:<{r}>\r\n".encode() for r in cfg.recipients]
+        self.ehlo = f"EHLO {cfg.helo}\r\n".encode()
+
+    def take(self) -> int | None:
+        if self.next >= self.cfg.messages:
+            return None
+        self.next += 1
+        return self.next - 1
+
+
+class _ReplyError(Exception):
+    pass
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, list[bytes]]:
+    """Read one (possibly multi-line) reply; return its code and its lines."""
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line.endswith(b"\n"):
+            raise ConnectionError("connection closed by the server")
+        lines.append(line)
+        if len(line) < 4 or line[3:4] != b"-":
+            try:
+                return int(line[:3]), lines
+            except ValueError:
+                raise _ReplyError(f"malformed reply {line[:80]!r}") from None
+
+
+async def _expect(reader: asyncio.StreamReader, code: int, what: str) -> list[bytes]:
+    got, lines = await _reply(reader)
+    if got != code:
+        raise _ReplyError(f"{what}: {b''.join(lines).decode(errors='replace').strip()}")
+    return lines
+
+
+async def _open(sh: _Shared) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+    cfg = sh.cfg
+    async with asyncio.timeout(cfg.connect_timeout):
+        reader, writer = await asyncio.open_connection(cfg.host, cfg.port, limit=1 << 16)
+    sh.result.connections += 1
+    try:
+        await _expect(reader, 220, "greeting")
+        writer.write(sh.ehlo)
+        lines = await _expect(reader, 250, "EHLO")
+    except BaseException:
+        writer.close()
+        raise
+    can_pipeline = any(line[4:].strip().upper() == b"PIPELINING" for line in lines)
+    return reader, writer, can_pipeline
+
+
+async def _close(writer: asyncio.StreamWriter, reader: asyncio.StreamReader | None) -> None:
+    if reader is not None:
+        with contextlib.suppress(Exception):
+            writer.write(b"QUIT\r\n")
+            await reader.readline()
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+async def _transaction(sh, reader, writer, seq: int, pipeline: bool) -> None:
+    """Send one message; raise _ReplyError or an OSError when it is not accepted."""
+    i = seq % len(sh.rcpts)
+    head, tail = sh.bodies[i]
+    t0 = time.perf_counter()
+    if pipeline:
+        writer.write(sh.mail + sh.rcpts[i] + b"DATA\r\n")
+        m, ml = await _reply(reader)
+        r, rl = await _reply(reader)
+        d, dl = await _reply(reader)
+        if d == 354:
+            # The server wants data although MAIL or RCPT failed: give it an empty
+            # message (just the dot) so the dialogue stays in step.
+            if m != 250 or r not in (250, 251):
+                writer.write(b".\r\n")
+                await _reply(reader)
+            else:
+                writer.write(head + str(seq).encode() + tail)
+                await _expect(reader, 250, "end of data")
+                sh.result.latencies.append(time.perf_counter() - t0)
+                return
+        bad = ml if m != 250 else rl if r not in (250, 251) else dl
+        raise _ReplyError("pipelined: " + b"".join(bad).decode(errors="replace").strip())
+    writer.write(sh.mail)
+    await _expect(reader, 250, "MAIL")
+    writer.write(sh.rcpts[i])
+    code, lines = await _reply(reader)
+    if code not in (250, 251):
+        raise _ReplyError("RCPT: " + b"".join(lines).decode(errors="replace").strip())
+    writer.write(b"DATA\r\n")
+    await _expect(reader, 354, "DATA")
+    writer.write(head + str(seq).encode() + tail)
+    await _expect(reader, 250, "end of data")
+    sh.result.latencies.append(time.perf_counter() - t0)
+
+
+async def _session(sh: _Shared) -> None:
+    res = sh.result
+    cfg = sh.cfg
+    reader = writer = None
+    pipeline = False
+    try:
+        while (seq := sh.take()) is not None:
+            try:
+                if writer is None:
+                    reader, writer, can = await _open(sh)
+                    pipeline = cfg.pipelining and can
+                await _transaction(sh, reader, writer, seq, pipeline)
+                res.ok += 1
+            except _ReplyError as e:
+                res.failed += 1
+                res.note_error(str(e))
+                # the dialogue may be out of step: start afresh on a new connection
+                await _close(writer, reader)
+                reader = writer = None
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as e:
+                res.io_errors += 1
+                res.note_error(f"{type(e).__name__}: {e}")
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                await asyncio.sleep(0.01)  # do not spin against a dead port
+            if cfg.per_connection and writer is not None:
+                await _close(writer, reader)
+                reader = writer = None
+    finally:
+        if writer is not None:
+            await _close(writer, reader)
+
+
+async def run_load(cfg: LoadConfig) -> LoadResult:
+    """Run the load described by ``cfg``; never longer than ``cfg.deadline`` seconds."""
+    if not cfg.recipients:
+        raise ValueError("at least one recipient is needed")
+    result = LoadResult(config=asdict(cfg))
+    sh = _Shared(cfg, result)
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(_session(sh)) for _ in range(max(1, cfg.sessions))]
+    try:
+        async with asyncio.timeout(cfg.deadline):
+            await asyncio.gather(*tasks)
+    except TimeoutError:
+        result.timed_out = True
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    result.elapsed = time.perf_counter() - t0
+    # A message taken but neither accepted nor failed when the deadline cut in counts as
+    # unsent, as do those never taken.
+    result.unsent = cfg.messages - result.ok - result.failed - result.io_errors
+    return result
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(cfg: LoadConfig) -> LoadResult:
+    """Synchronous wrapper: a fresh event loop (uvloop when available)."""
+    loop = _new_loop()
+    try:
+        return loop.run_until_complete(run_load(cfg))
+    finally:
+        loop.close()
+
+
+def format_result(r: LoadResult) -> str:
+    s = r.summary()
+    text = (
+        f"{r.ok}/{r.config['messages']} accepted in {r.elapsed:.2f} s: "
+        f"{s['msgs_per_s']:.1f} msgs/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
+        f"errors {r.errors} (failed {r.failed}, io {r.io_errors}, unsent {r.unsent}), "
+        f"connections {r.connections}"
+    )
+    if r.timed_out:
+        text += ", DEADLINE REACHED"
+    for e in r.error_samples[:5]:
+        text += f"\n  error: {e}"
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("-n", "--messages", type=int, default=1000)
+    p.add_argument("-l", "--size", type=int, default=2048, help="body bytes, headers excluded")
+    p.add_argument("-s", "--sessions", type=int, default=1)
+    p.add_argument(
+        "-r",
+        "--rcpt",
+        action="append",
+        default=[],
+        help="recipient (repeatable, comma-separated allowed); rotated per message",
+    )
+    p.add_argument("--rcpt-file", help="file with one recipient per line")
+    p.add_argument("-f", "--sender", default="loadgen@bench.example")
+    p.add_argument("--helo", default="loadgen.bench.example")
+    p.add_argument(
+        "-P",
+        "--pipelining",
+        action="store_true",
+        help="send MAIL, RCPT and DATA in one write when the server offers it",
+    )
+    p.add_argument(
+        "-1",
+        "--per-connection",
+        action="store_true",
+        help="one message per connection (as smtp-source without -d)",
+    )
+    p.add_argument("--deadline", type=float, default=120.0, help="wall-clock limit, seconds")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = p.parse_args(argv)
+    rcpts = [x.strip() for r in a.rcpt for x in r.split(",") if x.strip()]
+    if a.rcpt_file:
+        with open(a.rcpt_file, encoding="utf-8") as f:
+            rcpts += [ln.split()[0] for ln in f if ln.strip() and not ln.startswith("#")]
+    if not rcpts:
+        p.error("give at least one recipient with --rcpt or --rcpt-file")
+    return LoadConfig(
+        host=a.host,
+        port=a.port,
+        messages=a.messages,
+        size=a.size,
+        sessions=a.sessions,
+        recipients=tuple(rcpts),
+        sender=a.sender,
+        helo=a.helo,
+        pipelining=a.pipelining,
+        per_connection=a.per_connection,
+        deadline=a.deadline,
+    ), a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, as_json = parse_args(argv)
+    r = run(cfg)
+    if as_json:
+        d = r.summary()
+        d["latencies_ms"] = [round(x * 1000, 3) for x in r.latencies]
+        json.dump(d, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_result(r))
+    return 0 if r.errors == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
