@@ -1,0 +1,232 @@
+"""Routing for outbound mail: MX, AAAA and A look-ups with the failure classes the queue needs.
+
+Why a module of its own: the queue must tell "try again later" (timeouts, SERVFAIL, no
+reachable nameserver) from "this will never work" (NXDOMAIN, null MX, a domain with neither MX
+nor address records), and that decision is made here, once, as a `DeliveryError` carrying the
+exact code and enhanced code that end up in the bounce or the queue listing:
+
+- NXDOMAIN, or no MX and no address records  -> permanent 550 5.1.2
+- null MX (RFC 7505: a single MX whose exchange is ".")  -> permanent 556 5.1.10
+- timeout, SERVFAIL, no nameserver answering  -> temporary 451 4.4.3
+
+All look-ups go to one resolver (`--dns-server IP[:PORT]`, else the system's), with search
+domains disabled: a mail domain is always absolute, and a search suffix would route mail for
+a typo to some local host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections.abc import Callable
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from postier.errors import DeliveryError
+
+try:  # IDNA 2008 (UTS #46) when the `idna` package is there, else Python's IDNA 2003 codec.
+    import idna as _idna
+except ImportError:  # pragma: no cover - dnspython usually pulls it in
+    _idna = None
+
+
+def to_ascii_domain(domain: str) -> str:
+    """Return the A-label (xn--) form of `domain`, lower-cased, without a trailing dot.
+
+    DNS only knows A-labels; a U-label sent as raw UTF-8 would ask for a name nobody
+    publishes. Raises ValueError for a name that cannot be encoded.
+    """
+    name = domain.strip().rstrip(".")
+    if not name:
+        raise ValueError("empty domain")
+    if name.isascii():
+        return name.lower()
+    if _idna is not None:
+        try:
+            return _idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
+        except _idna.IDNAError:
+            pass  # fall back to IDNA 2003 below, which accepts a few more legacy names
+    try:
+        return name.encode("idna").decode("ascii").lower()
+    except UnicodeError as exc:
+        raise ValueError(f"cannot encode domain {domain!r} as IDNA: {exc}") from None
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """Parse `--dns-server IP[:PORT]`: `192.0.2.1`, `192.0.2.1:5353`, `::1`, `[::1]:5353`.
+
+    Raises ValueError with a message fit for "postier: --dns-server: ..." on bad input.
+    """
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"missing ']' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if not port_text:
+        return host, 53
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port {port_text!r} in {text!r}")
+    return host, int(port_text)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _temporary(what: str) -> DeliveryError:
+    return DeliveryError(what, permanent=False, code=451, enhanced="4.4.3")
+
+
+def _not_found(what: str) -> DeliveryError:
+    return DeliveryError(what, permanent=True, code=550, enhanced="5.1.2")
+
+
+class Resolver:
+    """An asyncio MX/AAAA/A resolver with postier's failure classes.
+
+    `nameserver` None means the system's resolver configuration (/etc/resolv.conf); a missing
+    configuration then shows up as a temporary failure at look-up time, not at start-up, so
+    the daemon still starts and the queue retries.
+    """
+
+    def __init__(
+        self,
+        nameserver: str | None = None,
+        port: int = 53,
+        timeout: float = 10.0,
+        *,
+        shuffle: Callable[[list[str]], None] = random.shuffle,
+    ) -> None:
+        self.nameserver = nameserver
+        self.port = port
+        self.timeout = timeout
+        self._shuffle = shuffle  # injectable so tests can check the order among equals
+        self._resolver: dns.asyncresolver.Resolver | None = None
+
+    def _get_resolver(self) -> dns.asyncresolver.Resolver:
+        if self._resolver is None:
+            try:
+                res = dns.asyncresolver.Resolver(configure=self.nameserver is None)
+            except (dns.resolver.NoResolverConfiguration, OSError) as exc:
+                raise _temporary(f"no DNS resolver configured: {exc}") from None
+            if self.nameserver is not None:
+                res.nameservers = [self.nameserver]
+                res.port = self.port
+            res.lifetime = self.timeout
+            res.timeout = self.timeout  # one try per server within the lifetime
+            res.search = []
+            self._resolver = res
+        return self._resolver
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """Return the answer, None for NODATA; NXDOMAIN and transient failures raise."""
+        qname = dns.name.from_text(name)  # absolute: never a search-list suffix
+        try:
+            return await self._get_resolver().resolve(
+                qname, rdtype, search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            raise _not_found(f"{name}: domain not found (NXDOMAIN)") from None
+        except dns.exception.Timeout:
+            raise _temporary(f"{name} {rdtype}: DNS timeout") from None
+        except dns.resolver.NoNameservers as exc:
+            raise _temporary(f"{name} {rdtype}: no usable answer: {exc}") from None
+        except dns.exception.DNSException as exc:  # YXDOMAIN, malformed answers, ...
+            raise _temporary(f"{name} {rdtype}: DNS failure: {exc}") from None
+        except OSError as exc:  # e.g. network unreachable for the configured server
+            raise _temporary(f"{name} {rdtype}: DNS failure: {exc}") from None
+
+    async def mx_hosts(self, domain: str) -> list[str]:
+        """Mail exchangers for `domain`, best preference first, random order among equals.
+
+        No MX records: the domain itself (implicit MX, RFC 5321 §5.1) when it has AAAA or A
+        records. Host names come back in A-label form without the trailing dot.
+        """
+        try:
+            name = to_ascii_domain(domain)
+        except ValueError as exc:
+            raise DeliveryError(str(exc), permanent=True, code=553, enhanced="5.1.2") from None
+        answer = await self._query(name, "MX")
+        records = [] if answer is None or answer.rrset is None else list(answer.rrset)
+        if not records:
+            try:
+                await self.addresses(name)
+            except DeliveryError as exc:
+                if exc.permanent:
+                    raise _not_found(f"{name}: no MX and no address records") from None
+                raise
+            return [name]
+        real = [r for r in records if r.exchange != dns.name.root]
+        if not real:  # RFC 7505: the domain states it accepts no mail
+            raise DeliveryError(
+                f"{name}: domain does not accept mail (null MX)",
+                permanent=True,
+                code=556,
+                enhanced="5.1.10",
+            )
+        by_pref: dict[int, list[str]] = {}
+        for r in real:
+            host = r.exchange.to_text(omit_final_dot=True).lower()
+            by_pref.setdefault(r.preference, []).append(host)
+        hosts: list[str] = []
+        for pref in sorted(by_pref):
+            group = by_pref[pref]
+            self._shuffle(group)
+            hosts.extend(h for h in group if h not in hosts)
+        return hosts
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv6 then IPv4 addresses of `host` (an IP literal is returned as is).
+
+        Records from one family are used when the other family's look-up failed, because a
+        reachable address is worth more than a complete list; only when no address came back
+        does a transient failure win over "not found".
+        """
+        host = host.strip().strip("[]")
+        if _is_ip(host):
+            return [host]
+        try:
+            name = to_ascii_domain(host)
+        except ValueError as exc:
+            raise DeliveryError(str(exc), permanent=True, code=553, enhanced="5.1.2") from None
+        results = await asyncio.gather(
+            self._query(name, "AAAA"), self._query(name, "A"), return_exceptions=True
+        )
+        found: list[str] = []
+        errors: list[DeliveryError] = []
+        for result in results:
+            if isinstance(result, DeliveryError):
+                errors.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result is not None and result.rrset is not None:
+                found.extend(r.address for r in result.rrset)
+        if found:
+            return found
+        for err in errors:
+            if not err.permanent:
+                raise err
+        if errors:
+            raise errors[0]
+        raise _not_found(f"{name}: no address records (AAAA or A)")
