@@ -39,6 +39,7 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_cert_dir: Path | None = None
+    tls_self_signed: bool = False  # create a self-signed pair at tls_cert/tls_key if missing
     dns_server: str = ""
     remote_port: int = 25
     smarthost: str = ""
@@ -230,7 +231,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be a positive number of seconds")
     if len(cfg.recipient_delimiter) > 1:
         raise ConfigError("recipient_delimiter: must be one character or empty")
-    for path_key in ("users", "aliases", "passwords", "tls_cert", "tls_key"):
+    file_keys = ["users", "aliases", "passwords"]
+    if not cfg.tls_self_signed:
+        file_keys += ["tls_cert", "tls_key"]
+    for path_key in file_keys:
         p = getattr(cfg, path_key)
         if p is not None and not Path(p).is_file():
             flag = "pass" if path_key == "passwords" else path_key

@@ -94,6 +94,12 @@ def build_context(config: Config) -> ServerContext:
     if config.tls_cert is not None and config.tls_key is not None:
         from postier.tls import CertificateStore
 
+        if config.tls_self_signed:
+            from postier.gencert import ensure_self_signed
+
+            if ensure_self_signed(config.tls_cert, config.tls_key, config.hostname):
+                log.event("tls-self-signed", logger=_LOG, cert=str(config.tls_cert))
+
         ctx.tls = CertificateStore(config.tls_cert, config.tls_key, config.tls_cert_dir)
     if config.passwords is not None:
         from postier.auth.passwd import PasswordFile
