@@ -22,7 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from postier import log
+from postier import log, privileges
 from postier.config import Config
 from postier.errors import ConfigError
 from postier.net.context import ServerContext
@@ -149,10 +149,10 @@ def _install_uvloop() -> str:
 
 
 async def _serve_worker(
-    config: Config, bound: list[tuple[str, socket.socket]], worker: int | None
+    ctx: ServerContext, bound: list[tuple[str, socket.socket]], worker: int | None
 ) -> int:
     loop = asyncio.get_running_loop()
-    ctx = build_context(config)
+    config = ctx.config
     ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     servers: list[asyncio.Server] = []
     for role_name, sock in bound:
@@ -197,18 +197,30 @@ async def _serve_worker(
     return 0
 
 
-def _run_worker(config: Config, bound: list[tuple[str, socket.socket]], worker: int | None) -> int:
+def _run_worker(
+    ctx: ServerContext, bound: list[tuple[str, socket.socket]], worker: int | None
+) -> int:
     _install_uvloop()
-    return asyncio.run(_serve_worker(config, bound, worker))
+    return asyncio.run(_serve_worker(ctx, bound, worker))
 
 
 def serve(config: Config) -> int:
     log.setup(config.log_level)
-    # Fail fast on configuration problems, in the parent, before any fork.
-    build_context(config).executor.shutdown()
+    # Everything is read here, in the parent, before dropping privileges (a TLS key or a
+    # password file may be readable by root only) and before forking (workers inherit it;
+    # the thread pool starts its threads lazily, so none exist yet at fork time).
+    ctx = build_context(config)
+    loop_name = _preload_modules()
     bound = bind_all(config)
-    _warn_if_root(config)
-    loop_name = "uvloop" if _has_uvloop() else "asyncio"
+    account = privileges.target_user(config.user)
+    if account is not None:
+        privileges.prepare_dirs(
+            [Path(config.mail_root), Path(config.mail_root) / SPOOL_SUBDIR, Path(config.queue_dir)],
+            account,
+        )
+        privileges.drop(account)
+    else:
+        privileges.warn_if_root()
     log.event(
         "starting",
         logger=_LOG,
@@ -220,30 +232,26 @@ def serve(config: Config) -> int:
         loop=loop_name,
     )
     if config.workers == 1:
-        return _run_worker(config, bound, None)
-    return _supervise(config, bound)
+        return _run_worker(ctx, bound, None)
+    return _supervise(ctx, bound)
 
 
-def _has_uvloop() -> bool:
+def _preload_modules() -> str:
+    """Import now what sessions import later: after the privilege drop the installation
+    directory may no longer be readable (e.g. a virtualenv under /root)."""
+    import postier.auth.sasl
+    import postier.tls  # noqa: F401
+
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "asyncio"
+    return "uvloop"
 
 
-def _warn_if_root(config: Config) -> None:
-    if os.geteuid() == 0:
-        log.event(
-            "security-warning",
-            logging.WARNING,
-            _LOG,
-            problem="running as root; run postier as an unprivileged user",
-        )
-
-
-def _supervise(config: Config, bound: list[tuple[str, socket.socket]]) -> int:
+def _supervise(ctx: ServerContext, bound: list[tuple[str, socket.socket]]) -> int:
     """Fork the workers and wait; forward SIGTERM/SIGINT; exit 0 when they all stopped."""
+    config = ctx.config
     children: dict[int, int] = {}
 
     def spawn(index: int) -> None:
@@ -252,7 +260,7 @@ def _supervise(config: Config, bound: list[tuple[str, socket.socket]]) -> int:
             code = 1
             try:
                 log.setup(config.log_level, worker=index)
-                code = _run_worker(config, bound, index)
+                code = _run_worker(ctx, bound, index)
             except BaseException:
                 _LOG.exception("event=worker-crash worker=%s", index)
             finally:
