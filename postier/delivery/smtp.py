@@ -1,0 +1,323 @@
+"""Remote delivery over SMTP: MX routing, opportunistic STARTTLS, per-recipient results.
+
+The queue hands `SmtpRelay` the recipients of one domain; it answers with one result per
+recipient, never an exception, so the queue's only job is: delivered → done, temporary →
+retry later, permanent → bounce. Where each class comes from:
+
+- routing (postier.dns): NXDOMAIN and null MX are permanent; DNS timeouts are temporary;
+- every MX host and address failing (refused, timeout, 4xx/5xx greeting, lost connection) is
+  temporary: the next attempt may find one up (Postfix does the same with 5xx greetings);
+- the server's own replies to MAIL, RCPT, DATA and the final dot: 4xx temporary, 5xx
+  permanent, recipient by recipient;
+- what we know before sending: a message that needs SMTPUTF8 to a server without it (553
+  5.6.7) or one larger than its SIZE limit (552 5.3.4) is permanent, as retrying cannot help.
+
+The transaction itself (MAIL, RCPT, DATA, body, replies) and the connection wrapper are shared
+with the LMTP backend and live in postier.delivery.lmtp.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from postier.delivery.base import Recipient, RecipientResult, StoredMessage
+from postier.delivery.lmtp import (
+    ClientStream,
+    Timeouts,
+    parse_hostport,
+    result_from_error,
+    run_transaction,
+)
+from postier.dns import Resolver
+from postier.errors import DeliveryError
+from postier.protocol import client as proto
+from postier.protocol.client import Capabilities, ClientProtocolError
+from postier.tls import client_context
+
+__all__ = ["RelaySession", "Smarthost", "SmtpRelay", "Timeouts"]
+
+log = logging.getLogger("postier.delivery.smtp")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Smarthost:
+    """Send everything through this relay (port 587 unless given). TLS is required: STARTTLS,
+    or implicit TLS (`implicit_tls`, the default on port 465). Credentials, when set, go over
+    that TLS only (AUTH PLAIN, else LOGIN). `verify` checks the relay's certificate and name
+    (against `ca_file`, else the system CAs): unlike an MX, a smarthost is chosen by the
+    operator and receives our password, so it must prove who it is."""
+
+    host: str
+    port: int = 587
+    username: str = ""
+    password: str = field(default="", repr=False)
+    verify: bool = True
+    ca_file: str | None = None
+    implicit_tls: bool = False
+
+    @classmethod
+    def parse(cls, text: str, **kwargs: Any) -> Smarthost:
+        """From `--smarthost HOST[:PORT]` plus the config's credentials and TLS settings."""
+        host, port = parse_hostport(text, 587)
+        kwargs.setdefault("implicit_tls", port == 465)
+        return cls(host, port, **kwargs)
+
+
+def _host_failure(text: str, enhanced: str = "4.4.1") -> DeliveryError:
+    return DeliveryError(text, permanent=False, code=451, enhanced=enhanced)
+
+
+class SmtpRelay:
+    """Deliver to remote domains (or through a smarthost) over SMTP.
+
+    `deliver()` is the backend interface; `session(domain)` keeps one connection open for
+    several messages to the same domain (the queue's "many messages share a connection").
+    """
+
+    def __init__(
+        self, hostname: str, *, resolver: Resolver | None = None, remote_port: int = 25,
+        smarthost: Smarthost | None = None, timeouts: Timeouts | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.hostname = hostname  # our name in EHLO
+        self.resolver = resolver or Resolver()
+        self.remote_port = remote_port
+        self.smarthost = smarthost
+        self.timeouts = timeouts or Timeouts()
+        if tls_context is None:
+            if smarthost is not None:
+                tls_context = client_context(verify=smarthost.verify, ca_file=smarthost.ca_file)
+            else:
+                tls_context = client_context(verify=False)
+        self.tls_context = tls_context
+
+    def session(self, domain: str) -> RelaySession:
+        return RelaySession(self, domain)
+
+    async def deliver(
+        self, message: StoredMessage, recipients: Sequence[Recipient]
+    ) -> list[RecipientResult]:
+        """One attempt for `recipients` (grouped by domain if the caller mixed them)."""
+        by_domain: dict[str, list[int]] = {}
+        for i, r in enumerate(recipients):
+            by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(i)
+        results: list[RecipientResult | None] = [None] * len(recipients)
+        for domain, indexes in by_domain.items():
+            async with self.session(domain) as s:
+                group = await s.send(message, [recipients[i] for i in indexes])
+            for i, res in zip(indexes, group, strict=True):
+                results[i] = res
+        return [r for r in results if r is not None]
+
+
+class RelaySession:
+    """A connection to one destination, opened on the first `send()` and reused after.
+
+    If no host could be reached, later sends in this session fail at once with the same
+    error instead of trying every host again (RFC 5321 §4.5.4.1: no immediate retry).
+    """
+
+    def __init__(self, relay: SmtpRelay, domain: str) -> None:
+        self.relay = relay
+        self.domain = domain
+        self.stream: ClientStream | None = None
+        self.caps = Capabilities()
+        self.host = ""
+        self.address = ""
+        self.port = 0
+        self._failed: DeliveryError | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.stream is not None and self.stream.tls
+
+    @property
+    def peer(self) -> str:
+        return f"{self.host}[{self.address}]:{self.port}"
+
+    async def __aenter__(self) -> RelaySession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            await stream.close(quit_timeout=min(self.relay.timeouts.command, 30.0))
+
+    async def send(
+        self, message: StoredMessage, recipients: Sequence[Recipient]
+    ) -> list[RecipientResult]:
+        """One delivery attempt of `message` to `recipients` (all in this session's domain)."""
+        qid = message.queue_id
+        try:
+            await self._ready(qid)
+        except DeliveryError as exc:
+            results = [result_from_error(r, exc) for r in recipients]
+            self._log(qid, results, connected=False)
+            return results
+        assert self.stream is not None
+        results = await run_transaction(self.stream, self.caps, message, recipients,
+                                        self.relay.timeouts, peer=self.peer)
+        self._log(qid, results, connected=True)
+        if self.stream.broken:
+            self.stream = None  # the next send reconnects
+        return results
+
+    def _log(self, qid: str, results: list[RecipientResult], *, connected: bool) -> None:
+        relay = self.peer if connected else f"{self.domain} (no connection)"
+        tls = "tls" if self.tls else "plain"
+        outcome = "; ".join(f"<{r.recipient.address}> {r.status.value}: {r.reply_line}"
+                            for r in results)
+        log.info("%s: relay=%s %s: %s", qid, relay, tls, outcome)
+
+    async def _ready(self, qid: str) -> None:
+        """Reuse the open connection (after an RSET probe) or open a new one."""
+        if self.stream is not None:
+            try:
+                if self.stream.usable():
+                    reply = await self.stream.command(proto.RSET, self.relay.timeouts.command)
+                    if reply.is_positive:
+                        return
+            except (OSError, ClientProtocolError):
+                pass
+            self.stream.writer.close()
+            self.stream = None
+        if self._failed is not None:
+            raise self._failed
+        try:
+            await self._connect(qid)
+        except DeliveryError as exc:
+            self._failed = exc
+            raise
+
+    async def _routes(self) -> tuple[list[str], int]:
+        if self.relay.smarthost is not None:
+            return [self.relay.smarthost.host], self.relay.smarthost.port
+        return await self.relay.resolver.mx_hosts(self.domain), self.relay.remote_port
+
+    async def _connect(self, qid: str) -> None:
+        hosts, port = await self._routes()
+        errors: list[DeliveryError] = []
+        for host in hosts:
+            try:
+                addresses = await self.relay.resolver.addresses(host)
+            except DeliveryError as exc:
+                log.info("%s: %s: %s", qid, host, exc)
+                errors.append(exc)
+                continue
+            for address in addresses:
+                self.host, self.address, self.port = host, address, port
+                try:
+                    await self._open(qid, plaintext=False)
+                    return
+                except DeliveryError as exc:
+                    log.info("%s: %s", qid, exc)
+                    errors.append(exc)
+        if errors and all(e.permanent for e in errors):
+            raise errors[-1]
+        last = next((e for e in reversed(errors) if not e.permanent), None)
+        text = str(last) if last else "no host to try"
+        raise DeliveryError(f"all hosts for {self.domain} failed; last: {text}", permanent=False,
+                            code=last.code if last else 451,
+                            enhanced=last.enhanced if last else "4.4.1")
+
+    async def _open(self, qid: str, *, plaintext: bool) -> None:
+        """Connect to (host, address, port): greeting, EHLO, STARTTLS, AUTH."""
+        relay, t = self.relay, self.relay.timeouts
+        smart = relay.smarthost
+        sni = None if _is_ip(self.host) else self.host
+        implicit = smart is not None and smart.implicit_tls
+        try:
+            stream = await ClientStream.open(self.address, self.port, t.connect,
+                                             tls=relay.tls_context if implicit else None,
+                                             server_hostname=sni or self.address)
+        except TimeoutError:
+            raise _host_failure(f"connect to {self.peer}: timeout") from None
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise _host_failure(f"connect to {self.peer}: {why}") from None
+        try:
+            greeting = await stream.read_reply(t.greeting)
+            if greeting.code != 220:
+                raise _host_failure(f"{self.peer} greeted us with: {greeting}")
+            caps = await self._hello(stream)
+            if not stream.tls and not plaintext and ("STARTTLS" in caps or smart):
+                try:
+                    reply = await stream.command(proto.STARTTLS, t.command)
+                    if reply.code == 220:
+                        await stream.starttls(relay.tls_context, sni or self.address, t.command)
+                except (OSError, ClientProtocolError) as exc:
+                    stream.writer.close()
+                    why = "timeout" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+                    if smart is not None:
+                        raise _host_failure(f"TLS with smarthost {self.peer} failed: {why}",
+                                            "4.7.5") from None
+                    # Opportunistic, like Postfix's "may": plaintext beats no delivery at all.
+                    log.warning("%s: TLS handshake with %s failed (%s); retrying in plaintext",
+                                qid, self.peer, why)
+                    return await self._open(qid, plaintext=True)
+                if stream.tls:
+                    caps = await self._hello(stream)  # forget what was said in plaintext
+                else:
+                    log.info("%s: %s refused STARTTLS: %s", qid, self.peer, reply)
+            if smart is not None and not stream.tls:
+                raise _host_failure(f"smarthost {self.peer} offers no TLS, which is required",
+                                    "4.7.10")
+            if smart is not None and smart.username:
+                await self._auth(stream, caps, smart)
+        except DeliveryError:
+            stream.writer.close()
+            raise
+        except TimeoutError:
+            stream.writer.close()
+            raise _host_failure(f"timeout talking to {self.peer}", "4.4.2") from None
+        except (OSError, ClientProtocolError) as exc:
+            stream.writer.close()
+            raise _host_failure(f"{self.peer}: {exc}", "4.4.2") from None
+        self.stream, self.caps = stream, caps
+
+    async def _hello(self, stream: ClientStream) -> Capabilities:
+        t = self.relay.timeouts
+        reply = await stream.command(proto.ehlo(self.relay.hostname), t.command)
+        if reply.is_positive:
+            return Capabilities.parse(reply)
+        if reply.is_permanent:  # an old server without ESMTP
+            reply = await stream.command(proto.helo(self.relay.hostname), t.command)
+            if reply.is_positive:
+                return Capabilities()
+        raise _host_failure(f"{self.peer} refused our EHLO/HELO: {reply}")
+
+    async def _auth(self, stream: ClientStream, caps: Capabilities, smart: Smarthost) -> None:
+        """AUTH PLAIN, else LOGIN. A refusal is temporary (a configuration problem to fix,
+        not a reason to bounce mail), as Postfix's smtp_sasl_auth_soft_bounce does."""
+        t = self.relay.timeouts
+        if "PLAIN" in caps.auth:
+            reply = await stream.command(proto.auth_plain(smart.username, smart.password),
+                                         t.command)
+        elif "LOGIN" in caps.auth:
+            for line in proto.auth_login_steps(smart.username, smart.password):
+                reply = await stream.command(line, t.command)
+                if reply.code != 334:
+                    break
+        else:
+            raise _host_failure(f"smarthost {self.peer} offers no AUTH PLAIN or LOGIN "
+                                f"(it offers: {' '.join(sorted(caps.auth)) or 'none'})", "4.7.0")
+        if not 200 <= reply.code < 300:  # 235 per RFC 4954; any 2xx, as Postfix accepts
+            raise _host_failure(f"smarthost {self.peer} refused our credentials: {reply}",
+                                "4.7.8")
