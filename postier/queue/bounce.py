@@ -1,0 +1,207 @@
+"""Delivery status notifications (RFC 3464): bounces and delay warnings.
+
+A DSN is `multipart/report; report-type=delivery-status` with three parts: a human-readable
+text, the machine-readable `message/delivery-status` (one block for the message, one per
+recipient) and the original header section as `text/rfc822-headers` (headers only: the body
+may be large and the bounce goes back over the same path it failed on). When an address or
+the original headers are not ASCII, the RFC 6533 types (`message/global-delivery-status`,
+`message/global-headers`) are used and the DSN itself needs SMTPUTF8.
+
+The result is bytes in the spool-file format of `postier.delivery.base` (LF line endings,
+first line `Return-Path: <>`), so it can be delivered locally or committed to the queue as
+is, with `content_offset=DSN_CONTENT_OFFSET`. A DSN's envelope sender is always `<>`, and a
+message whose sender is `<>` never gets one (`should_notify`): that is what stops bounce
+loops between two mail systems.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy as email_policy
+from email.generator import BytesGenerator
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.utils import format_datetime, make_msgid
+
+RETURN_PATH_LINE = b"Return-Path: <>\n"
+DSN_CONTENT_OFFSET = len(RETURN_PATH_LINE)
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+
+
+@dataclass(frozen=True, slots=True)
+class DsnRecipient:
+    """What the report says about one recipient."""
+
+    address: str
+    status: str  # enhanced status, e.g. "5.1.1" (failed) or "4.4.1" (delayed)
+    diagnostic: str = ""  # the server's reply line, e.g. "550 5.1.1 no such user"
+    remote_mta: str = ""  # host name of the server that answered, when known
+    last_attempt: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dsn:
+    """A built report: spool-format bytes and how to queue them."""
+
+    data: bytes
+    content_offset: int
+    smtputf8: bool
+    message_id: str
+
+
+class _DsnGenerator(BytesGenerator):
+    """Knows the RFC 6533 types: `message/global-headers` is raw text (the stock generator
+    insists on ASCII for a `message/*` part that is not a parsed message) and
+    `message/global-delivery-status` is a list of field blocks (it would write only the
+    first)."""
+
+    _handle_message_global_delivery_status = (
+        BytesGenerator._handle_message_delivery_status  # type: ignore[attr-defined]
+    )
+
+    def _handle_message_global_headers(self, msg: Message) -> None:
+        self._handle_text(msg)  # type: ignore[attr-defined]
+
+
+def should_notify(sender: str) -> bool:
+    """Never report to the null sender (RFC 5321 §4.5.5, RFC 3464 §2): no bounce loops."""
+    return sender != ""
+
+
+def status_for(code: int, enhanced: str, *, failed: bool) -> str:
+    """The Status field: the reply's enhanced code when its class fits, else a generic one.
+
+    A failure caused by a temporary reason (expiry) keeps its 4.x.x status, as RFC 3464
+    allows: the action says "failed", the status says why.
+    """
+    if failed:
+        if enhanced[:2] in ("5.", "4."):
+            return enhanced
+        return "4.0.0" if 400 <= code < 500 else "5.0.0"
+    return enhanced if enhanced.startswith("4.") else "4.0.0"
+
+
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+def _address_type(address: str) -> str:
+    return f"rfc822; {address}" if _is_ascii(address) else f"utf-8; {address}"
+
+
+def _human_text(
+    hostname: str, action: str, recipients: Sequence[DsnRecipient], will_retry_until: float | None
+) -> str:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    if action == "failed":
+        lines += [
+            "I'm sorry to have to inform you that your message could not be delivered to",
+            "one or more recipients. The reasons are given below; the headers of your",
+            "message are attached.",
+        ]
+    else:
+        until = f" until {_date(will_retry_until)}" if will_retry_until else ""
+        lines += [
+            "This is only a warning: your message has not been delivered yet to the",
+            f"recipients below. The mail system will keep trying{until};",
+            "you do not need to send it again.",
+        ]
+    lines.append("")
+    for r in recipients:
+        reason = r.diagnostic or f"status {r.status}"
+        host = f" (host {r.remote_mta})" if r.remote_mta else ""
+        lines.append(f"<{r.address}>{host}: {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def build_dsn(
+    *,
+    hostname: str,
+    queue_id: str,
+    sender: str,
+    arrival: float,
+    recipients: Sequence[DsnRecipient],
+    original_headers: bytes,
+    now: float,
+    action: str = "failed",
+    will_retry_until: float | None = None,
+) -> Dsn:
+    """Build a DSN for `sender` about `recipients` of message `queue_id`.
+
+    `action` is "failed" (a bounce) or "delayed" (a warning; `will_retry_until` says when
+    the queue gives up). `original_headers` is the message's header section as stored.
+    """
+    if action not in ("failed", "delayed"):
+        raise ValueError(f"unsupported DSN action {action!r}")
+    if not should_notify(sender):
+        raise ValueError("no DSN to the null sender")
+    utf8 = not (
+        _is_ascii(sender)
+        and all(_is_ascii(r.address) for r in recipients)
+        and original_headers.isascii()
+    )
+    pol = email_policy.default.clone(linesep="\n", utf8=utf8, max_line_length=78)
+    outer = MIMEMultipart("report", report_type="delivery-status", policy=pol)
+    outer["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    outer["To"] = f"<{sender}>"
+    outer["Subject"] = (
+        "Undelivered Mail Returned to Sender" if action == "failed"
+        else "Delayed Mail (still being retried)"
+    )
+    outer["Date"] = _date(now)
+    message_id = make_msgid(idstring=queue_id, domain=hostname)
+    outer["Message-ID"] = message_id
+    outer["Auto-Submitted"] = "auto-replied"  # RFC 3834: no vacation replies to bounces
+
+    text = MIMEBase("text", "plain", policy=pol, charset="utf-8" if utf8 else "us-ascii")
+    text.set_payload(_human_text(hostname, action, recipients, will_retry_until).encode())
+    text["Content-Transfer-Encoding"] = "8bit" if utf8 else "7bit"
+    outer.attach(text)
+
+    per_message = Message(policy=pol)
+    per_message["Reporting-MTA"] = f"dns; {hostname}"
+    per_message["X-Postier-Queue-ID"] = queue_id
+    per_message["Arrival-Date"] = _date(arrival)
+    blocks = [per_message]
+    for r in recipients:
+        block = Message(policy=pol)
+        block["Final-Recipient"] = _address_type(r.address)
+        block["Action"] = action
+        block["Status"] = r.status
+        if r.remote_mta:
+            block["Remote-MTA"] = f"dns; {r.remote_mta}"
+        if r.diagnostic:
+            block["Diagnostic-Code"] = f"smtp; {r.diagnostic}"
+        if r.last_attempt:
+            block["Last-Attempt-Date"] = _date(r.last_attempt)
+        if action == "delayed" and will_retry_until:
+            block["Will-Retry-Until"] = _date(will_retry_until)
+        blocks.append(block)
+    status = MIMEBase(
+        "message", "global-delivery-status" if utf8 else "delivery-status", policy=pol
+    )
+    status.set_payload(blocks)
+    outer.attach(status)
+
+    headers = MIMEBase("message" if utf8 else "text",
+                       "global-headers" if utf8 else "rfc822-headers", policy=pol)
+    # Raw bytes survive untouched: set_payload keeps them as surrogate-escaped text and the
+    # generator writes them back byte for byte under an 8bit transfer encoding.
+    headers.set_payload(original_headers)
+    headers["Content-Transfer-Encoding"] = "7bit" if original_headers.isascii() else "8bit"
+    outer.attach(headers)
+    for part in (text, status, headers):
+        del part["MIME-Version"]
+
+    buf = io.BytesIO()
+    buf.write(RETURN_PATH_LINE)
+    _DsnGenerator(buf, policy=pol, mangle_from_=False).flatten(outer)
+    return Dsn(buf.getvalue(), DSN_CONTENT_OFFSET, utf8, message_id)

@@ -1,0 +1,394 @@
+"""The durable outbound queue: one body file and one envelope file per message.
+
+Layout under the queue directory (`-Q DIR`):
+
+    DIR/body/<id>        the message in the spool-file format of `postier.delivery.base`
+                         (a hard link to the session's spool file when it lives on the same
+                         file system, else a copy); written once, never modified
+    DIR/env/<id>.json    the envelope and per-recipient state; rewritten atomically
+    DIR/tmp/             temporary files (removed at start-up)
+    DIR/flush/           flush requests from `postier queue flush` (files `ALL` or `<id>`)
+    DIR/corrupt/         unreadable envelopes, kept for the operator, never delivered
+
+Durability: the body is written and fsync'd (file and directory) first; then the envelope is
+written to tmp/, fsync'd, renamed into env/ and env/ is fsync'd. **The envelope rename is the
+commit point**: a body without an envelope is a half-written entry (a crash during commit)
+and `recover()` removes it at start-up; it is never delivered. The session sends its 250 only
+after `commit()` returns.
+
+Deletion (`remove`, used both when every recipient is final and by `postier queue delete`
+while the daemon runs) removes the envelope first, so the scheduler's next `load` misses the
+entry, then the body. `update` and `remove` take an exclusive `flock` on the body file, and
+`update` checks that the envelope still exists under that lock, so a scheduler finishing a
+delivery can never resurrect an entry that was deleted meanwhile: it gets `EntryNotFound`.
+
+Every method blocks (file I/O and fsync). The daemon calls them through its bounded thread
+pool, `await loop.run_in_executor(pool, store.commit, ...)`; the CLI calls them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from postier.delivery.base import Recipient, StoredMessage
+from postier.errors import PostierError
+from postier.queue.ids import is_queue_id, new_queue_id
+
+log = logging.getLogger("postier.queue")
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+FLUSH_ALL = "ALL"
+_FORMAT_VERSION = 1
+
+
+class EntryNotFound(PostierError):
+    """No committed entry with this id (never existed, delivered, or deleted)."""
+
+
+class EntryExists(PostierError):
+    """An entry with this id is already committed (e.g. a maildrop file picked up twice)."""
+
+
+@dataclass(slots=True)
+class RecipientState:
+    """One recipient's progress; `code`/`enhanced`/`reply` are the last reply received."""
+
+    address: str
+    state: str = PENDING
+    attempts: int = 0
+    code: int = 0
+    enhanced: str = ""
+    reply: str = ""
+    last_attempt: float = 0.0
+    next_attempt: float = 0.0  # 0: at once
+    remote_mta: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+    @property
+    def last_reply(self) -> str:
+        """The last reply as one line, `451 4.3.0 text`, or "" before any attempt."""
+        if not self.code:
+            return self.reply
+        return " ".join(p for p in (str(self.code), self.enhanced, self.reply) if p)
+
+
+@dataclass(slots=True)
+class QueueEntry:
+    """A committed message: its envelope and per-recipient state (the JSON file's content)."""
+
+    queue_id: str
+    sender: str  # "" for the null sender <>
+    arrival: float
+    size: int
+    content_offset: int
+    recipients: list[RecipientState] = field(default_factory=list)
+    smtputf8: bool = False
+    body_8bit: bool = False
+    delay_warned: bool = False
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def is_final(self) -> bool:
+        """True once no recipient is pending: the entry can be removed."""
+        return all(r.state != PENDING for r in self.recipients)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["version"] = _FORMAT_VERSION
+        return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> QueueEntry:
+        data = json.loads(raw)
+        data.pop("version", None)
+        data["recipients"] = [RecipientState(**r) for r in data.get("recipients", [])]
+        entry = cls(**data)
+        if not is_queue_id(entry.queue_id):
+            raise ValueError(f"bad queue id {entry.queue_id!r}")
+        return entry
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_id(queue_id: str) -> str:
+    if not is_queue_id(queue_id):
+        raise EntryNotFound(f"not a queue id: {queue_id!r}")
+    return queue_id
+
+
+def _address(r: object) -> str:
+    """A recipient given as text, a `Recipient`, or a protocol `Address` (its str())."""
+    return r.address if isinstance(r, Recipient) else str(r)
+
+
+class QueueStore:
+    """The queue directory; see the module docstring for layout and guarantees."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.directory = Path(directory)
+        self.body_dir = self.directory / "body"
+        self.env_dir = self.directory / "env"
+        self.tmp_dir = self.directory / "tmp"
+        self.flush_dir = self.directory / "flush"
+        self.corrupt_dir = self.directory / "corrupt"
+        if create:
+            # DIR itself stays traversable (0755) so `postier sendmail` run by any user can
+            # reach DIR/maildrop; everything the queue holds is private to the daemon.
+            self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            for d in (self.body_dir, self.env_dir, self.tmp_dir, self.flush_dir,
+                      self.corrupt_dir):
+                d.mkdir(mode=0o700, exist_ok=True)
+        elif not self.env_dir.is_dir():
+            raise FileNotFoundError(f"{self.directory}: not a queue directory (no env/)")
+
+    # -- paths -------------------------------------------------------------------------
+    def body_path(self, queue_id: str) -> Path:
+        return self.body_dir / _check_id(queue_id)
+
+    def env_path(self, queue_id: str) -> Path:
+        return self.env_dir / f"{_check_id(queue_id)}.json"
+
+    def message(self, entry: QueueEntry) -> StoredMessage:
+        """The entry's body as the `StoredMessage` a delivery backend takes."""
+        return StoredMessage(
+            path=self.body_path(entry.queue_id), size=entry.size,
+            content_offset=entry.content_offset, sender=entry.sender,
+            queue_id=entry.queue_id, received_at=entry.arrival,
+            smtputf8=entry.smtputf8, body_8bit=entry.body_8bit,
+        )
+
+    # -- commit ------------------------------------------------------------------------
+    def commit(
+        self, spool: StoredMessage, sender: str, recipients: Iterable[object]
+    ) -> QueueEntry:
+        """Make a finished spool file durable in the queue under `spool.queue_id`.
+
+        The spool file is hard-linked (same file system) or copied whole, so the body keeps
+        its `Return-Path:` line and `content_offset` stays valid; it must not be modified
+        afterwards (unlinking it is fine). Returns once the entry is durable: only then may
+        the session answer 250. Raises `EntryExists` if the id is already queued.
+        """
+        queue_id = spool.queue_id or new_queue_id()
+        env = self.env_path(queue_id)
+        body = self.body_path(queue_id)
+        if env.exists():
+            raise EntryExists(queue_id)
+        try:
+            os.link(spool.path, body)
+        except FileExistsError:
+            raise EntryExists(f"{queue_id}: body already present") from None
+        except OSError:  # another file system, or links not permitted: copy
+            self._copy_into(spool.path, body)
+        else:
+            _fsync_file(body)
+        _fsync_dir(self.body_dir)
+        entry = QueueEntry(
+            queue_id=queue_id, sender=sender, arrival=spool.received_at,
+            size=body.stat().st_size, content_offset=spool.content_offset,
+            recipients=[RecipientState(a) for a in dict.fromkeys(map(_address, recipients))],
+            smtputf8=spool.smtputf8, body_8bit=spool.body_8bit,
+        )
+        self._write_env(entry)
+        return entry
+
+    def commit_bytes(
+        self, data: bytes, sender: str, recipients: Iterable[object], *,
+        arrival: float, content_offset: int, queue_id: str | None = None,
+        smtputf8: bool = False, body_8bit: bool = False,
+    ) -> QueueEntry:
+        """Queue a message we generated ourselves (a bounce), given in spool format."""
+        queue_id = queue_id or new_queue_id()
+        tmp = self.tmp_dir / f"{queue_id}.body"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        spool = StoredMessage(
+            path=tmp, size=len(data), content_offset=content_offset, sender=sender,
+            queue_id=queue_id, received_at=arrival, smtputf8=smtputf8, body_8bit=body_8bit,
+        )
+        try:
+            return self.commit(spool, sender, recipients)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _copy_into(self, source: Path, dest: Path) -> None:
+        tmp = self.tmp_dir / f"{dest.name}.copy"
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        try:
+            os.link(tmp, dest)  # never replaces an existing body
+        except FileExistsError:
+            raise EntryExists(f"{dest.name}: body already present") from None
+        finally:
+            tmp.unlink()
+
+    def _write_env(self, entry: QueueEntry) -> None:
+        tmp = self.tmp_dir / f"{entry.queue_id}.json"
+        with open(tmp, "wb") as f:
+            f.write(entry.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.env_path(entry.queue_id))
+        _fsync_dir(self.env_dir)
+
+    # -- read --------------------------------------------------------------------------
+    def load(self, queue_id: str) -> QueueEntry:
+        try:
+            raw = self.env_path(queue_id).read_bytes()
+        except FileNotFoundError:
+            raise EntryNotFound(queue_id) from None
+        return QueueEntry.from_json(raw)
+
+    def ids(self) -> list[str]:
+        """Committed ids in arrival order (ids sort by time)."""
+        out = []
+        for name in os.listdir(self.env_dir):
+            stem, dot, ext = name.partition(".")
+            if dot and ext == "json" and is_queue_id(stem):
+                out.append(stem)
+        return sorted(out)
+
+    def list(self) -> list[QueueEntry]:
+        """Every committed entry; entries removed while listing are skipped. Read-only."""
+        entries = []
+        for queue_id in self.ids():
+            try:
+                entries.append(self.load(queue_id))
+            except EntryNotFound:
+                continue
+            except ValueError as exc:
+                log.warning("queue %s: unreadable envelope: %s", queue_id, exc)
+        return entries
+
+    def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
+        """The message's header section (after Return-Path, up to the blank line)."""
+        with open(self.body_path(entry.queue_id), "rb") as f:
+            f.seek(entry.content_offset)
+            head = f.read(limit)
+        end = head.find(b"\n\n")
+        return head if end < 0 else head[: end + 1]
+
+    # -- change ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, queue_id: str) -> Iterator[None]:
+        try:
+            fd = os.open(self.body_path(queue_id), os.O_RDONLY)
+        except FileNotFoundError:
+            raise EntryNotFound(queue_id) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def update(self, entry: QueueEntry) -> None:
+        """Atomically replace the envelope; `EntryNotFound` if it was removed meanwhile."""
+        with self._locked(entry.queue_id):
+            if not self.env_path(entry.queue_id).exists():
+                raise EntryNotFound(entry.queue_id)
+            self._write_env(entry)
+
+    def remove(self, queue_id: str) -> bool:
+        """Remove an entry (safe while the daemon runs); False if it was not there."""
+        try:
+            with self._locked(queue_id):
+                try:
+                    self.env_path(queue_id).unlink()
+                except FileNotFoundError:
+                    return False
+                _fsync_dir(self.env_dir)  # the deletion's commit point
+                self.body_path(queue_id).unlink(missing_ok=True)
+                return True
+        except EntryNotFound:
+            # No body: a stray envelope (should not happen) still gets removed.
+            try:
+                self.env_path(queue_id).unlink()
+            except FileNotFoundError:
+                return False
+            return True
+
+    # -- start-up ----------------------------------------------------------------------
+    def recover(self) -> list[QueueEntry]:
+        """Clean up after a crash and return every committed entry, oldest first.
+
+        Only at daemon start-up, before any session can commit: a commit in progress looks
+        exactly like a half-written entry and would be removed.
+        """
+        for name in os.listdir(self.tmp_dir):
+            log.warning("queue: removing temporary file left by a crash: tmp/%s", name)
+            (self.tmp_dir / name).unlink(missing_ok=True)
+        entries: dict[str, QueueEntry] = {}
+        for queue_id in self.ids():
+            env = self.env_path(queue_id)
+            try:
+                entry = QueueEntry.from_json(env.read_bytes())
+                if entry.queue_id != queue_id:
+                    raise ValueError(f"envelope names {entry.queue_id}")
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("queue %s: unreadable envelope moved to corrupt/: %s", queue_id, exc)
+                os.replace(env, self.corrupt_dir / env.name)
+                continue
+            if not self.body_path(queue_id).exists():
+                log.error("queue %s: envelope without body, removed", queue_id)
+                env.unlink()
+                continue
+            entries[queue_id] = entry
+        for name in os.listdir(self.body_dir):
+            if name not in entries:
+                log.warning("queue %s: half-written entry (no envelope) removed", name)
+                (self.body_dir / name).unlink(missing_ok=True)
+        _fsync_dir(self.body_dir)
+        _fsync_dir(self.env_dir)
+        return [entries[k] for k in sorted(entries)]
+
+    # -- flush requests (from `postier queue flush`, another process) ------------------
+    def request_flush(self, queue_id: str | None = None) -> None:
+        """Ask the running daemon to retry now: one entry, or everything."""
+        name = FLUSH_ALL if queue_id is None else _check_id(queue_id)
+        fd = os.open(self.flush_dir / name, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    def take_flush_requests(self) -> tuple[bool, set[str]]:
+        """Consume pending requests: (flush everything?, ids). One listdir; cheap to poll."""
+        names = os.listdir(self.flush_dir)
+        everything = False
+        ids: set[str] = set()
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.flush_dir / name)
+            if name == FLUSH_ALL:
+                everything = True
+            elif is_queue_id(name):
+                ids.add(name)
+        return everything, ids
