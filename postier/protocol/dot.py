@@ -14,7 +14,9 @@ Speed: the content is processed a block of whole lines at a time with `bytes.fin
 `replace`, which run in C; the buffer never rescans what it already passed.
 
 Output: `feed()` returns the unstuffed content of complete lines (CRLF endings kept), so a
-consumer can convert line endings without worrying about a CRLF split between two chunks.
+consumer can convert line endings without worrying about a CRLF split between two chunks. The
+one exception is a line longer than 64 KiB, which is passed on in pieces so that memory stays
+bounded; a piece never ends with CR and never contains a bare CR or LF.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ from __future__ import annotations
 from typing import Final
 
 _END: Final = b"\r\n.\r\n"
+# A line longer than this is passed on in pieces instead of being held whole (a peer may send
+# one 35 MB "line"); a piece never ends with a CR, so the CRLF -> LF conversion of the
+# consumer stays exact.
+_MAX_TAIL: Final = 65536
 
 
 class DataReader:
     __slots__ = (
         "_buf",
         "_done",
+        "_line_start",
+        "_scanned",
         "bad_line_endings",
         "max_size",
         "overflow",
@@ -37,7 +45,9 @@ class DataReader:
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._buf = bytearray()  # always starts at the beginning of a line
+        self._buf = bytearray()  # a partial line: no CRLF inside
+        self._line_start = True  # _buf starts at the beginning of a line
+        self._scanned = 0  # bytes of _buf already searched (never search them again)
         self.size = 0  # unstuffed content bytes seen (counted even past the limit)
         self.overflow = False
         self.bad_line_endings = False
@@ -49,30 +59,37 @@ class DataReader:
         return self._done
 
     def feed(self, data: bytes) -> bytes:
-        """Consume bytes; return unstuffed content of the complete lines found (may be b"")."""
+        """Consume bytes; return unstuffed content of the complete lines found (may be b"").
+
+        A line longer than _MAX_TAIL comes out in pieces (none ends with CR).
+        """
         if self._done:
             self.rest += data
             return b""
         buf = self._buf
+        # The old bytes hold no CRLF; only their last byte (a CR) may pair with new bytes.
+        start = self._scanned - 1 if self._scanned else 0
         buf += data
         # The terminator at the very start of the buffer ("." line right after a CRLF).
-        if buf[:3] == b".\r\n":
+        if self._line_start and buf[:3] == b".\r\n":
             self._finish(3)
             return b""
-        end = buf.find(_END)
+        end = buf.find(_END, start)
         if end >= 0:
             block = bytes(buf[: end + 2])
             self._finish(end + 5)
             return self._accept_block(block)
-        last = buf.rfind(b"\r\n")
+        last = buf.rfind(b"\r\n", start)
         if last < 0:
-            self._guard_tail()
-            return b""
+            self._scanned = len(buf)
+            return self._guard_tail()
         block = bytes(buf[: last + 2])
         del buf[: last + 2]
         out = self._accept_block(block)
-        self._guard_tail()
-        return out
+        self._line_start = True
+        self._scanned = len(buf)
+        piece = self._guard_tail()
+        return out + piece if piece else out
 
     def _finish(self, consumed: int) -> None:
         self.rest = bytes(self._buf[consumed:])
@@ -85,34 +102,39 @@ class DataReader:
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
             self.bad_line_endings = True
         # Dot-unstuffing: a leading "." is removed from every line that starts with one.
-        # The block starts at a line start, so handle its first byte separately.
-        if block[:1] == b".":
+        # The block starts at a line start (unless a long line was cut), so handle its first
+        # byte separately.
+        if self._line_start and block[:1] == b".":
             block = block[1:]
         if b"\r\n." in block:
             block = block.replace(b"\r\n.", b"\r\n")
-        self.size += len(block)
+        return self._count(block)
+
+    def _count(self, content: bytes) -> bytes:
+        self.size += len(content)
         if self.overflow or self.bad_line_endings:
             return b""
         if self.size > self.max_size:
             self.overflow = True
             return b""
-        return block
+        return content
 
-    def _guard_tail(self) -> None:
-        """A partial line with no CRLF yet: bound its memory once it exceeds the size limit.
+    def _guard_tail(self) -> bytes:
+        """A partial line with no CRLF yet: past _MAX_TAIL bytes, pass all but its last byte on.
 
         The tail cannot contain the terminator (it has no CRLF), so only its last byte (a
-        possible CR) matters for detection; the rest is counted and dropped.
+        possible CR) matters for detection; any other CR or LF in it is bare.
         """
-        tail = len(self._buf)
-        if tail > self.max_size or (self.overflow and tail > 65536):
-            keep = 1
-            dropped = tail - keep
-            if b"\n" in self._buf[:dropped] or b"\r" in self._buf[: dropped]:
-                self.bad_line_endings = True
-            self.size += dropped
-            self.overflow = True
-            del self._buf[:dropped]
-            # The kept byte no longer starts a line; make sure a leading "." is not mistaken
-            # for a terminator line by prefixing a harmless byte.
-            self._buf[0:0] = b"x"
+        buf = self._buf
+        if len(buf) <= _MAX_TAIL:
+            return b""
+        cut = len(buf) - 1
+        piece = bytes(buf[:cut])
+        del buf[:cut]
+        self._scanned = len(buf)
+        if b"\n" in piece or b"\r" in piece:
+            self.bad_line_endings = True
+        if self._line_start and piece[:1] == b".":
+            piece = piece[1:]
+        self._line_start = False  # the kept byte is in the middle of a line
+        return self._count(piece)
