@@ -454,6 +454,13 @@ class SmtpSession(asyncio.Protocol):
     async def _start_tls(self, *, implicit: bool) -> bool:
         conn = self.conn
         assert conn is not None and self.transport is not None and self.ctx.tls is not None
+        if implicit and self.transport.get_extra_info("ssl_object") is not None:
+            # The listener did the handshake (see daemon.implicit_tls_context).
+            from postier.tls import describe
+
+            self.tls_info = describe(self.transport.get_extra_info("ssl_object"))
+            self._log("tls", ip=self.ip, tls=self.tls_info, implicit=True)
+            return True
         loop = asyncio.get_running_loop()
         try:
             new_transport = await loop.start_tls(
