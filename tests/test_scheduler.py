@@ -554,3 +554,14 @@ def queue_cli_flush(directory: Path, qid: str) -> int:
     queue_cli.add_arguments(parser)
     return queue_cli.run(parser.parse_args(["-Q", str(directory), "flush", qid]),
                          out=io.StringIO(), err=io.StringIO())
+
+
+@aio
+async def test_one_scheduler_per_queue(tmp_path: Path) -> None:
+    first, second = World(tmp_path), World(tmp_path)
+    await first.sched.recover()
+    with pytest.raises(RuntimeError, match="another postier daemon"):
+        await second.sched.recover()
+    await first.sched.stop()
+    await second.sched.recover()  # free again once the first has stopped
+    await second.sched.stop()

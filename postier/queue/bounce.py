@@ -27,6 +27,8 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.utils import format_datetime, make_msgid
 
+from postier.queue.store import QueueEntry, QueueStore, RecipientState
+
 RETURN_PATH_LINE = b"Return-Path: <>\n"
 DSN_CONTENT_OFFSET = len(RETURN_PATH_LINE)
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
@@ -205,3 +207,28 @@ def build_dsn(
     buf.write(RETURN_PATH_LINE)
     _DsnGenerator(buf, policy=pol, mangle_from_=False).flatten(outer)
     return Dsn(buf.getvalue(), DSN_CONTENT_OFFSET, utf8, message_id)
+
+
+def dsn_recipient(state: RecipientState, status: str) -> DsnRecipient:
+    """What the report says about a queued recipient, from its last attempt."""
+    return DsnRecipient(state.address, status, state.last_reply, state.remote_mta,
+                        state.last_attempt or None)
+
+
+def queue_dsn(
+    store: QueueStore, entry: QueueEntry, recipients: Sequence[DsnRecipient], *,
+    hostname: str, action: str, now: float, will_retry_until: float | None = None,
+) -> str | None:
+    """Blocking (thread pool): build a DSN about `entry` and commit it to the queue as a new
+    entry from <> to the sender. Returns its id, or None when the sender is <>."""
+    if not should_notify(entry.sender):
+        return None
+    dsn = build_dsn(
+        hostname=hostname, queue_id=entry.queue_id, sender=entry.sender, arrival=entry.arrival,
+        recipients=recipients, original_headers=store.read_headers(entry), now=now,
+        action=action, will_retry_until=will_retry_until,
+    )
+    notice = store.commit_bytes(dsn.data, "", [entry.sender], arrival=now,
+                                content_offset=dsn.content_offset, smtputf8=dsn.smtputf8,
+                                body_8bit=dsn.smtputf8)
+    return notice.queue_id

@@ -35,17 +35,24 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import os
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from postier.delivery.base import AsyncBackend, Recipient, RecipientResult, Status, StoredMessage
 from postier.errors import DeliveryError
-from postier.queue.bounce import EXPIRED_STATUS, DsnRecipient, build_dsn, should_notify, status_for
+from postier.queue.bounce import (
+    EXPIRED_STATUS,
+    DsnRecipient,
+    dsn_recipient,
+    queue_dsn,
+    status_for,
+)
 from postier.queue.store import DELIVERED, FAILED, PENDING, EntryNotFound, QueueEntry, QueueStore
 
 log = logging.getLogger("postier.queue")
@@ -62,12 +69,12 @@ class _Job:
     addresses: list[str]
 
 
+@dataclass(slots=True)
 class _Destination:
-    def __init__(self, domain: str) -> None:
-        self.domain = domain
-        self.jobs: deque[_Job] = deque()
-        self.workers = 0
-        self.dead_until = 0.0
+    domain: str
+    jobs: deque[_Job] = field(default_factory=deque)
+    workers: int = 0  # running worker tasks (connections), at most per_destination_limit
+    dead_until: float = 0.0  # no new attempt before this (RFC 5321 4.5.4.1)
 
 
 class Scheduler:
@@ -123,10 +130,20 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
 
     # -- public API ----------------------------------------------------------------------
     async def recover(self) -> list[QueueEntry]:
-        """Start-up: clean the store after a crash and schedule every committed entry."""
+        """Start-up: clean the store after a crash and schedule every committed entry.
+
+        Raises RuntimeError if another scheduler already runs on this queue directory.
+        """
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = await self._io(self.store.lock_for_daemon)
+            except BlockingIOError:
+                raise RuntimeError(f"{self.store.directory}: another postier daemon is "
+                                   "delivering from this queue") from None
         entries = await self._io(self.store.recover)
         for entry in entries:
             self._schedule(entry.queue_id, min((r.next_attempt for r in entry.pending()),
@@ -218,6 +235,9 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def next_due(self, queue_id: str) -> float | None:
         """When the entry is next dispatched (None: not scheduled or in flight)."""
@@ -238,12 +258,6 @@ class Scheduler:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _dest(self, domain: str) -> _Destination:
-        dest = self._dests.get(domain)
-        if dest is None:
-            dest = self._dests[domain] = _Destination(domain)
-        return dest
 
     def backoff(self, attempts: int) -> float:
         """Delay after the `attempts`-th failed attempt, with jitter (spreads retries)."""
@@ -277,7 +291,7 @@ class Scheduler:
             else:
                 later.append(r.next_attempt)
         for domain, addresses in groups.items():
-            dest = self._dest(domain)
+            dest = self._dests.get(domain) or self._dests.setdefault(domain, _Destination(domain))
             if dest.dead_until > now and not forced:
                 later.append(dest.dead_until)
                 continue
@@ -399,8 +413,7 @@ class Scheduler:
                     event = "bounced" if res.status is Status.PERMANENT else "expired"
                     status = (status_for(res.code, res.enhanced, failed=True)
                               if res.status is Status.PERMANENT else EXPIRED_STATUS)
-                    failed.append(DsnRecipient(rs.address, status, rs.last_reply,
-                                               rs.remote_mta, now))
+                    failed.append(dsn_recipient(rs, status))
                 else:
                     rs.next_attempt = min(now + self.backoff(rs.attempts),
                                           entry.arrival + self.max_age)
@@ -411,8 +424,7 @@ class Scheduler:
                 notices += await self._notify(entry, failed, "failed", now)
             if (self.delay_warning_after > 0 and not entry.delay_warned
                     and now - entry.arrival >= self.delay_warning_after):
-                waiting = [DsnRecipient(r.address, status_for(r.code, r.enhanced, failed=False),
-                                        r.last_reply, r.remote_mta, r.last_attempt or None)
+                waiting = [dsn_recipient(r, status_for(r.code, r.enhanced, failed=False))
                            for r in entry.pending() if r.attempts > 0]
                 if waiting:
                     notices += await self._notify(entry, waiting, "delayed", now)
@@ -443,18 +455,9 @@ class Scheduler:
                       now: float) -> list[str]:
         """Queue a DSN to the sender (never to <>). Committed before the entry's update: a
         crash in between repeats the report rather than losing it."""
-        if not should_notify(entry.sender):
-            log.info("event=no_dsn qid=%s reason=null_sender action=%s", entry.queue_id, action)
-            return []
-        headers = await self._io(self.store.read_headers, entry)
-        dsn = build_dsn(
-            hostname=self.hostname, queue_id=entry.queue_id, sender=entry.sender,
-            arrival=entry.arrival, recipients=recipients, original_headers=headers, now=now,
-            action=action, will_retry_until=entry.arrival + self.max_age,
-        )
-        notice = await self._io(lambda: self.store.commit_bytes(
-            dsn.data, "", [entry.sender], arrival=now, content_offset=dsn.content_offset,
-            smtputf8=dsn.smtputf8, body_8bit=dsn.smtputf8))
+        notice = await self._io(lambda: queue_dsn(
+            self.store, entry, recipients, hostname=self.hostname, action=action, now=now,
+            will_retry_until=entry.arrival + self.max_age))
         log.info("event=dsn qid=%s action=%s to=<%s> dsn_qid=%s", entry.queue_id, action,
-                 entry.sender, notice.queue_id)
-        return [notice.queue_id]
+                 entry.sender, notice or "none (null sender)")
+        return [notice] if notice else []

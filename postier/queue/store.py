@@ -339,6 +339,20 @@ class QueueStore:
             return True
 
     # -- start-up ----------------------------------------------------------------------
+    def lock_for_daemon(self) -> int:
+        """Take DIR/lock (flock): one scheduler per queue, or mail goes out twice.
+
+        Returns the descriptor to keep open while the daemon runs; `BlockingIOError` if
+        another process holds it.
+        """
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
     def recover(self) -> list[QueueEntry]:
         """Clean up after a crash and return every committed entry, oldest first.
 
