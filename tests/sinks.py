@@ -128,9 +128,13 @@ class SmtpSink:
             self.proc = None
 
     def messages(self) -> list[bytes]:
-        """The dumped messages (smtp-sink headers included), oldest first."""
+        """The dumped messages (smtp-sink headers included), oldest first.
+
+        smtp-sink opens a dump file when a transaction starts and removes it when the
+        transaction is abandoned, so an empty file is a transaction in flight, not a message.
+        """
         files = sorted(self.dump_dir.glob("msg.*"), key=lambda p: p.stat().st_mtime_ns)
-        return [p.read_bytes() for p in files]
+        return [data for p in files if (data := p.read_bytes())]
 
     def __enter__(self) -> SmtpSink:
         return self.start()
