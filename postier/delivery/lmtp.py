@@ -24,6 +24,7 @@ from typing import IO
 
 from postier.delivery.base import Recipient, RecipientResult, Status, StoredMessage
 from postier.errors import DeliveryError
+from postier.log import event
 from postier.protocol import client as proto
 from postier.protocol.client import Capabilities, ClientProtocolError
 from postier.protocol.replies import Reply
@@ -133,11 +134,17 @@ class ClientStream:
             pass
 
 
+def _ok(reply: Reply) -> bool:
+    return 200 <= reply.code < 300
+
+
 def result_from_reply(r: Recipient, reply: Reply, where: str) -> RecipientResult:
     """Map a server reply to this recipient's result; `where` says who said it, and when."""
     text = f"{' '.join(reply.lines)} ({where})"
-    if reply.is_positive:
+    if _ok(reply):
         return RecipientResult(r, Status.DELIVERED, reply.code, reply.enhanced or "2.0.0", text)
+    if reply.code < 400:  # a 3xx where none belongs: the server is confused; try again later
+        return RecipientResult(r, Status.TEMPORARY, 451, "4.5.0", f"unexpected reply {text}")
     if reply.is_transient:
         return RecipientResult(r, Status.TEMPORARY, reply.code, reply.enhanced or "4.0.0", text)
     return RecipientResult(r, Status.PERMANENT, reply.code, reply.enhanced or "5.0.0", text)
@@ -146,6 +153,14 @@ def result_from_reply(r: Recipient, reply: Reply, where: str) -> RecipientResult
 def result_from_error(r: Recipient, exc: DeliveryError) -> RecipientResult:
     status = Status.PERMANENT if exc.permanent else Status.TEMPORARY
     return RecipientResult(r, status, exc.code, exc.enhanced, str(exc))
+
+
+def outcome_fields(results: Sequence[RecipientResult]) -> dict[str, object]:
+    """Log fields for one attempt: counts per class and each recipient's reply."""
+    count = {s: sum(r.status is s for r in results) for s in Status}
+    return {"delivered": count[Status.DELIVERED], "deferred": count[Status.TEMPORARY],
+            "bounced": count[Status.PERMANENT],
+            "replies": "; ".join(f"<{r.recipient.address}> {r.reply_line}" for r in results)}
 
 
 def needs_smtputf8(message: StoredMessage, addresses: Sequence[str]) -> bool:
@@ -228,18 +243,18 @@ async def _transaction(
     else:
         mail_reply = await stream.command(mail_cmd, t.mail)
         rcpt_replies = []
-        if mail_reply.is_positive:
+        if _ok(mail_reply):
             rcpt_replies = [await stream.command(c, t.rcpt) for c in rcpt_cmds]
-            if any(rr.is_positive for rr in rcpt_replies):
+            if any(_ok(rr) for rr in rcpt_replies):
                 data_reply = await stream.command(proto.DATA, t.data_init)
-    if not mail_reply.is_positive:
+    if not _ok(mail_reply):
         results[:] = [result_from_reply(r, mail_reply, f"{peer}, in reply to MAIL FROM")
                       for r in recipients]
         await _abandon_data(stream, data_reply, t)
         return
     accepted = []
     for i, rr in enumerate(rcpt_replies):
-        if rr.is_positive:
+        if _ok(rr):
             accepted.append(i)
         else:
             results[i] = result_from_reply(recipients[i], rr, f"{peer}, in reply to RCPT TO")
@@ -324,9 +339,8 @@ class LmtpBackend:
                     lmtp=True, address_of=lambda r: r.user or r.address)
                 if stream.usable():
                     self._idle.append((stream, caps))
-        outcome = "; ".join(f"<{r.recipient.address}> {r.status.value}: {r.reply_line}"
-                            for r in results)
-        log.info("%s: lmtp=%s: %s", message.queue_id, self.target, outcome)
+        event("delivery", logger=log, qid=message.queue_id, backend="lmtp", target=self.target,
+              **outcome_fields(results))
         return results
 
     async def close(self) -> None:
@@ -342,7 +356,7 @@ class LmtpBackend:
             try:
                 if stream.usable():
                     reply = await stream.command(proto.RSET, self.timeouts.command)
-                    if reply.is_positive:
+                    if _ok(reply):
                         return stream, caps
             except (OSError, ClientProtocolError):
                 pass
@@ -367,7 +381,7 @@ class LmtpBackend:
                 raise DeliveryError(f"LMTP {self.target} greeted us with: {greeting}",
                                     permanent=False, code=451, enhanced="4.4.1")
             reply = await stream.command(proto.lhlo(self.hostname), t.command)
-            if not reply.is_positive:
+            if not _ok(reply):
                 raise DeliveryError(f"LMTP {self.target} refused LHLO: {reply}",
                                     permanent=False, code=451, enhanced="4.4.1")
         except DeliveryError:

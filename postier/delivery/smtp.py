@@ -18,9 +18,11 @@ with the LMTP backend and live in postier.delivery.lmtp.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,12 +32,14 @@ from postier.delivery.base import Recipient, RecipientResult, StoredMessage
 from postier.delivery.lmtp import (
     ClientStream,
     Timeouts,
+    outcome_fields,
     parse_hostport,
     result_from_error,
     run_transaction,
 )
 from postier.dns import Resolver
 from postier.errors import DeliveryError
+from postier.log import event
 from postier.protocol import client as proto
 from postier.protocol.client import Capabilities, ClientProtocolError
 from postier.tls import client_context
@@ -180,11 +184,11 @@ class RelaySession:
         return results
 
     def _log(self, qid: str, results: list[RecipientResult], *, connected: bool) -> None:
-        relay = self.peer if connected else f"{self.domain} (no connection)"
-        tls = "tls" if self.tls else "plain"
-        outcome = "; ".join(f"<{r.recipient.address}> {r.status.value}: {r.reply_line}"
-                            for r in results)
-        log.info("%s: relay=%s %s: %s", qid, relay, tls, outcome)
+        """The one line per attempt: where it went and what each recipient got."""
+        event("delivery", logger=log, qid=qid, backend="smtp", domain=self.domain,
+              host=self.host if connected else None, addr=self.address if connected else None,
+              port=self.port if connected else None, tls="yes" if self.tls else "no",
+              **outcome_fields(results))
 
     async def _ready(self, qid: str) -> None:
         """Reuse the open connection (after an RSET probe) or open a new one."""
@@ -192,7 +196,7 @@ class RelaySession:
             try:
                 if self.stream.usable():
                     reply = await self.stream.command(proto.RSET, self.relay.timeouts.command)
-                    if reply.is_positive:
+                    if reply.code // 100 == 2:
                         return
             except (OSError, ClientProtocolError):
                 pass
@@ -211,14 +215,26 @@ class RelaySession:
             return [self.relay.smarthost.host], self.relay.smarthost.port
         return await self.relay.resolver.mx_hosts(self.domain), self.relay.remote_port
 
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        """MX hosts go through our resolver; a smarthost is an operator's name, looked up
+        like any other configured host (so /etc/hosts and `localhost` work), never bounced."""
+        if self.relay.smarthost is None or _is_ip(host):
+            return await self.relay.resolver.addresses(host)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise _host_failure(f"smarthost {host}: {exc}", "4.4.3") from None
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
     async def _connect(self, qid: str) -> None:
         hosts, port = await self._routes()
         errors: list[DeliveryError] = []
         for host in hosts:
             try:
-                addresses = await self.relay.resolver.addresses(host)
+                addresses = await self._addresses(host, port)
             except DeliveryError as exc:
-                log.info("%s: %s: %s", qid, host, exc)
+                event("route_failed", logger=log, qid=qid, host=host, reason=str(exc))
                 errors.append(exc)
                 continue
             for address in addresses:
@@ -227,7 +243,8 @@ class RelaySession:
                     await self._open(qid, plaintext=False)
                     return
                 except DeliveryError as exc:
-                    log.info("%s: %s", qid, exc)
+                    event("connect_failed", logger=log, qid=qid, host=host, addr=address,
+                          port=port, reason=str(exc))
                     errors.append(exc)
         if errors and all(e.permanent for e in errors):
             raise errors[-1]
@@ -269,13 +286,14 @@ class RelaySession:
                         raise _host_failure(f"TLS with smarthost {self.peer} failed: {why}",
                                             "4.7.5") from None
                     # Opportunistic, like Postfix's "may": plaintext beats no delivery at all.
-                    log.warning("%s: TLS handshake with %s failed (%s); retrying in plaintext",
-                                qid, self.peer, why)
+                    event("tls_failed", logging.WARNING, log, qid=qid, host=self.host,
+                          addr=self.address, port=self.port, reason=why, action="plaintext")
                     return await self._open(qid, plaintext=True)
                 if stream.tls:
                     caps = await self._hello(stream)  # forget what was said in plaintext
                 else:
-                    log.info("%s: %s refused STARTTLS: %s", qid, self.peer, reply)
+                    event("starttls_refused", logger=log, qid=qid, host=self.host,
+                          addr=self.address, reply=str(reply))
             if smart is not None and not stream.tls:
                 raise _host_failure(f"smarthost {self.peer} offers no TLS, which is required",
                                     "4.7.10")
@@ -295,11 +313,11 @@ class RelaySession:
     async def _hello(self, stream: ClientStream) -> Capabilities:
         t = self.relay.timeouts
         reply = await stream.command(proto.ehlo(self.relay.hostname), t.command)
-        if reply.is_positive:
+        if reply.code // 100 == 2:
             return Capabilities.parse(reply)
         if reply.is_permanent:  # an old server without ESMTP
             reply = await stream.command(proto.helo(self.relay.hostname), t.command)
-            if reply.is_positive:
+            if reply.code // 100 == 2:
                 return Capabilities()
         raise _host_failure(f"{self.peer} refused our EHLO/HELO: {reply}")
 
