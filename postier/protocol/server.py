@@ -155,6 +155,12 @@ class ServerConnection:
                 return event
             if self.phase is not Phase.COMMAND and self.phase is not Phase.AUTH:
                 return NEED_DATA
+            # Checked before each line, not only after lines we answer alone: errors also come
+            # from decisions (RCPT harvesting gets only rejects) and from refused messages.
+            if self.session.errors >= self.config.max_errors:
+                self._send(R.TOO_MANY_ERRORS)
+                self._close("too many errors")
+                continue
             line = self._lines.next_line()
             if line is None:
                 return NEED_DATA
@@ -165,9 +171,6 @@ class ServerConnection:
             if result is not None:
                 self._pending = result
                 return result
-            if self.session.errors >= self.config.max_errors and self.phase is not Phase.CLOSED:
-                self._send(R.TOO_MANY_ERRORS)
-                self._close("too many errors")
 
     # ---- command lines -----------------------------------------------------------------
     def _command_line(self, line: bytes | LineTooLong) -> Event | None:
