@@ -243,19 +243,19 @@ async def _session(sh: _Shared) -> None:
                     pipeline = cfg.pipelining and can
                 await _transaction(sh, reader, writer, seq, pipeline)
                 res.ok += 1
-            except _ReplyError as e:
-                res.failed += 1
-                res.note_error(str(e))
-                # the dialogue may be out of step: start afresh on a new connection
-                await _close(writer, reader)
-                reader = writer = None
-            except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as e:
-                res.io_errors += 1
-                res.note_error(f"{type(e).__name__}: {e}")
+            except (_ReplyError, OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+                if isinstance(e, _ReplyError):
+                    res.failed += 1
+                    res.note_error(str(e))
+                else:
+                    res.io_errors += 1
+                    res.note_error(f"{type(e).__name__}: {e}")
+                # the dialogue may be out of step: start afresh on a new connection, after
+                # a pause so as not to spin against a server that refuses or a dead port
                 if writer is not None:
                     writer.close()
                 reader = writer = None
-                await asyncio.sleep(0.01)  # do not spin against a dead port
+                await asyncio.sleep(0.01)
             if cfg.per_connection and writer is not None:
                 await _close(writer, reader)
                 reader = writer = None
@@ -277,6 +277,7 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
             await asyncio.gather(*tasks)
     except TimeoutError:
         result.timed_out = True
+    finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -348,6 +348,10 @@ class PostierTarget(Target):
         ]
         if self.opts.workers:
             argv += ["--workers", str(self.opts.workers)]
+        # every session comes from 127.0.0.1: lift the per-address cap above the load
+        cap = str(max(1000, 2 * max(self.opts.sessions)))
+        argv += ["--max-connections", cap, "--max-connections-per-ip", cap]
+        argv += self.opts.postier_arg
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         self._spawn(argv, env)
@@ -426,6 +430,7 @@ class RunResult:
     peak_rss: int
     peak_pss: int
     peak_procs: int
+    loadavg: float  # the machine's 1-minute load average as the run began
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -529,6 +534,7 @@ def one_run(target: Target, sessions: int, opts, messages: int | None = None) ->
     if messages is not None:  # a warm-up: same load, fewer messages
         opts = argparse.Namespace(**{**vars(opts), "messages": messages})
     before = target.delivered() if target.stores else 0
+    loadavg = os.getloadavg()[0]
     sampler = RssSampler(target.root_pid())
     sampler.start()
     try:
@@ -564,6 +570,7 @@ def one_run(target: Target, sessions: int, opts, messages: int | None = None) ->
         peak_rss=peak,
         peak_pss=sampler.peak_pss,
         peak_procs=sampler.peak_procs,
+        loadavg=round(loadavg, 2),
         error_samples=d["error_samples"][:5],
     )
 
@@ -573,58 +580,84 @@ def _median(xs):
     return round(statistics.median(xs), 3) if xs else None
 
 
-def bench_target(name: str, opts, base: Path) -> list[dict]:
-    rows = []
-    for sessions in opts.sessions:
-        workdir = Path(tempfile.mkdtemp(prefix=f"{name}-s{sessions}-", dir=base))
-        target = make_target(name, workdir, opts)
-        print(f"# {target.describe()}, {sessions} sessions: starting", file=sys.stderr, flush=True)
-        target.start()
-        try:
-            if opts.warmup:
-                one_run(target, sessions, opts, messages=opts.warmup)
-            runs = []
-            for i in range(opts.repeat):
-                r = one_run(target, sessions, opts)
-                runs.append(r)
-                lost = (
-                    ""
-                    if r.delivered in (None, r.accepted)
-                    else (f" DELIVERED {r.delivered} != ACCEPTED {r.accepted}")
-                )
+def _report(t: Target, i: int, r: RunResult, opts) -> None:
+    lost = "" if r.delivered in (None, r.accepted) else f" DELIVERED {r.delivered}"
+    print(
+        f"#   {t.describe()}, run {i + 1}/{opts.repeat}: {r.msgs_per_s} msgs/s, "
+        f"p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, rss {r.peak_rss / 2**20:.1f} MiB, "
+        f"pss {r.peak_pss / 2**20:.1f} MiB, errors {r.errors}{lost}, load {r.loadavg}",
+        file=sys.stderr,
+        flush=True,
+    )
+    for e in r.error_samples[:3]:
+        print(f"#     error: {e}", file=sys.stderr)
+
+
+def _row(t: Target, sessions: int, runs: list[RunResult], opts) -> dict:
+    return {
+        "server": t.describe(),
+        "sessions": sessions,
+        "msgs_per_s": _median([r.msgs_per_s for r in runs]),
+        "p50_ms": _median([r.p50_ms for r in runs]),
+        "p99_ms": _median([r.p99_ms for r in runs]),
+        "peak_rss_mib": round(max(r.peak_rss for r in runs) / 2**20, 1),
+        "peak_pss_mib": round(max(r.peak_pss for r in runs) / 2**20, 1),
+        "sent": opts.messages * len(runs),
+        "accepted": sum(r.accepted for r in runs),
+        "delivered": sum(r.delivered for r in runs) if t.stores else None,
+        "errors": sum(r.errors for r in runs),
+        "runs": [vars(r) for r in runs],
+    }
+
+
+_FAILS = (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError)
+
+
+def bench_level(sessions: int, opts, base: Path, failures: list[str]) -> list[dict]:
+    """All servers at one session count, each started afresh on its own mail root.
+
+    The repeats are interleaved (server A, B, C, then A, B, C again...) so that whatever
+    else the machine is doing weighs on every server alike. A server that fails is dropped
+    from the level; the others go on.
+    """
+    targets: list[Target] = []
+    runs: dict[Target, list[RunResult]] = {}
+    try:
+        for name in opts.servers:
+            workdir = Path(tempfile.mkdtemp(prefix=f"{name}-s{sessions}-", dir=base))
+            try:
+                t = make_target(name, workdir, opts)
                 print(
-                    f"#   run {i + 1}/{opts.repeat}: {r.msgs_per_s} msgs/s, "
-                    f"p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, "
-                    f"rss {r.peak_rss / 2**20:.1f} MiB, pss {r.peak_pss / 2**20:.1f} MiB, "
-                    f"errors {r.errors}{lost}",
-                    file=sys.stderr,
-                    flush=True,
+                    f"# {t.describe()}, {sessions} sessions: starting", file=sys.stderr, flush=True
                 )
-                for e in r.error_samples[:3]:
-                    print(f"#     error: {e}", file=sys.stderr)
-                if not target.alive():
-                    raise RuntimeError(f"{name} died:\n{tail(target.log)}")
-        finally:
-            target.stop()
+                targets.append(t)
+                t.start()
+                if opts.warmup:
+                    one_run(t, sessions, opts, messages=opts.warmup)
+                runs[t] = []
+            except _FAILS as e:
+                failures.append(f"{name} at {sessions} sessions: {e}")
+                print(f"# {name}: FAILED: {e}", file=sys.stderr, flush=True)
+        for i in range(opts.repeat):
+            for t in [t for t in targets if t in runs]:
+                try:
+                    r = one_run(t, sessions, opts)
+                    if not t.alive():
+                        raise RuntimeError(f"the server died:\n{tail(t.log)}")
+                except _FAILS as e:
+                    failures.append(f"{t.name} at {sessions} sessions: {e}")
+                    print(f"# {t.name}: FAILED: {e}", file=sys.stderr, flush=True)
+                    del runs[t]
+                    t.stop()
+                    continue
+                runs[t].append(r)
+                _report(t, i, r, opts)
+    finally:
+        for t in targets:
+            t.stop()
             if not opts.keep:
-                shutil.rmtree(workdir, ignore_errors=True)
-        rows.append(
-            {
-                "server": target.describe(),
-                "sessions": sessions,
-                "msgs_per_s": _median([r.msgs_per_s for r in runs]),
-                "p50_ms": _median([r.p50_ms for r in runs]),
-                "p99_ms": _median([r.p99_ms for r in runs]),
-                "peak_rss_mib": round(max(r.peak_rss for r in runs) / 2**20, 1),
-                "peak_pss_mib": round(max(r.peak_pss for r in runs) / 2**20, 1),
-                "sent": sum(opts.messages for _ in runs),
-                "accepted": sum(r.accepted for r in runs),
-                "delivered": sum(r.delivered for r in runs) if target.stores else None,
-                "errors": sum(r.errors for r in runs),
-                "runs": [vars(r) for r in runs],
-            }
-        )
-    return rows
+                shutil.rmtree(t.workdir, ignore_errors=True)
+    return [_row(t, sessions, runs[t], opts) for t in targets if runs.get(t)]
 
 
 # --------------------------------------------------------------------------- output
@@ -710,6 +743,14 @@ def parse_args(argv=None, servers_default="postier") -> argparse.Namespace:
     p.add_argument(
         "--workers", type=int, default=0, help="postier --workers N (0: do not pass the flag)"
     )
+    p.add_argument(
+        "--postier-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for postier serve (repeatable: --postier-arg=--flag "
+        "--postier-arg=value)",
+    )
     p.add_argument("--driver", default="loadgen", choices=sorted(DRIVERS))
     p.add_argument(
         "--mode",
@@ -755,12 +796,8 @@ def main(argv=None, servers_default="postier") -> int:
     started = time.time()
     info = machine()  # before the load, so that its load average is the machine's own
     try:
-        for name in opts.servers:
-            try:
-                rows += bench_target(name, opts, base)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                failures.append(f"{name}: {e}")
-                print(f"# {name}: FAILED: {e}", file=sys.stderr, flush=True)
+        for sessions in opts.sessions:
+            rows += bench_level(sessions, opts, base, failures)
     except KeyboardInterrupt:
         failures.append("interrupted")
     finally:

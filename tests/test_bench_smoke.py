@@ -6,7 +6,6 @@ asserted: speed is what bench/run.py reports, not what the unit suite checks.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import subprocess
 import sys
@@ -48,7 +47,7 @@ def bench():
 @pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelined"])
 def test_loadgen_against_postier(bench, tmp_path, pipelining):
     run, loadgen = bench
-    opts = argparse.Namespace(format="maildir", workers=0)
+    opts = run.parse_args(["--sessions", "2", "--format", "maildir"])
     target = run.PostierTarget(tmp_path, opts)
     target.start()
     try:
