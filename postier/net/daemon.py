@@ -257,6 +257,16 @@ def serve(config: Config) -> int:
     loop_name = _preload_modules()
     bound = bind_all(config)
     account = privileges.target_user(config.user)
+    if account is not None and not config.user and "{user}" in config.mailbox_template:
+        # Mailboxes in users' homes must be created as those users: like Postfix's local,
+        # that needs root. An explicit --user still wins.
+        log.event(
+            "privileges-kept",
+            logging.WARNING,
+            _LOG,
+            reason="mailbox_template delivers into users' homes, which needs root",
+        )
+        account = None
     if account is not None:
         privileges.prepare_dirs(
             [Path(config.mail_root), Path(config.mail_root) / SPOOL_SUBDIR, Path(config.queue_dir)],
