@@ -141,7 +141,7 @@ def make_backend(config: Config) -> object:
         return NumberedSpoolBackend(root, config.mailbox_template or None)
     from postier.delivery.lmtp import LmtpBackend
 
-    return LmtpBackend(config.lmtp)
+    return LmtpBackend(config.lmtp, hostname=config.hostname)
 
 
 def _install_uvloop() -> str:
@@ -206,6 +206,9 @@ async def _serve_worker(
         await asyncio.sleep(0.1)
     if watch_task is not None:
         watch_task.cancel()
+    backend_close = getattr(ctx.router.backend, "close", None)
+    if backend_close is not None:
+        await backend_close()
     ctx.executor.shutdown(wait=True)
     log.event("stopped", logger=_LOG, pid=os.getpid())
     return 0
