@@ -222,6 +222,7 @@ def test_sigkill_mid_commit_keeps_every_committed_entry(tmp_path: Path, kill_aft
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     rest = proc.stdout.read().split()  # lines written before the kill landed
+    proc.stdout.close()
     for qid, n in zip(rest[::2], rest[1::2], strict=False):
         acknowledged[qid.decode()] = int(n)
     store = QueueStore(qdir)

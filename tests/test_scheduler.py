@@ -357,6 +357,22 @@ async def test_flush_request_file_reaches_running_loop(tmp_path: Path) -> None:
 
 
 @aio
+async def test_flush_during_an_attempt_retries_after_it(tmp_path: Path) -> None:
+    w = World(tmp_path, later)
+    w.backend.gate = asyncio.Event()
+    qid = w.add()
+    await w.sched.run_once()
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert w.backend.active == 1
+    w.sched.flush(qid)  # arrives while the first attempt is still talking to the server
+    await w.sched.run_once()
+    w.backend.gate.set()
+    await w.settle()
+    assert [c[1] for c in w.backend.calls] == [qid, qid]
+
+
+@aio
 async def test_failed_destination_is_not_retried_at_once(tmp_path: Path) -> None:
     w = World(tmp_path, later)
     first = w.add()
@@ -565,3 +581,21 @@ async def test_one_scheduler_per_queue(tmp_path: Path) -> None:
     await first.sched.stop()
     await second.sched.recover()  # free again once the first has stopped
     await second.sched.stop()
+
+
+@aio
+async def test_broken_backend_lookup_keeps_the_mail(tmp_path: Path) -> None:
+    w = World(tmp_path, ok)
+    good = w.sched.backend_for_domain
+
+    def broken(domain: str) -> Backend:
+        raise RuntimeError("misconfigured")
+
+    w.sched.backend_for_domain = broken
+    qid = w.add()
+    await w.settle()
+    assert w.store.load(qid).recipients[0].attempts == 0  # not an attempt, not lost
+    w.sched.backend_for_domain = good
+    w.clock.now += 60
+    await w.settle()
+    assert w.store.list() == [] and len(w.backend.calls) == 1

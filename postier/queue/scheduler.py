@@ -214,7 +214,11 @@ class Scheduler:
                 del self._when[qid]
                 due.append(qid)
         for qid in due:
-            await self._dispatch(qid)
+            try:
+                await self._dispatch(qid)
+            except Exception:  # e.g. the disk: keep the entry scheduled, try again later
+                log.exception("event=dispatch_error qid=%s", qid)
+                self._schedule(qid, now + self.schedule[0])
 
     async def drain(self) -> None:
         """Wait until no attempt is running (tests; graceful stop)."""
@@ -285,6 +289,8 @@ class Scheduler:
         later: list[float] = []
         for r in entry.pending():
             if r.domain in inflight:
+                if forced:  # flushed mid-attempt: retry once that attempt has ended
+                    self._forced.add(queue_id)
                 continue
             if forced or r.next_attempt <= now:
                 groups.setdefault(r.domain, []).append(r.address)
@@ -314,29 +320,32 @@ class Scheduler:
         try:
             while dest.jobs and not self._stopping:
                 async with self._connections:
-                    if self.local_deliver is not None and self.is_local(dest.domain):
-                        await self._attempt(dest, dest.jobs.popleft(), self.local_deliver, None)
-                        self._defer_if_dead(dest)
-                        continue
-                    backend = self.backend_for_domain(dest.domain)
-                    opener = getattr(backend, "session", None)
-                    if opener is None:
-                        await self._attempt(dest, dest.jobs.popleft(), backend.deliver, None)
-                        self._defer_if_dead(dest)
-                        continue
+                    if not dest.jobs:  # another worker took them while we waited
+                        break
                     try:
-                        async with opener(dest.domain) as session:
-                            for _ in range(self.messages_per_connection):
-                                if not dest.jobs or dest.dead_until > self.clock():
-                                    break
-                                job = dest.jobs.popleft()
-                                await self._attempt(dest, job, session.send, session)
-                    except Exception:  # opening/closing the session itself failed: a bug
-                        log.exception("event=session_error domain=%s", dest.domain)
+                        await self._work(dest)
+                    except Exception:  # e.g. backend_for_domain or session setup: a bug
+                        log.exception("event=worker_error domain=%s", dest.domain)
                         dest.dead_until = self.clock() + self.destination_hold
                 self._defer_if_dead(dest)
         finally:
             dest.workers -= 1
+
+    async def _work(self, dest: _Destination) -> None:
+        """One connection's worth of jobs: a single job, or as many as the session takes."""
+        if self.local_deliver is not None and self.is_local(dest.domain):
+            await self._attempt(dest, dest.jobs.popleft(), self.local_deliver, None)
+            return
+        backend = self.backend_for_domain(dest.domain)
+        opener = getattr(backend, "session", None)
+        if opener is None:
+            await self._attempt(dest, dest.jobs.popleft(), backend.deliver, None)
+            return
+        async with opener(dest.domain) as session:
+            for _ in range(self.messages_per_connection):
+                if not dest.jobs or dest.dead_until > self.clock():
+                    break
+                await self._attempt(dest, dest.jobs.popleft(), session.send, session)
 
     def _defer_if_dead(self, dest: _Destination) -> None:
         """The destination just failed: queued jobs wait for it instead of trying now."""
@@ -446,7 +455,7 @@ class Scheduler:
         else:
             later = [r.next_attempt for r in entry.pending() if r.domain not in inflight]
             if later:
-                self._schedule(qid, min(later))
+                self._schedule(qid, 0.0 if qid in self._forced else min(later))
         for notice in notices:
             self.enqueue(notice)
         self._wake.set()
