@@ -109,6 +109,24 @@ def test_commit_twice_is_refused(store: QueueStore, tmp_path: Path) -> None:
         store.commit(spool, spool.sender, ["bob@example.net"])
 
 
+def test_failed_commit_leaves_nothing_and_can_be_retried(
+        store: QueueStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = make_spool(tmp_path)
+
+    def disk_full(entry: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_env", disk_full)
+    with pytest.raises(OSError):
+        store.commit(spool, spool.sender, ["bob@example.net"])
+    assert not store.body_path(spool.queue_id).exists()
+    monkeypatch.undo()
+    # A body left by a crash during an earlier attempt of the same id does not block it:
+    os.link(spool.path, store.body_path(spool.queue_id))
+    entry = store.commit(spool, spool.sender, ["bob@example.net"])
+    assert store.load(entry.queue_id) == entry
+
+
 def test_recover_removes_half_written_entries(store: QueueStore, tmp_path: Path) -> None:
     good = store.commit(make_spool(tmp_path), "alice@example.org", ["bob@example.net"])
     # A crash after the body was written but before the envelope rename:

@@ -201,22 +201,29 @@ class QueueStore:
         body = self.body_path(queue_id)
         if env.exists():
             raise EntryExists(queue_id)
+        # A body without an envelope is what an earlier, failed commit of this same id left
+        # (ids are unique; a maildrop retry reuses its id): it was never committed, replace it.
+        body.unlink(missing_ok=True)
         try:
-            os.link(spool.path, body)
-        except FileExistsError:
-            raise EntryExists(f"{queue_id}: body already present") from None
-        except OSError:  # another file system, or links not permitted: copy
-            self._copy_into(spool.path, body)
-        else:
-            _fsync_file(body)
-        _fsync_dir(self.body_dir)
-        entry = QueueEntry(
-            queue_id=queue_id, sender=sender, arrival=spool.received_at,
-            size=body.stat().st_size, content_offset=spool.content_offset,
-            recipients=[RecipientState(a) for a in dict.fromkeys(map(_address, recipients))],
-            smtputf8=spool.smtputf8, body_8bit=spool.body_8bit,
-        )
-        self._write_env(entry)
+            try:
+                os.link(spool.path, body)
+            except OSError:  # another file system, or links not permitted: copy
+                self._copy_into(spool.path, body)
+            else:
+                _fsync_file(body)
+            _fsync_dir(self.body_dir)
+            entry = QueueEntry(
+                queue_id=queue_id, sender=sender, arrival=spool.received_at,
+                size=body.stat().st_size, content_offset=spool.content_offset,
+                recipients=[RecipientState(a)
+                            for a in dict.fromkeys(map(_address, recipients))],
+                smtputf8=spool.smtputf8, body_8bit=spool.body_8bit,
+            )
+            self._write_env(entry)
+        except BaseException:
+            if not env.exists():  # not committed: leave no half-written entry behind
+                body.unlink(missing_ok=True)
+            raise
         return entry
 
     def commit_bytes(
@@ -248,8 +255,6 @@ class QueueStore:
             os.fsync(dst.fileno())
         try:
             os.link(tmp, dest)  # never replaces an existing body
-        except FileExistsError:
-            raise EntryExists(f"{dest.name}: body already present") from None
         finally:
             tmp.unlink()
 
