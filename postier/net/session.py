@@ -328,7 +328,15 @@ class SmtpSession(asyncio.Protocol):
                 conn.reject(Reply(553, "5.7.1", "Null sender not allowed for submission"))
                 self._log("mail-rejected", sender="<>", reason="null sender on submission")
                 return
-            if str(sender).lower() != session.auth_user.lower():
+            owner_local, at, owner_domain = session.auth_user.lower().rpartition("@")
+            if not at:  # a seed-style bare login owns login@<any local domain>
+                owner_local, owner_domain = owner_domain, ""
+            owned = sender.local.lower() == owner_local and (
+                sender.domain == owner_domain
+                if at
+                else self.ctx.policy.local_domain_of(sender) is not None
+            )
+            if not owned:
                 conn.reject(Reply(553, "5.7.1", f"Sender address not owned by {session.auth_user}"))
                 self._log("mail-rejected", sender=str(sender), user=session.auth_user)
                 return
