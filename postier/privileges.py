@@ -44,6 +44,15 @@ def prepare_dirs(dirs: list[Path], account: pwd.struct_passwd) -> None:
             os.chown(d, account.pw_uid, account.pw_gid)
 
 
+def chown_tree(root: Path, account: pwd.struct_passwd) -> None:
+    """Give a whole tree (the queue: small, and all of it ours) to `account`."""
+    uid, gid = account.pw_uid, account.pw_gid
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+    os.chown(root, uid, gid)
+
+
 def drop(account: pwd.struct_passwd) -> None:
     """Become `account` for good: groups, gid, then uid (the order matters)."""
     os.setgroups([])

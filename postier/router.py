@@ -90,18 +90,45 @@ class Router:
             for t in txn.local
         ]
 
-    def _blocking_finish(self, txn: Transaction) -> tuple[StoredMessage, list[RecipientResult]]:
+    def _blocking_finish(
+        self, txn: Transaction
+    ) -> tuple[StoredMessage, list[RecipientResult], bool]:
         writer = txn.writer
         assert writer is not None
         writer.finish()
         message = self._stored(txn)
         results: list[RecipientResult] = []
+        queued = bool(txn.remote)
         if txn.remote:
             assert self.queue_commit is not None
             self.queue_commit(message, [t.address for t in txn.remote])
         if txn.local and not self._async_backend:
             results = self.backend.deliver(message, self._recipients(txn))  # type: ignore[attr-defined]
-        return message, results
+            results, requeued = self._queue_temporary_failures(message, results)
+            queued = queued or requeued
+        return message, results, queued
+
+    def _queue_temporary_failures(
+        self, message: StoredMessage, results: list[RecipientResult]
+    ) -> tuple[list[RecipientResult], bool]:
+        """Local copies that could not be stored now go to the queue to be retried there.
+
+        The message is accepted (250) once it is durable in the queue, exactly as for a
+        remote recipient; the scheduler retries local delivery with back-off and bounces
+        when it gives up. Only when the queue cannot take it either does the client get 451.
+        """
+        failed = [r for r in results if r.status is Status.TEMPORARY]
+        if not failed or self.queue_commit is None:
+            return results, False
+        self.queue_commit(message, [r.recipient.address for r in failed])
+        return [
+            RecipientResult(
+                r.recipient, Status.DELIVERED, 250, "2.0.0", f"queued for retry: {r.text}"
+            )
+            if r.status is Status.TEMPORARY
+            else r
+            for r in results
+        ], True
 
     async def finish(self, txn: Transaction) -> Reply:
         """Store and deliver; the reply for the end of data."""
@@ -109,7 +136,9 @@ class Router:
         writer = txn.writer
         assert writer is not None
         try:
-            message, results = await loop.run_in_executor(self.executor, self._blocking_finish, txn)
+            message, results, queued = await loop.run_in_executor(
+                self.executor, self._blocking_finish, txn
+            )
             if txn.local and self._async_backend:
                 deliver: Callable[..., Awaitable[list[RecipientResult]]] = self.backend.deliver  # type: ignore[attr-defined]
                 results = await deliver(message, self._recipients(txn))
@@ -134,7 +163,7 @@ class Router:
                     reply=r.reply_line,
                 ),
             )
-        if txn.remote and self.queue_notify is not None:
+        if queued and self.queue_notify is not None:
             self.queue_notify(txn.queue_id)
         if any(r.status is not Status.DELIVERED for r in results):
             if all(r.status is Status.PERMANENT for r in results) and not txn.remote:

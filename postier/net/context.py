@@ -16,6 +16,7 @@ from postier.router import Router
 if TYPE_CHECKING:
     from postier.auth.passwd import PasswordFile
     from postier.auth.throttle import FailureThrottle
+    from postier.net.outbound import Outbound
     from postier.net.session import SmtpSession
     from postier.tls import CertificateStore
 
@@ -33,6 +34,7 @@ class ServerContext:
     shutting_down: bool = False
     sessions: set[SmtpSession] = field(default_factory=set)
     spool_dir: Path = Path(".")
+    outbound: Outbound | None = None
 
     def begin_shutdown(self) -> None:
         """Stop taking work: idle sessions close now, busy ones after their transaction."""

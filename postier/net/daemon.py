@@ -87,7 +87,10 @@ def build_context(config: Config) -> ServerContext:
     policy = Policy(config.domain, users, aliases, config.recipient_delimiter)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="postier-io")
     backend = make_backend(config)
-    router = Router(backend, executor)
+    from postier.net.outbound import Outbound
+
+    outbound = Outbound(config, policy, backend, executor)
+    router = Router(backend, executor, queue_commit=outbound.commit, queue_notify=outbound.notify)
     ctx = ServerContext(
         config=config,
         policy=policy,
@@ -95,6 +98,7 @@ def build_context(config: Config) -> ServerContext:
         executor=executor,
         connections=ConnectionTracker(config.max_connections, config.max_connections_per_ip),
         spool_dir=Path(config.mail_root) / SPOOL_SUBDIR,
+        outbound=outbound,
     )
     if config.tls_cert is not None and config.tls_key is not None:
         from postier.tls import CertificateStore
@@ -177,6 +181,8 @@ async def _serve_worker(
                 "ssl_handshake_timeout": min(60.0, config.command_timeout),
             }
         servers.append(await loop.create_server(factory, sock=sock, backlog=1024, **tls_args))
+    if worker in (None, 0) and ctx.outbound is not None:
+        await ctx.outbound.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -206,6 +212,8 @@ async def _serve_worker(
         await asyncio.sleep(0.1)
     if watch_task is not None:
         watch_task.cancel()
+    if ctx.outbound is not None:
+        await ctx.outbound.stop(config.shutdown_grace)
     backend_close = getattr(ctx.router.backend, "close", None)
     if backend_close is not None:
         await backend_close()
@@ -272,9 +280,12 @@ def serve(config: Config) -> int:
         account = None
     if account is not None:
         privileges.prepare_dirs(
-            [Path(config.mail_root), Path(config.mail_root) / SPOOL_SUBDIR, Path(config.queue_dir)],
-            account,
+            [Path(config.mail_root), Path(config.mail_root) / SPOOL_SUBDIR], account
         )
+        privileges.chown_tree(Path(config.queue_dir), account)
+        from postier.queue.maildrop import ensure_dir as ensure_maildrop
+
+        ensure_maildrop(config.queue_dir, uid=account.pw_uid, gid=account.pw_gid)
         privileges.drop(account)
     else:
         privileges.warn_if_root()

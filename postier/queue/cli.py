@@ -27,16 +27,34 @@ DEFAULT_QUEUE_DIR = "/var/spool/postier"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `-Q` and the sub-commands to the `queue` parser (the lead's cli.py calls this)."""
-    parser.add_argument("-Q", "--queue-dir", default=None, metavar="DIR",
-                        help=f"the queue directory (default {DEFAULT_QUEUE_DIR})")
+    _location_options(parser, default=None)
     sub = parser.add_subparsers(dest="queue_command", metavar="COMMAND", required=True)
-    sub.add_parser("list", help="list queued messages and the state of each recipient")
+    listing = sub.add_parser("list", help="list queued messages and the state of each recipient")
     show = sub.add_parser("show", help="print one entry's envelope and headers")
     show.add_argument("queue_id", metavar="ID")
     flush = sub.add_parser("flush", help="make the running daemon retry now")
     flush.add_argument("queue_id", metavar="ID", nargs="?")
     delete = sub.add_parser("delete", help="remove entries (safe while the daemon runs)")
     delete.add_argument("queue_id", metavar="ID", nargs="+")
+    # `postier queue list -Q DIR` and `postier queue -Q DIR list` both work.
+    for p in (listing, show, flush, delete):
+        _location_options(p, default=argparse.SUPPRESS)
+
+
+def _location_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-Q", "--queue-dir", default=default, metavar="DIR",
+                        help=f"the queue directory (default {DEFAULT_QUEUE_DIR})")
+    parser.add_argument("-c", "--config", default=default, metavar="FILE",
+                        help="take queue_dir from this TOML configuration file")
+
+
+def _queue_dir_from_config(path: str) -> str | None:
+    from pathlib import Path
+
+    from postier.config import load_toml
+
+    value = load_toml(Path(path)).get("queue_dir")
+    return str(value) if value is not None else None
 
 
 def safe(text: str) -> str:
@@ -131,7 +149,16 @@ def run(
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    directory = getattr(args, "queue_dir", None) or DEFAULT_QUEUE_DIR
+    directory = getattr(args, "queue_dir", None)
+    if directory is None and getattr(args, "config", None):
+        from postier.errors import ConfigError
+
+        try:
+            directory = _queue_dir_from_config(args.config)
+        except ConfigError as exc:
+            print(f"postier queue: {exc}", file=err)
+            return 2
+    directory = directory or DEFAULT_QUEUE_DIR
     command = args.queue_command
     ids = args.queue_id if isinstance(getattr(args, "queue_id", None), list) else (
         [args.queue_id] if getattr(args, "queue_id", None) else [])
