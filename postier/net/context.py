@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ class ServerContext:
     sessions: set[SmtpSession] = field(default_factory=set)
     spool_dir: Path = Path(".")
     outbound: Outbound | None = None
+    _free_checked_at: float = -10.0
+    _free_bytes: int = -1
+    _rdns_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def begin_shutdown(self) -> None:
         """Stop taking work: idle sessions close now, busy ones after their transaction."""
@@ -43,8 +47,30 @@ class ServerContext:
             s.wake()
 
     def low_on_disk(self, extra: int = 0) -> bool:
-        try:
-            st = os.statvfs(self.config.mail_root)
-        except OSError:
+        """True when storing `extra` more bytes would leave less than min_free_space.
+
+        The free space is read at most once a second: a statvfs per MAIL is measurable at
+        hundreds of messages a second, and a second-old figure is precise enough.
+        """
+        now = time.monotonic()
+        if now - self._free_checked_at > 1.0:
+            self._free_checked_at = now
+            try:
+                st = os.statvfs(self.config.mail_root)
+                self._free_bytes = st.f_bavail * st.f_frsize
+            except OSError:
+                self._free_bytes = -1
+        if self._free_bytes < 0:
             return False
-        return st.f_bavail * st.f_frsize < self.config.min_free_space + extra
+        return self._free_bytes < self.config.min_free_space + extra
+
+    def cached_rdns(self, ip: str) -> str | None:
+        hit = self._rdns_cache.get(ip)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def remember_rdns(self, ip: str, name: str, ttl: float = 300.0) -> None:
+        if len(self._rdns_cache) >= 10000:
+            self._rdns_cache.clear()
+        self._rdns_cache[ip] = (name, time.monotonic() + ttl)
