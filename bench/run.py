@@ -115,6 +115,27 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) used so far by ``root``'s process tree.
+
+    Each process's own time plus that of its children it has reaped: a child that ran and
+    exited between two readings (a Postfix smtpd, say) is still counted, in its parent.
+    """
+    ticks = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()
+        ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / CLK_TCK
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -431,6 +452,8 @@ class RunResult:
     peak_pss: int
     peak_procs: int
     loadavg: float  # the machine's 1-minute load average as the run began
+    cpu_s: float  # CPU seconds the server's process tree used during the run
+    cpu_ms_per_msg: float | None
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -535,6 +558,7 @@ def one_run(target: Target, sessions: int, opts, messages: int | None = None) ->
         opts = argparse.Namespace(**{**vars(opts), "messages": messages})
     before = target.delivered() if target.stores else 0
     loadavg = os.getloadavg()[0]
+    cpu0 = tree_cpu_seconds(target.root_pid())
     sampler = RssSampler(target.root_pid())
     sampler.start()
     try:
@@ -553,6 +577,8 @@ def one_run(target: Target, sessions: int, opts, messages: int | None = None) ->
                 e2e += time.perf_counter() - done
     finally:
         peak = sampler.stop()
+    cpu = tree_cpu_seconds(target.root_pid()) - cpu0
+    handled = delivered if target.stores else d["accepted"]
     if target.stores:
         target.clear()
     return RunResult(
@@ -562,15 +588,15 @@ def one_run(target: Target, sessions: int, opts, messages: int | None = None) ->
         elapsed=round(d["elapsed"], 4),
         e2e=round(e2e, 4),
         delivered=delivered,
-        msgs_per_s=round((delivered if target.stores else d["accepted"]) / e2e, 1)
-        if e2e > 0
-        else 0.0,
+        msgs_per_s=round(handled / e2e, 1) if e2e > 0 else 0.0,
         p50_ms=d["p50_ms"],
         p99_ms=d["p99_ms"],
         peak_rss=peak,
         peak_pss=sampler.peak_pss,
         peak_procs=sampler.peak_procs,
         loadavg=round(loadavg, 2),
+        cpu_s=round(cpu, 2),
+        cpu_ms_per_msg=round(cpu * 1000 / handled, 3) if handled else None,
         error_samples=d["error_samples"][:5],
     )
 
@@ -584,8 +610,9 @@ def _report(t: Target, i: int, r: RunResult, opts) -> None:
     lost = "" if r.delivered in (None, r.accepted) else f" DELIVERED {r.delivered}"
     print(
         f"#   {t.describe()}, run {i + 1}/{opts.repeat}: {r.msgs_per_s} msgs/s, "
-        f"p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, rss {r.peak_rss / 2**20:.1f} MiB, "
-        f"pss {r.peak_pss / 2**20:.1f} MiB, errors {r.errors}{lost}, load {r.loadavg}",
+        f"p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, cpu {r.cpu_ms_per_msg} ms/msg, "
+        f"rss {r.peak_rss / 2**20:.1f} MiB, pss {r.peak_pss / 2**20:.1f} MiB, "
+        f"errors {r.errors}{lost}, load {r.loadavg}",
         file=sys.stderr,
         flush=True,
     )
@@ -600,6 +627,7 @@ def _row(t: Target, sessions: int, runs: list[RunResult], opts) -> dict:
         "msgs_per_s": _median([r.msgs_per_s for r in runs]),
         "p50_ms": _median([r.p50_ms for r in runs]),
         "p99_ms": _median([r.p99_ms for r in runs]),
+        "cpu_ms_per_msg": _median([r.cpu_ms_per_msg for r in runs]),
         "peak_rss_mib": round(max(r.peak_rss for r in runs) / 2**20, 1),
         "peak_pss_mib": round(max(r.peak_pss for r in runs) / 2**20, 1),
         "sent": opts.messages * len(runs),
@@ -613,12 +641,12 @@ def _row(t: Target, sessions: int, runs: list[RunResult], opts) -> dict:
 _FAILS = (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError)
 
 
-def bench_level(sessions: int, opts, base: Path, failures: list[str]) -> list[dict]:
+def bench_level(sessions: int, opts, base: Path, failures: list[str], rows: list[dict]) -> None:
     """All servers at one session count, each started afresh on its own mail root.
 
     The repeats are interleaved (server A, B, C, then A, B, C again...) so that whatever
     else the machine is doing weighs on every server alike. A server that fails is dropped
-    from the level; the others go on.
+    from the level; the others go on. The rows go to ``rows``, also when interrupted.
     """
     targets: list[Target] = []
     runs: dict[Target, list[RunResult]] = {}
@@ -633,7 +661,13 @@ def bench_level(sessions: int, opts, base: Path, failures: list[str]) -> list[di
                 targets.append(t)
                 t.start()
                 if opts.warmup:
-                    one_run(t, sessions, opts, messages=opts.warmup)
+                    w = one_run(t, sessions, opts, messages=opts.warmup)
+                    if w.errors or w.delivered not in (None, w.accepted):
+                        # not in the figures, but a fresh mail root is where races show
+                        failures.append(
+                            f"{name} at {sessions} sessions, warm-up: {w.errors} errors, "
+                            f"{w.delivered} of {w.accepted} accepted landed {w.error_samples}"
+                        )
                 runs[t] = []
             except _FAILS as e:
                 failures.append(f"{name} at {sessions} sessions: {e}")
@@ -657,7 +691,7 @@ def bench_level(sessions: int, opts, base: Path, failures: list[str]) -> list[di
             t.stop()
             if not opts.keep:
                 shutil.rmtree(t.workdir, ignore_errors=True)
-    return [_row(t, sessions, runs[t], opts) for t in targets if runs.get(t)]
+        rows.extend(_row(t, sessions, runs[t], opts) for t in targets if runs.get(t))
 
 
 # --------------------------------------------------------------------------- output
@@ -674,6 +708,7 @@ def format_table(rows: list[dict]) -> str:
         "msgs/s",
         "p50 ms",
         "p99 ms",
+        "CPU ms/msg",
         "peak RSS MiB",
         "peak PSS MiB",
         "delivered/sent",
@@ -689,6 +724,7 @@ def format_table(rows: list[dict]) -> str:
                 f"{r['msgs_per_s']:.0f}",
                 _fmt(r["p50_ms"]),
                 _fmt(r["p99_ms"]),
+                _fmt(r["cpu_ms_per_msg"]),
                 f"{r['peak_rss_mib']:.1f}",
                 f"{r['peak_pss_mib']:.1f}",
                 landed,
@@ -797,7 +833,7 @@ def main(argv=None, servers_default="postier") -> int:
     info = machine()  # before the load, so that its load average is the machine's own
     try:
         for sessions in opts.sessions:
-            rows += bench_level(sessions, opts, base, failures)
+            bench_level(sessions, opts, base, failures, rows)
     except KeyboardInterrupt:
         failures.append("interrupted")
     finally:
