@@ -470,6 +470,14 @@ class SmtpSession(asyncio.Protocol):
             self._log("tls", ip=self.ip, tls=self.tls_info, implicit=True)
             return True
         loop = asyncio.get_running_loop()
+        if not implicit:
+            # Plaintext sent after STARTTLS was dropped when the 220 was queued, and reading
+            # has been paused since; from the start_tls() call on, every byte reaches
+            # data_received decrypted. Leave the TLS-pending phase now, not after the
+            # handshake: plain asyncio delivers application data that came with the client's
+            # Finished before this task resumes, and that EHLO is no injection.
+            conn.tls_started()
+        plain_transport = self.transport
         try:
             new_transport = await loop.start_tls(
                 self.transport,
@@ -490,20 +498,22 @@ class SmtpSession(asyncio.Protocol):
             self._lost = True
             return False
         self.transport = new_transport  # type: ignore[assignment]
-        self._paused = False
+        if self._paused:
+            # data_received ran before we got here and paused the socket transport under
+            # the TLS layer; pause the TLS transport instead, which _wait_input resumes.
+            plain_transport.resume_reading()
+            new_transport.pause_reading()
         ssl_object = new_transport.get_extra_info("ssl_object")
         from postier.tls import describe
 
         self.tls_info = describe(ssl_object) if ssl_object is not None else ""
-        if not implicit:
-            conn.tls_started()
-            if conn.discarded_after_starttls:
-                self._log(
-                    "starttls-injection",
-                    logging.WARNING,
-                    ip=self.ip,
-                    discarded=conn.discarded_after_starttls,
-                )
+        if not implicit and conn.discarded_after_starttls:
+            self._log(
+                "starttls-injection",
+                logging.WARNING,
+                ip=self.ip,
+                discarded=conn.discarded_after_starttls,
+            )
         self._log("tls", ip=self.ip, tls=self.tls_info, implicit=implicit)
         return True
 
