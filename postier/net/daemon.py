@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -110,6 +111,8 @@ def build_context(config: Config) -> ServerContext:
                 log.event("tls-self-signed", logger=_LOG, cert=str(config.tls_cert))
 
         ctx.tls = CertificateStore(config.tls_cert, config.tls_key, config.tls_cert_dir)
+        # Made here, before the workers fork, so they all share its session-ticket keys.
+        implicit_tls_context(ctx.tls)
     if config.passwords is not None:
         from postier.auth.passwd import PasswordFile
         from postier.auth.throttle import FailureThrottle
@@ -222,12 +225,15 @@ async def _serve_worker(
     return 0
 
 
+@functools.cache
 def implicit_tls_context(store: CertificateStore) -> ssl.SSLContext:
     """The fixed context an implicit-TLS listener is created with, following reloads.
 
     It carries the protocol floor and cipher policy; at each ClientHello (OpenSSL calls the
     SNI callback with or without SNI) it switches the connection to the store's current
     context and lets that context's own SNI callback choose among its certificates.
+    One per store and process, created before the fork: as the session context it holds
+    the session-ticket keys, which every worker must share for clients to resume.
     """
     from postier.tls import INTERMEDIATE_CIPHERS
 
