@@ -326,7 +326,11 @@ def test_100_concurrent_clients(tmp_path: Path) -> None:
 
     try:
         with ThreadPoolExecutor(n) as pool:
-            bodies = list(pool.map(send, range(n)))
+            futures = [pool.submit(send, i) for i in range(n)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        problems = [x for x in srv.log().splitlines() if " INFO " not in x]
+        assert not errors, f"{len(errors)} clients failed: {errors[:3]}\n" + "\n".join(problems)
+        bodies = [f.result() for f in futures]
         files = srv.maildir_files("alice")
         assert len(files) == n
         assert len({f.name for f in files}) == n
