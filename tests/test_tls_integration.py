@@ -194,6 +194,7 @@ def start_tls_server(
     sni_names: tuple[str, ...] = ("a.example", "b.example"),
     prepare: Callable[[Path], None] | None = None,
     loop: str = "default",
+    extra: list[str] | None = None,
 ) -> TlsServer:
     """A running server with a default certificate for mx.test, one certificate per SNI name
     in a --tls-cert-dir, --submission and --submissions listeners and an {ARGON2ID} password
@@ -223,6 +224,7 @@ def start_tls_server(
             "--submission", f"127.0.0.1:{submission}",
             "--submissions", f"127.0.0.1:{submissions}",
             "-P", str(tmp / "passwd"),
+            *(extra or []),
         ],
     )  # fmt: skip
     if loop == "asyncio":
@@ -516,21 +518,20 @@ def test_tls_1_2_accepted_with_intermediate_cipher(tls: TlsServer) -> None:
     c.close()
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
-@pytest.mark.parametrize("where", ["starttls", "implicit"])
-def test_sessions_resume(tls: TlsServer, version: ssl.TLSVersion, where: str) -> None:
-    """Session tickets are on: a client that reconnects resumes instead of a full handshake
-    (Outlook-style clients reconnect often and expect it)."""
+def resumptions(t: TlsServer, where: str, n: int, version: ssl.TLSVersion | None = None):
+    """Connect n times, offering the previous connection's TLS session; session_reused of
+    each connection."""
     ctx = client_context()
-    ctx.maximum_version = version
+    if version is not None:
+        ctx.maximum_version = version
     session, reused = None, []
-    for _ in range(3):
+    for _ in range(n):
         if where == "implicit":
-            c = Client(tls.submissions)
+            c = Client(t.submissions)
             c.sock = ctx.wrap_socket(c.sock, session=session)
             c.reply()
         else:
-            c = Client(tls.mx)
+            c = Client(t.mx)
             c.reply()
             c.ehlo()
             assert c.cmd("STARTTLS")[0] == 220
@@ -540,7 +541,26 @@ def test_sessions_resume(tls: TlsServer, version: ssl.TLSVersion, where: str) ->
         reused.append(c.sock.session_reused)  # type: ignore[attr-defined]
         session = c.sock.session  # type: ignore[attr-defined]
         c.close()
-    assert reused == [False, True, True]
+    return reused
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+@pytest.mark.parametrize("where", ["starttls", "implicit"])
+def test_sessions_resume(tls: TlsServer, version: ssl.TLSVersion, where: str) -> None:
+    """Session tickets are on: a client that reconnects resumes instead of a full handshake
+    (Outlook-style clients reconnect often and expect it)."""
+    assert resumptions(tls, where, 3, version) == [False, True, True]
+
+
+def test_sessions_resume_across_workers(tmp_path: Path) -> None:
+    """With several worker processes a reconnect may reach another worker: the ticket keys
+    must be the same in all of them."""
+    t = start_tls_server(tmp_path / "workers", sni_names=(), extra=["--workers", "3"])
+    try:
+        for where in ("starttls", "implicit"):
+            assert resumptions(t, where, 10) == [False] + [True] * 9, where
+    finally:
+        t.server.stop()
 
 
 def test_failed_handshake_is_logged_and_closed_server_keeps_serving(tls: TlsServer) -> None:
