@@ -15,11 +15,13 @@ back-pressure for free: a client can never make us buffer more than one read ahe
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import socket
 import ssl
 import time
+from typing import TYPE_CHECKING
 
 from postier import log
 from postier.net.context import ServerContext
@@ -49,10 +51,47 @@ from postier.queue.ids import new_queue_id
 from postier.router import Transaction
 from postier.spool import SpoolWriter
 
+if TYPE_CHECKING:
+    from postier.tls import CertificateStore
+
 _LOG = logging.getLogger("postier.session")
 
 MAX_WRITE_BUFFER = 256 * 1024
 MAX_AUTH_FAILURES = 3
+
+
+@functools.cache
+def front_tls_context(store: CertificateStore) -> ssl.SSLContext:
+    """The context every TLS connection starts with (STARTTLS and implicit TLS alike).
+
+    It carries the protocol floor and cipher policy, and, as the session context, the
+    session-ticket keys. At each ClientHello (OpenSSL calls the SNI callback with or without
+    SNI) it switches the connection to the store's current context, whose own SNI callback
+    then picks among its certificates: a reload changes the certificates of new connections
+    and never the ticket keys. One per store and process, made before the workers fork
+    (daemon.build_context), so that every worker can resume every client's session.
+    """
+    from postier.tls import INTERMEDIATE_CIPHERS
+
+    front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    front.minimum_version = ssl.TLSVersion.TLSv1_2
+    front.set_ciphers(INTERMEDIATE_CIPHERS)
+    front.options |= (
+        ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_NO_COMPRESSION
+        | ssl.OP_NO_RENEGOTIATION
+        | ssl.OP_SINGLE_DH_USE
+        | ssl.OP_SINGLE_ECDH_USE
+    )
+
+    def select(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        current = store.context()
+        ssl_object.context = current
+        if current.sni_callback is not None:
+            current.sni_callback(ssl_object, server_name, current)  # type: ignore[arg-type]
+
+    front.sni_callback = select  # type: ignore[assignment]
+    return front
 
 
 def server_config(ctx: ServerContext, role: Role) -> ServerConfig:
@@ -150,16 +189,22 @@ class SmtpSession(asyncio.Protocol):
         log.event(name, level, _LOG, session=self.sid, **kv)
 
     async def _reverse_dns(self) -> str:
+        cached = self.ctx.cached_rdns(self.ip)
+        if cached is not None:
+            return cached
         loop = asyncio.get_running_loop()
+        name = "unknown"
         try:
             host, _ = await asyncio.wait_for(
                 loop.getnameinfo((self.ip, 0), socket.NI_NAMEREQD), timeout=3.0
             )
+            # The name goes into a header: only hostname characters are allowed through.
             if host and all(c.isalnum() or c in "-._" for c in host):
-                return host
+                name = host
         except (OSError, TimeoutError, UnicodeError):
             pass
-        return "unknown"
+        self.ctx.remember_rdns(self.ip, name)
+        return name
 
     async def _flush(self) -> None:
         assert self.conn is not None and self.transport is not None
@@ -463,7 +508,7 @@ class SmtpSession(asyncio.Protocol):
         conn = self.conn
         assert conn is not None and self.transport is not None and self.ctx.tls is not None
         if implicit and self.transport.get_extra_info("ssl_object") is not None:
-            # The listener did the handshake (see daemon.implicit_tls_context).
+            # The listener did the handshake, with front_tls_context (see the daemon).
             from postier.tls import describe
 
             self.tls_info = describe(self.transport.get_extra_info("ssl_object"))
@@ -482,7 +527,7 @@ class SmtpSession(asyncio.Protocol):
             new_transport = await loop.start_tls(
                 self.transport,
                 self,
-                self.ctx.tls.context(),
+                front_tls_context(self.ctx.tls),
                 server_side=True,
                 ssl_handshake_timeout=min(60.0, self.ctx.config.command_timeout),
             )
