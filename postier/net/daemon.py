@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
 import socket
-import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from postier import log, privileges
 from postier.config import Config
@@ -31,13 +28,10 @@ from postier.errors import ConfigError
 from postier.net.context import ServerContext
 from postier.net.limits import ConnectionTracker
 from postier.net.roles import ROLES
-from postier.net.session import SmtpSession, server_config
+from postier.net.session import SmtpSession, front_tls_context, server_config
 from postier.netaddr import ListenSpec, resolve_bind_addresses
 from postier.policy import Policy, load_aliases, load_users
 from postier.router import Router
-
-if TYPE_CHECKING:
-    from postier.tls import CertificateStore
 
 _LOG = logging.getLogger("postier.daemon")
 
@@ -112,7 +106,7 @@ def build_context(config: Config) -> ServerContext:
 
         ctx.tls = CertificateStore(config.tls_cert, config.tls_key, config.tls_cert_dir)
         # Made here, before the workers fork, so they all share its session-ticket keys.
-        implicit_tls_context(ctx.tls)
+        front_tls_context(ctx.tls)
     if config.passwords is not None:
         from postier.auth.passwd import PasswordFile
         from postier.auth.throttle import FailureThrottle
@@ -180,7 +174,7 @@ async def _serve_worker(
             # session task instead, uvloop delivers an early ClientHello to data_received
             # first (it starts reading right after connection_made), and the handshake hangs.
             tls_args = {
-                "ssl": implicit_tls_context(ctx.tls),
+                "ssl": front_tls_context(ctx.tls),
                 "ssl_handshake_timeout": min(60.0, config.command_timeout),
             }
         servers.append(await loop.create_server(factory, sock=sock, backlog=1024, **tls_args))
@@ -223,39 +217,6 @@ async def _serve_worker(
     ctx.executor.shutdown(wait=True)
     log.event("stopped", logger=_LOG, pid=os.getpid())
     return 0
-
-
-@functools.cache
-def implicit_tls_context(store: CertificateStore) -> ssl.SSLContext:
-    """The fixed context an implicit-TLS listener is created with, following reloads.
-
-    It carries the protocol floor and cipher policy; at each ClientHello (OpenSSL calls the
-    SNI callback with or without SNI) it switches the connection to the store's current
-    context and lets that context's own SNI callback choose among its certificates.
-    One per store and process, created before the fork: as the session context it holds
-    the session-ticket keys, which every worker must share for clients to resume.
-    """
-    from postier.tls import INTERMEDIATE_CIPHERS
-
-    front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    front.minimum_version = ssl.TLSVersion.TLSv1_2
-    front.set_ciphers(INTERMEDIATE_CIPHERS)
-    front.options |= (
-        ssl.OP_CIPHER_SERVER_PREFERENCE
-        | ssl.OP_NO_COMPRESSION
-        | ssl.OP_NO_RENEGOTIATION
-        | ssl.OP_SINGLE_DH_USE
-        | ssl.OP_SINGLE_ECDH_USE
-    )
-
-    def select(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        current = store.context()
-        ssl_object.context = current
-        if current.sni_callback is not None:
-            current.sni_callback(ssl_object, server_name, current)  # type: ignore[arg-type]
-
-    front.sni_callback = select  # type: ignore[assignment]
-    return front
 
 
 def _run_worker(
