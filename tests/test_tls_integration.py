@@ -552,13 +552,32 @@ def test_sessions_resume(tls: TlsServer, version: ssl.TLSVersion, where: str) ->
     assert resumptions(tls, where, 3, version) == [False, True, True]
 
 
-def test_sessions_resume_across_workers(tmp_path: Path) -> None:
+def wait_log_count(server: PostierServer, needle: str, count: int, after: int = 0) -> None:
+    deadline = time.monotonic() + SAFETY
+    while server.log()[after:].count(needle) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {count} {needle!r}:\n{server.log()[after:]}")
+        time.sleep(0.02)
+
+
+def test_sessions_resume_across_workers_and_reloads(tmp_path: Path) -> None:
     """With several worker processes a reconnect may reach another worker: the ticket keys
-    must be the same in all of them."""
+    must be the same in all of them, also after each worker reloaded its certificates."""
     t = start_tls_server(tmp_path / "workers", sni_names=(), extra=["--workers", "3"])
     try:
+        wait_log_count(t.server, "event=ready", 3)  # a SIGHUP must find every worker
         for where in ("starttls", "implicit"):
             assert resumptions(t, where, 10) == [False] + [True] * 9, where
+        write_pair(t.cert, t.key, "mx.test", overwrite=True)
+        mark = log_offset(t.server)
+        assert t.server.proc is not None
+        t.server.proc.send_signal(signal.SIGHUP)
+        wait_log_count(t.server, "TLS certificates reloaded", 3, mark)
+        for where in ("starttls", "implicit"):
+            assert resumptions(t, where, 10) == [False] + [True] * 9, where
+        c = Client(t.submissions, implicit=True)
+        assert der(c.peer_cert()) == der(load_cert(t.cert))
+        c.close()
     finally:
         t.server.stop()
 
