@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -153,5 +154,41 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, kill_after: int) -
             c.sendmail("after@remote.test", ["bob@example.org"], message("restart", 0))
         after = {p.name for box in ("alice", "bob", "carol-box") for p in again.maildir_files(box)}
         assert before < after and len(after - before) == 1
+    finally:
+        assert again.stop() == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="postier/net/daemon.py never removes stale <mail_root>/.postier-tmp/*.spool files "
+    "left by a killed server: every kill -9 during DATA leaks a spool file forever",
+)
+def test_restart_removes_the_spool_files_of_a_killed_server(tmp_path: Path) -> None:
+    srv = make_server(tmp_path / "crash").start()
+    spool = srv.mail_root / ".postier-tmp"
+    sock = socket.create_connection(("127.0.0.1", srv.mx_port), timeout=SAFETY_TIMEOUT)
+    try:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220")
+        sock.sendall(b"HELO crash.test\r\n")
+        assert f.readline().startswith(b"250")
+        sock.sendall(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        # More than the spool writer keeps in memory: it goes to a file during DATA.
+        sock.sendall((b"y" * 78 + b"\r\n") * 5000)
+        deadline = time.monotonic() + SAFETY_TIMEOUT
+        while not list(spool.glob("*.spool")):
+            assert time.monotonic() < deadline, "no spool file appeared"
+            time.sleep(0.01)
+        srv.kill()
+    finally:
+        sock.close()
+        srv.kill()
+    assert list(spool.glob("*.spool"))
+    srv.log_path.rename(srv.log_path.with_name(srv.log_path.name + ".killed"))
+    again = make_server(tmp_path / "crash").start()
+    try:
+        assert list(spool.glob("*.spool")) == []
+        assert again.maildir_files("alice") == []
     finally:
         assert again.stop() == 0

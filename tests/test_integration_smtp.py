@@ -12,6 +12,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -331,6 +332,8 @@ def test_100_concurrent_clients(tmp_path: Path) -> None:
         problems = [x for x in srv.log().splitlines() if " INFO " not in x]
         assert not errors, f"{len(errors)} clients failed: {errors[:3]}\n" + "\n".join(problems)
         bodies = [f.result() for f in futures]
+        # A failed delivery would now be queued for a retry (and still get its 250).
+        assert "event=delivery-failed" not in srv.log(), "\n".join(problems)
         files = srv.maildir_files("alice")
         assert len(files) == n
         assert len({f.name for f in files}) == n
@@ -506,3 +509,77 @@ def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
         assert srv.proc.wait(SAFETY_TIMEOUT) == 0
     finally:
         srv.kill()
+
+
+# ---- storage faults and relay tricks ---------------------------------------------------------
+def test_storage_failure_is_queued_then_delivered_once(server: PostierServer) -> None:
+    """A mailbox that cannot be written: no 451 loop for the client; the message waits in the
+    queue (250 only once it is durable there) and is delivered, once, after the repair."""
+    # alice's mailbox cannot be created: a plain file stands where the directory should be.
+    server.mail_root.mkdir(exist_ok=True)
+    (server.mail_root / "alice").write_bytes(b"not a maildir\n")
+    body = b"Subject: fault\r\n\r\nx\r\n"
+    with smtplib.SMTP("127.0.0.1", server.mx_port, timeout=SAFETY_TIMEOUT) as c:
+        c.ehlo("fault.test")
+        c.mail("s@remote.test")
+        assert c.rcpt("bob@example.org")[0] == 250
+        assert c.rcpt("alice@example.org")[0] == 250
+        code, text = c.data(body)
+        assert code == 250, text
+        # The session goes on.
+        c.sendmail("s@remote.test", ["bob@example.org"], b"Subject: ok\r\n\r\ny\r\n")
+    assert "event=delivery-failed" in server.log()
+    assert (server.mail_root / "alice").read_bytes() == b"not a maildir\n"
+    assert list((server.mail_root / ".postier-tmp").iterdir()) == []
+    # Repair, ask for a retry, and both recipients have the message exactly once.
+    (server.mail_root / "alice").unlink()
+    flush = subprocess.run(
+        [sys.executable, "-m", "postier", "queue", "flush", "-Q", str(server.root / "queue")],
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_TIMEOUT,
+    )
+    assert flush.returncode == 0, flush.stderr
+
+    def subjects(box: str) -> list[bytes]:
+        return sorted(
+            split_stored(p.read_bytes())[1].split(b"\n")[0] for p in server.maildir_files(box)
+        )
+
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while subjects("alice") != [b"Subject: fault"]:
+        assert time.monotonic() < deadline, f"never retried:\n{server.log()[-3000:]}"
+        time.sleep(0.05)
+    while subjects("bob") != [b"Subject: fault", b"Subject: ok"]:
+        assert time.monotonic() < deadline, subjects("bob")
+        time.sleep(0.05)
+    [copy] = server.maildir_files("alice")
+    assert split_stored(copy.read_bytes())[1] == lf(body)
+
+
+RELAY_TRICKS = [
+    "victim%foreign.test@example.org",
+    "foreign.test!victim@example.org",
+    "@example.org:victim@foreign.test",
+    '"victim@foreign.test"@example.org',
+    "victim@[127.0.0.1]",
+    "victim@[IPv6:::1]",
+    "victim@foreign.test",
+    "postmaster@foreign.test",
+]
+
+
+def test_relay_tricks_queue_nothing(server: PostierServer) -> None:
+    with smtplib.SMTP("127.0.0.1", server.mx_port, timeout=SAFETY_TIMEOUT) as c:
+        c.ehlo("relay.test")
+        c.mail("s@remote.test")
+        for rcpt in RELAY_TRICKS:
+            code, text = c.docmd(f"RCPT TO:<{rcpt}>")  # raw: smtplib would rewrite some
+            assert code in (550, 554), (rcpt, code, text)
+        assert c.docmd("RCPT TO:<victim@foreign.test@example.org>")[0] == 501
+    queue = server.root / "queue"
+    for sub in ("env", "body"):
+        assert not (queue / sub).exists() or list((queue / sub).iterdir()) == []
+    assert not any(all_files(server).values())
+    # Nothing was created outside the mailboxes we know either.
+    assert {p.name for p in server.mail_root.iterdir()} <= {".postier-tmp"}

@@ -293,3 +293,62 @@ def test_talking_before_the_greeting(start: Callable[..., PostierServer], tmp_pa
     # A patient client is served.
     with smtplib.SMTP("127.0.0.1", srv.mx_port, timeout=SAFETY_TIMEOUT) as s:
         assert s.noop()[0] == 250
+
+
+# ---- TOML-only limits: whole-session cap, minimum data rate, free space ------------------------
+def _toml(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_session_time_cap(start: Callable[..., PostierServer], tmp_path: Path) -> None:
+    srv = start("-c", _toml(tmp_path, "session.toml", "session_timeout = 1\n"))
+    c = greet(srv)
+    ehlo(c)
+    # A client that keeps the session busy forever: the whole-session cap ends it.
+    for _ in range(int(SAFETY_TIMEOUT / 0.05)):
+        c.send(b"NOOP\r\n")
+        code, text = c.reply()
+        if code != 250:
+            break
+        time.sleep(0.05)
+    assert code == 421 and "4.4.2" in text, text
+    assert c.closed()
+    c.close()
+
+
+def test_minimum_data_rate(start: Callable[..., PostierServer], tmp_path: Path) -> None:
+    conf = _toml(tmp_path, "rate.toml", "min_data_rate = 100000\ndata_timeout = 5\n")
+    srv = start("-c", conf)
+    c = greet(srv)
+    ehlo(c)
+    c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    assert c.replies(3) == [250, 250, 354]
+    # Trickle a few bytes at a time, far below 100 kB/s, until the server gives up.
+    for _ in range(int(SAFETY_TIMEOUT / 0.05)):
+        try:
+            c.send(b"slow\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if not nothing_pending(c):
+            break
+        time.sleep(0.05)
+    reply = c.reply()
+    assert reply[0] == 421 and "4.4.2" in reply[1], reply
+    c.close()
+    wait_until(lambda: "event=timeout" in srv.log(), "the slow client logged")
+    assert srv.maildir_files("alice") == []
+
+
+def test_low_free_space_refuses_at_mail(
+    start: Callable[..., PostierServer], tmp_path: Path
+) -> None:
+    # Demand more free space than any disk has.
+    srv = start("-c", _toml(tmp_path, "disk.toml", f"min_free_space = {10**18}\n"))
+    with smtplib.SMTP("127.0.0.1", srv.mx_port, timeout=SAFETY_TIMEOUT) as c:
+        c.ehlo("limits.test")
+        code, text = c.mail("s@remote.test")
+        assert code == 452 and text.startswith(b"4.3.1"), text
+        assert c.noop()[0] == 250
+    wait_until(lambda: "low disk space" in srv.log(), "the refusal logged")
