@@ -49,6 +49,7 @@ class Config:
     user: str = ""  # drop privileges to this user after binding; default "postier" if it exists
     recipient_delimiter: str = ""
     reverse_dns: bool = True
+    received_auth_user: bool = False  # name the AUTH user in Received: (off: privacy)
     log_level: str = "info"
     # limits
     max_message_size: int = 35 * 1024 * 1024

@@ -33,10 +33,43 @@ class SpoolWriter:
         self.size = 0
         self._fd: int | None = None
         self.failed = False  # a flush failed; the end of data answers 451
+        self._watch: set[bytes] = set()
+        self.headers_seen = set()
+        self._in_headers = False
+
+    def watch_headers(self, names: tuple[bytes, ...]) -> None:
+        """Note which of these header names (lower-case) the message's header section has.
+
+        Used for submission (RFC 6409 §8): a message without Message-ID or Date gains one.
+        """
+        self._watch = set(names)
+        self.headers_seen: set[bytes] = set()
+        self._in_headers = True
+
+    def _scan_headers(self, data: bytes) -> None:
+        for line in data.split(b"\n"):
+            if not line:
+                self._in_headers = False  # the empty line that ends the header section
+                return
+            if line[:1] in (b" ", b"\t"):
+                continue
+            name = line.split(b":", 1)[0].strip().lower()
+            if name in self._watch:
+                self.headers_seen.add(name)
+
+    def add_headers(self, lines: bytes) -> bool:
+        """Insert extra header lines after our trace headers, if nothing was written yet."""
+        if self._fd is not None or self._in_headers:
+            return False
+        self._parts.insert(1, lines)
+        self._pending += len(lines)
+        return True
 
     def add(self, crlf_lines: bytes) -> bool:
         """Add whole CRLF lines; True when enough is buffered that `flush()` should run."""
         data = crlf_lines.replace(b"\r\n", b"\n")
+        if self._in_headers:
+            self._scan_headers(data)
         self._parts.append(data)
         self._pending += len(data)
         return self._pending >= FLUSH_AT
@@ -44,6 +77,8 @@ class SpoolWriter:
     def flush(self) -> None:
         """Append what is buffered to the file (thread pool)."""
         if self._fd is None:
+            if self._in_headers and self._pending < FLUSH_AT:
+                self._in_headers = False  # a message that is all header (no empty line)
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if self._parts:

@@ -416,11 +416,6 @@ def test_raw_submission_delivers(sub: TlsServer) -> None:
     assert _new_file(sub, "carol-box", before).read_bytes().endswith(b"Hello over TLS.\n")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="RFC 6409 §8 fix-ups (Message-ID:, Date: when missing) are not implemented for "
-    "authenticated submission (issue 4, item 7)",
-)
 def test_submission_adds_message_id_and_date(sub: TlsServer) -> None:
     before = set(sub.server.maildir_files("bob"))
     c = logged_in(sub.submission)
@@ -526,3 +521,17 @@ def test_msmtp_sender_not_owned_is_refused(sub: TlsServer, tmp_path: Path) -> No
     )
     assert proc.returncode != 0
     assert "553" in proc.stderr.decode(errors="replace")
+
+
+def test_submission_keeps_existing_message_id_and_date(sub: TlsServer) -> None:
+    before = set(sub.server.maildir_files("bob"))
+    c = logged_in(sub.submission)
+    full = (
+        b"From: <alice@example.org>\r\nMessage-ID: <mine@example.org>\r\n"
+        b"Date: Sun, 22 Nov 2026 05:00:00 +0000\r\nSubject: full\r\n\r\nx\r\n"
+    )
+    assert send_message(c, ALICE, BOB, full)[0] == 250
+    c.close()
+    head = _new_file(sub, "bob", before).read_text().split("\n\n", 1)[0]
+    assert head.count("Message-ID:") == 1 and "<mine@example.org>" in head, head
+    assert head.count("\nDate:") == 1, head

@@ -345,12 +345,6 @@ def test_plaintext_delivery_says_esmtp(tls: TlsServer) -> None:
 
 
 # ---- RFC 3207 state handling -----------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol/server.py _command_line applies the RFC 2920 sync check to STARTTLS "
-    "(it is in GROUP_ENDERS), so STARTTLS with pipelined input gets 554 5.5.0 and a close "
-    "instead of 220 + discard; exempting StartTLS from that check fixes it",
-)
 def test_starttls_injection_220_then_pipelined_command_discarded(tls: TlsServer) -> None:
     mark = log_offset(tls.server)
     c = Client(tls.mx)

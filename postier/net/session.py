@@ -21,6 +21,7 @@ import secrets
 import socket
 import ssl
 import time
+from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 from postier import log
@@ -447,8 +448,11 @@ class SmtpSession(asyncio.Protocol):
             queue_id=txn.queue_id,
             recipients=txn.accepted,
             tls_info=self.tls_info,
+            auth_user=(session.auth_user or "") if self.ctx.config.received_auth_user else "",
         )
         txn.writer = SpoolWriter(self.ctx.spool_dir, txn.queue_id, header)
+        if session.auth_user is not None:
+            txn.writer.watch_headers((b"message-id", b"date"))
         self._data_started = time.monotonic()
         self._bytes_in = 0
         conn.accept()
@@ -471,6 +475,8 @@ class SmtpSession(asyncio.Protocol):
         txn = self.txn
         assert conn is not None and txn is not None and txn.writer is not None
         self.txn = None
+        if conn.session.auth_user is not None:
+            self._complete_submission_headers(txn)
         if txn.writer.failed:
             await asyncio.get_running_loop().run_in_executor(self.ctx.executor, txn.writer.discard)
             reply = R.STORAGE_FAILED
@@ -489,6 +495,18 @@ class SmtpSession(asyncio.Protocol):
             conn.accept(reply)
         else:
             conn.reject(reply)
+
+    def _complete_submission_headers(self, txn: Transaction) -> None:
+        """RFC 6409 §8.2/8.3: a submission server adds Message-ID and Date when missing."""
+        writer = txn.writer
+        assert writer is not None
+        missing = b""
+        if b"message-id" not in writer.headers_seen:
+            missing += f"Message-ID: <{txn.queue_id}@{self.ctx.config.hostname}>\n".encode()
+        if b"date" not in writer.headers_seen:
+            missing += f"Date: {formatdate(localtime=True)}\n".encode()
+        if missing and writer.add_headers(missing):
+            self._log("headers-added", qid=txn.queue_id, added=missing.decode().count("\n"))
 
     async def _on_data_rejected(self, event: DataRejected) -> None:
         txn = self.txn

@@ -223,7 +223,9 @@ class ServerConnection:
             verb in GROUP_ENDERS
             and self.config.enforce_pipelining_sync
             and len(self._lines)
-            and not isinstance(result, (Rcpt, Mail))
+            # STARTTLS: what follows it in plaintext is discarded when the 220 goes out
+            # (RFC 3207 §4.2), never answered, so there is nothing to refuse here.
+            and not isinstance(result, (Rcpt, Mail, StartTLS))
         ):
             self._violation(R.SYNC_ERROR, f"pipelined input after {verb}")
             return None
