@@ -158,11 +158,6 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path: Path, kill_after: int) -
         assert again.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="postier/net/daemon.py never removes stale <mail_root>/.postier-tmp/*.spool files "
-    "left by a killed server: every kill -9 during DATA leaks a spool file forever",
-)
 def test_restart_removes_the_spool_files_of_a_killed_server(tmp_path: Path) -> None:
     srv = make_server(tmp_path / "crash").start()
     spool = srv.mail_root / ".postier-tmp"

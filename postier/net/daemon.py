@@ -125,6 +125,20 @@ def build_context(config: Config) -> ServerContext:
     return ctx
 
 
+def remove_stale_spool_files(spool_dir: Path) -> int:
+    """Spool files left by a killed server belong to messages that never got their 250
+    (the client will retry them), so they are removed before any session starts."""
+    removed = 0
+    if spool_dir.is_dir():
+        for path in spool_dir.glob("*.spool"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    if removed:
+        log.event("spool-cleaned", logging.WARNING, _LOG, dir=str(spool_dir), removed=removed)
+    return removed
+
+
 def make_backend(config: Config) -> object:
     fmt = config.mailbox_format
     root = Path(config.mail_root)
@@ -232,6 +246,7 @@ def serve(config: Config) -> int:
     # password file may be readable by root only) and before forking (workers inherit it;
     # the thread pool starts its threads lazily, so none exist yet at fork time).
     ctx = build_context(config)
+    remove_stale_spool_files(ctx.spool_dir)
     loop_name = _preload_modules()
     bound = bind_all(config)
     account = privileges.target_user(config.user)
