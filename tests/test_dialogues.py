@@ -12,11 +12,12 @@ Format of a scenario file (`tests/dialogues/*.txt`), one directive per line:
     S*100: 250              expect 100 replies with this code
     CLOSE                   expect the server to close the connection (no further reply)
 
-Escapes in the text of `C:` lines (for smuggling and malformed input): `\\r`, `\\n`, `\\t`,
-`\\xHH` (any byte, e.g. `\\x00`) and `\\\\` for a backslash; `{{x*600}}` is the text `x`
-repeated 600 times. Consecutive `C:` lines are sent in one write, so a group of them before
-the next `S:` is a pipelined group (RFC 2920); put an `S:` after every command that must wait
-for its reply (EHLO, DATA, NOOP, ...), as a well-behaved client would.
+Text of `C:` lines is sent as UTF-8, with escapes for smuggling and malformed input: `\\r`,
+`\\n`, `\\t`, `\\xHH` (one raw byte, e.g. `\\x00` or `\\xff`) and `\\\\` for a backslash;
+`{{x*600}}` is the text `x` repeated 600 times. Consecutive `C:` lines are sent in one write,
+so a group of them before the next `S:` is a pipelined group (RFC 2920); put an `S:` after
+every command that must wait for its reply (EHLO, DATA, NOOP, ...), as a well-behaved client
+would.
 
 Every scenario starts from a fresh connection; the file must expect the greeting itself
 (`S: 220`). All scenarios share one server (mx role; users alice, bob, carol at example.org;
@@ -55,16 +56,20 @@ _DIRECTIVE = re.compile(r"^(C|S)(?:\*(\d+))?:(?: (.*))?$")
 
 
 def decode_text(text: str) -> bytes:
-    """Expand `{{x*N}}`, then the backslash escapes; the result is sent as bytes."""
+    """Expand `{{x*N}}`, then the backslash escapes; literal text is sent as UTF-8."""
     text = _REPEAT.sub(lambda m: m.group(1) * int(m.group(2)), text)
-
-    def unescape(m: re.Match[str]) -> str:
+    out = bytearray()
+    pos = 0
+    for m in _ESCAPE.finditer(text):
+        out += text[pos : m.start()].encode("utf-8")
         e = m.group(1)
         if e.startswith("x"):
-            return chr(int(e[1:], 16))
-        return {"r": "\r", "n": "\n", "t": "\t", "\\": "\\"}[e]
-
-    return _ESCAPE.sub(unescape, text).encode("latin-1")
+            out.append(int(e[1:], 16))
+        else:
+            out += {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}[e]
+        pos = m.end()
+    out += text[pos:].encode("utf-8")
+    return bytes(out)
 
 
 def parse_script(path: Path) -> list[Step]:
@@ -221,6 +226,7 @@ def test_dialogue(script: Path, dialogue_server: PostierServer) -> None:
 
 def test_parser_understands_the_format() -> None:
     assert decode_text(r"a\r\nb\x00\\{{x*3}}") == b"a\r\nb\x00\\xxx"
+    assert decode_text(r"jö\xff") == "jö".encode() + b"\xff"
     steps = parse_script(DIALOGUES / "minimal.txt")
     assert steps[0] == Step("expect", code=220, lineno=steps[0].lineno)
     assert any(s.kind == "close" for s in steps)

@@ -352,3 +352,18 @@ def test_low_free_space_refuses_at_mail(
         assert code == 452 and text.startswith(b"4.3.1"), text
         assert c.noop()[0] == 250
     wait_until(lambda: "low disk space" in srv.log(), "the refusal logged")
+
+
+def test_message_size_boundary(start: Callable[..., PostierServer]) -> None:
+    """The limit counts the content as received (unstuffed, CRLF included): equal passes."""
+    srv = start("--max-message-size", "10000")
+    line = b"w" * 98 + b"\r\n"
+    exact = line * 100  # 10000 bytes
+    with smtplib.SMTP("127.0.0.1", srv.mx_port, timeout=SAFETY_TIMEOUT) as c:
+        c.ehlo("limits.test")
+        for content, expected in ((exact, 250), (exact + b"w\r\n", 552), (b"." + exact[1:], 250)):
+            c.mail("s@remote.test")
+            c.rcpt("alice@example.org")
+            code, text = c.data(content)  # "." is stuffed: 10001 on the wire
+            assert code == expected, (len(content), code, text)
+    assert len(srv.maildir_files("alice")) == 2
