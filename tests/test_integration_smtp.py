@@ -310,10 +310,42 @@ def test_commands_before_354_are_a_sync_error(server: PostierServer) -> None:
     assert server.maildir_files("alice") == []
 
 
+@pytest.mark.parametrize("tail", [b"QUIT\r\n", b""], ids=["quit", "no-quit"])
+def test_half_close_after_the_message_still_gets_every_reply(
+    server: PostierServer, tail: bytes
+) -> None:
+    """`printf ... | nc`: the client shuts its side right after the last command; the 250
+    must still reach it (a lost 250 means a retry and a duplicate)."""
+    c = _open_data_to(server, "bob@example.org")
+    c.send(b"Subject: half\r\n\r\nbody\r\n.\r\n" + tail)
+    c.sock.shutdown(socket.SHUT_WR)
+    code, text = c.reply()
+    assert code == 250, text
+    if tail:
+        assert c.reply()[0] == 221
+    assert c.closed()
+    c.close()
+    [path] = server.maildir_files("bob")
+    assert split_stored(path.read_bytes())[1] == b"Subject: half\n\nbody\n"
+
+
+def _open_data_to(server: PostierServer, rcpt: str) -> Raw:
+    """A raw session that has just received its 354."""
+    c = Raw("127.0.0.1", server.mx_port)
+    assert c.reply()[0] == 220
+    c.send(b"EHLO raw.test\r\n")
+    assert c.reply()[0] == 250
+    c.send(f"MAIL FROM:<s@remote.test>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
+    assert c.replies(3) == [250, 250, 354]
+    return c
+
+
 # ---- concurrency -----------------------------------------------------------------------------
-def test_100_concurrent_clients(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["1-worker", "2-workers"])
+def test_100_concurrent_clients(tmp_path: Path, workers: str) -> None:
     # 100 simultaneous connections from one address: lift the per-IP cap (default 50).
-    srv = make_server(tmp_path / "srv", extra=["--max-connections-per-ip", "200"]).start()
+    extra = ["--max-connections-per-ip", "200", "--workers", workers]
+    srv = make_server(tmp_path / "srv", extra=extra).start()
     n = 100
     barrier = threading.Barrier(n, timeout=SAFETY_TIMEOUT)
 
@@ -440,13 +472,7 @@ def test_postmaster_without_alias_goes_to_first_user_with_a_warning(server: Post
 
 # ---- shutdown --------------------------------------------------------------------------------
 def _open_data(server: PostierServer) -> Raw:
-    c = Raw("127.0.0.1", server.mx_port)
-    assert c.reply()[0] == 220
-    c.send(b"EHLO term.test\r\n")
-    assert c.reply()[0] == 250
-    c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
-    assert c.replies(3) == [250, 250, 354]
-    return c
+    return _open_data_to(server, "alice@example.org")
 
 
 def test_sigterm_finishes_the_transaction_in_flight(tmp_path: Path) -> None:
