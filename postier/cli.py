@@ -7,6 +7,7 @@ configuration, with one line on stderr naming the file, key or flag; 1 any other
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from collections.abc import Sequence
@@ -119,9 +120,12 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="postier", description="A small, secure, fast SMTP server.")
+    parser = _Parser(
+        prog="postier", description="A small, secure, fast SMTP server.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"postier {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
     serve = sub.add_parser("serve", help="run the SMTP server in the foreground")
     _add_server_options(serve)
     check = sub.add_parser("check-config", help="validate and print the effective settings")

@@ -37,6 +37,7 @@ class PostierServer:
 
     def start(self, timeout: float = 20.0) -> PostierServer:
         logf = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        start_offset = logf.tell()  # a restart appends: only a new "ready" counts
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postier", "serve", *self.args],
             stdout=logf,
@@ -49,14 +50,14 @@ class PostierServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postier exited {self.proc.returncode}:\n{self.log()}")
-            if "event=ready" in self.log():
+            if "event=ready" in self.log()[start_offset:]:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"postier did not become ready:\n{self.log()}")
 
     def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")
+            return self.log_path.read_bytes().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
 

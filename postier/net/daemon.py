@@ -91,7 +91,11 @@ def build_context(config: Config) -> ServerContext:
         policy=policy,
         router=router,
         executor=executor,
-        connections=ConnectionTracker(config.max_connections, config.max_connections_per_ip),
+        # Each worker counts its own connections: split the caps so the totals hold.
+        connections=ConnectionTracker(
+            max(1, config.max_connections // config.workers),
+            max(1, config.max_connections_per_ip // config.workers),
+        ),
         spool_dir=Path(config.mail_root) / SPOOL_SUBDIR,
         outbound=outbound,
     )
