@@ -86,7 +86,7 @@ def parse_dns_server(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _is_ip(host: str) -> bool:
+def is_ip_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -204,7 +204,7 @@ class Resolver:
         does a transient failure win over "not found".
         """
         host = host.strip().strip("[]")
-        if _is_ip(host):
+        if is_ip_address(host):
             return [host]
         try:
             name = to_ascii_domain(host)

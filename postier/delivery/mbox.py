@@ -37,19 +37,16 @@ from postier.delivery.base import (
     Recipient,
     RecipientResult,
     StoredMessage,
-    delivered,
-    temporary,
 )
 from postier.delivery.fsutil import (
     BLOCK,
-    describe_error,
     ensure_dir,
     fsync_dir,
     lockf_exclusive,
     path_lock,
     write_all,
 )
-from postier.delivery.paths import group_by_path, owner_for
+from postier.delivery.grouped import deliver_per_mailbox
 from postier.log import event as log_event
 
 log = logging.getLogger(__name__)
@@ -82,35 +79,10 @@ class MboxBackend:
         self, message: StoredMessage, recipients: Sequence[Recipient]
     ) -> list[RecipientResult]:
         """Append one copy per distinct mailbox; one result per recipient, in order."""
-        results: list[RecipientResult | None] = [None] * len(recipients)
-        groups, errors = group_by_path(self.root, self.template, recipients)
-        for index, why in errors.items():
-            log_event(
-                "deliver_failed", logging.WARNING, log, qid=message.queue_id,
-                backend="mbox", to=recipients[index].address, error=why,
-            )
-            results[index] = temporary(
-                recipients[index], "Mailbox misconfigured on this server, try again later"
-            )
-        for path, members in groups.items():
-            first = recipients[members[0]]
-            try:
-                owner = owner_for(self.template, first.user, first.mailbox)
-                self._append(message, path, owner)
-            except Exception as exc:
-                log_event(
-                    "deliver_failed", logging.WARNING, log, qid=message.queue_id,
-                    backend="mbox", mailbox=path, error=repr(exc), undone="yes",
-                )
-                reason = describe_error(exc)
-                for index in members:
-                    results[index] = temporary(
-                        recipients[index], f"Mailbox write failed ({reason}), try again later"
-                    )
-            else:
-                for index in members:
-                    results[index] = delivered(recipients[index])
-        return [r for r in results if r is not None]
+        return deliver_per_mailbox(
+            message, recipients, root=self.root, template=self.template,
+            backend="mbox", logger=log, store_one=self._append,
+        )  # fmt: skip
 
     def _append(self, message: StoredMessage, path: Path, owner: tuple[int, int] | None) -> None:
         deadline = time.monotonic() + self.lock_timeout

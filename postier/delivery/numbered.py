@@ -40,18 +40,15 @@ from postier.delivery.base import (
     Recipient,
     RecipientResult,
     StoredMessage,
-    delivered,
-    temporary,
 )
 from postier.delivery.fsutil import (
     copy_from,
-    describe_error,
     ensure_dir,
     fsync_dir,
     open_locked,
     write_all,
 )
-from postier.delivery.paths import group_by_path, owner_for
+from postier.delivery.grouped import deliver_per_mailbox
 from postier.log import event as log_event
 
 log = logging.getLogger(__name__)
@@ -77,37 +74,10 @@ class NumberedSpoolBackend:
         self, message: StoredMessage, recipients: Sequence[Recipient]
     ) -> list[RecipientResult]:
         """Store one copy per distinct mailbox; one result per recipient, in order."""
-        results: list[RecipientResult | None] = [None] * len(recipients)
-        groups, errors = group_by_path(self.root, self.template, recipients)
-        for index, why in errors.items():
-            log_event(
-                "deliver_failed", logging.WARNING, log, qid=message.queue_id,
-                backend="spool", to=recipients[index].address, error=why,
-            )
-            results[index] = temporary(
-                recipients[index], "Mailbox misconfigured on this server, try again later"
-            )
-        for directory, members in groups.items():
-            first = recipients[members[0]]
-            try:
-                owner = owner_for(self.template, first.user, first.mailbox)
-                number = self._deliver_one(message, directory, owner)
-            except Exception as exc:
-                log_event(
-                    "deliver_failed", logging.WARNING, log, qid=message.queue_id,
-                    backend="spool", mailbox=directory, error=repr(exc), undone="yes",
-                )
-                reason = describe_error(exc)
-                for index in members:
-                    results[index] = temporary(
-                        recipients[index], f"Mailbox write failed ({reason}), try again later"
-                    )
-            else:
-                log_event("delivered", logging.DEBUG, log, qid=message.queue_id,
-                          backend="spool", mailbox=directory, number=number)
-                for index in members:
-                    results[index] = delivered(recipients[index])
-        return [r for r in results if r is not None]
+        return deliver_per_mailbox(
+            message, recipients, root=self.root, template=self.template,
+            backend="spool", logger=log, store_one=self._deliver_one,
+        )  # fmt: skip
 
     def _deliver_one(
         self, message: StoredMessage, directory: Path, owner: tuple[int, int] | None

@@ -19,7 +19,6 @@ with the LMTP backend and live in postier.delivery.lmtp.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -37,7 +36,7 @@ from postier.delivery.lmtp import (
     result_from_error,
     run_transaction,
 )
-from postier.dns import Resolver
+from postier.dns import Resolver, is_ip_address
 from postier.errors import DeliveryError
 from postier.log import event
 from postier.protocol import client as proto
@@ -47,14 +46,6 @@ from postier.tls import client_context
 __all__ = ["RelaySession", "Smarthost", "SmtpRelay", "Timeouts"]
 
 log = logging.getLogger("postier.delivery.smtp")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +209,7 @@ class RelaySession:
     async def _addresses(self, host: str, port: int) -> list[str]:
         """MX hosts go through our resolver; a smarthost is an operator's name, looked up
         like any other configured host (so /etc/hosts and `localhost` work), never bounced."""
-        if self.relay.smarthost is None or _is_ip(host):
+        if self.relay.smarthost is None or is_ip_address(host):
             return await self.relay.resolver.addresses(host)
         loop = asyncio.get_running_loop()
         try:
@@ -258,7 +249,7 @@ class RelaySession:
         """Connect to (host, address, port): greeting, EHLO, STARTTLS, AUTH."""
         relay, t = self.relay, self.relay.timeouts
         smart = relay.smarthost
-        sni = None if _is_ip(self.host) else self.host
+        sni = None if is_ip_address(self.host) else self.host
         implicit = smart is not None and smart.implicit_tls
         try:
             stream = await ClientStream.open(self.address, self.port, t.connect,
