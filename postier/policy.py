@@ -12,7 +12,7 @@ an RCPT local part is only ever used as a key into the users map.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,18 +68,25 @@ class Rejection:
 Decision = list[LocalTarget | RemoteTarget] | Rejection
 
 
+def _entries(path: Path, what: str) -> Iterator[tuple[int, str, str]]:
+    """(line number, line without comment, raw line) for each non-empty line of a map file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {what} file is not UTF-8") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            yield lineno, line, raw
+
+
 def load_users(path: Path, domains: Iterable[str]) -> dict[str, LocalUser]:
     """Lines `address [mailbox]`; `#` comments. A bare local part is a user at every domain."""
     users: dict[str, LocalUser] = {}
     domain_set = set(domains)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read users file: {exc.strerror}") from None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for lineno, line, raw in _entries(path, "users"):
         parts = line.split()
         if len(parts) > 2:
             raise ConfigError(f"{path}:{lineno}: expected 'address [mailbox]', got {raw.strip()!r}")
@@ -104,14 +111,7 @@ def load_users(path: Path, domains: Iterable[str]) -> dict[str, LocalUser]:
 def load_aliases(path: Path) -> dict[str, list[str]]:
     """Lines `alias: target, target`; `#` comments. Keys and targets are lower-cased."""
     aliases: dict[str, list[str]] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read aliases file: {exc.strerror}") from None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for lineno, line, raw in _entries(path, "aliases"):
         name, sep, rest = line.partition(":")
         name = name.strip().lower()
         targets = [t.strip().lower() for t in rest.split(",") if t.strip()]
