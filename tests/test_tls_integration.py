@@ -464,7 +464,11 @@ def test_ehlo_arriving_with_the_client_finished_is_answered(tls: TlsServer) -> N
 
     read_until(b"250 HELP\r\n")
     assert replies.startswith(b"250-mx.test Hello"), replies
-    tls_obj.write(b"NOOP\r\nQUIT\r\n")
+    # NOOP ends a pipelining group (RFC 2920 §3.1): wait for its reply before QUIT.
+    tls_obj.write(b"NOOP\r\n")
+    c.sock.sendall(outgoing.read())
+    read_until(b"250 2.0.0 OK\r\n")
+    tls_obj.write(b"QUIT\r\n")
     c.sock.sendall(outgoing.read())
     read_until(b"221 ")
     c.close()

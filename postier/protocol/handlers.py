@@ -23,7 +23,13 @@ from postier.protocol.state import ServerConfig, Session
 
 Handler = Callable[[Session, ServerConfig, str], "Reply | Event"]
 
-_CONTROL = frozenset(chr(c) for c in range(32)) | {"\x7f"}
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: none of them may
+# reach a header line we write.
+_CONTROL = (
+    frozenset(chr(c) for c in range(32))
+    | frozenset(chr(c) for c in range(0x7F, 0xA0))
+    | {"\u2028", "\u2029"}
+)
 
 
 def _has_control(text: str) -> bool:

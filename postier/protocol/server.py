@@ -216,18 +216,20 @@ class ServerConnection:
             self._send(R.Reply(501, "5.5.4", "Bare CR, LF or NUL in command"))
             return None
         result = handler(self.session, self.config, arg)
-        if isinstance(result, Reply):
-            self._send(result)
-            return None
         if (
             verb in GROUP_ENDERS
             and self.config.enforce_pipelining_sync
             and len(self._lines)
             # STARTTLS: what follows it in plaintext is discarded when the 220 goes out
             # (RFC 3207 §4.2), never answered, so there is nothing to refuse here.
-            and not isinstance(result, (Rcpt, Mail, StartTLS))
+            and not isinstance(result, StartTLS)
         ):
+            # Also when the command itself is refused (DATA without recipients): the bytes
+            # behind it may be message content that must never be read as commands.
             self._violation(R.SYNC_ERROR, f"pipelined input after {verb}")
+            return None
+        if isinstance(result, Reply):
+            self._send(result)
             return None
         return result
 
