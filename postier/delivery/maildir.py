@@ -63,16 +63,22 @@ class MaildirBackend:
         self.template = template
         self._known: set[Path] = set()  # maildirs verified to exist (saves syscalls)
         self._known_lock = threading.Lock()
+        self._paths: dict[str, Path] = {}  # mailbox name -> path (names come from the users map)
 
     def maildir_for(self, recipient: Recipient) -> Path:
         if self.template:
             from postier.delivery.paths import mailbox_path
 
             return mailbox_path(self.root, recipient.mailbox, self.template, recipient.user)
-        return self.root / recipient.mailbox
+        cached = self._paths.get(recipient.mailbox)
+        if cached is None:
+            cached = self._paths[recipient.mailbox] = self.root / recipient.mailbox
+        return cached
 
     def _ensure(self, maildir: Path) -> None:
-        if maildir in self._known and (maildir / "new").is_dir():
+        """Create the Maildir if needed. Known ones are not checked again: if one vanishes,
+        the link into it fails with ENOENT and `_place` creates it anew."""
+        if maildir in self._known:
             return
         for sub in ("tmp", "new", "cur"):
             ensure_dir(maildir / sub, 0o700)
@@ -82,19 +88,28 @@ class MaildirBackend:
     def _place(self, message: StoredMessage, maildir: Path) -> Path:
         """Put one copy into maildir/new; return its path. Raises OSError."""
         self._ensure(maildir)
-        for _ in range(5):
+        new_dir = os.path.join(maildir, "new")
+        source = os.fspath(message.path)
+        for attempt in range(5):
             name = unique_name(self.hostname, message.size)
-            target = maildir / "new" / name
+            target = os.path.join(new_dir, name)
             try:
-                os.link(message.path, target)
+                os.link(source, target)
             except FileExistsError:
                 continue  # practically impossible; take the next counter value
+            except FileNotFoundError:
+                if attempt or not os.path.exists(source):
+                    raise
+                with self._known_lock:
+                    self._known.discard(maildir)  # removed behind our back: recreate it
+                self._ensure(maildir)
+                continue
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
-                self._copy_in(message, maildir, name, target)
-            fsync_dir(maildir / "new")
-            return target
+                self._copy_in(message, maildir, name, Path(target))
+            fsync_dir(new_dir)
+            return Path(target)
         raise OSError(errno.EEXIST, "could not find a unique file name", str(maildir))
 
     def _copy_in(self, message: StoredMessage, maildir: Path, name: str, target: Path) -> None:
