@@ -106,6 +106,10 @@ class Router:
             results = self.backend.deliver(message, self._recipients(txn))  # type: ignore[attr-defined]
             results, requeued = self._queue_temporary_failures(message, results)
             queued = queued or requeued
+        if not self._async_backend:
+            # Every copy is made (hard links or queue): the spool name can go now, in this
+            # same thread-pool job, which saves a second hop per message.
+            writer.discard()
         return message, results, queued
 
     def _queue_temporary_failures(
@@ -149,9 +153,8 @@ class Router:
             )
             await loop.run_in_executor(self.executor, writer.discard)
             return R.STORAGE_FAILED
-        finally:
-            pass
-        await loop.run_in_executor(self.executor, writer.discard)
+        if self._async_backend:
+            await loop.run_in_executor(self.executor, writer.discard)
         for r in results:
             _LOG.info(
                 "event=delivery %s",

@@ -42,6 +42,51 @@ _counter = itertools.count(1)
 _counter_lock = threading.Lock()
 
 
+class GroupSync:
+    """fsync a directory once for all the entries linked into it before that fsync began.
+
+    Twenty sessions delivering to one popular mailbox would otherwise queue twenty fsyncs of
+    the same new/ directory; an fsync that starts after an entry was linked makes that entry
+    durable, so every thread whose link precedes a running or finished fsync can rely on it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        # directory -> [entries announced, entries covered by a finished fsync, fsync running]
+        self._state: dict[str, list[int]] = {}
+
+    def sync(self, directory: str) -> None:
+        """Call after linking an entry into `directory`; returns once it is durable."""
+        with self._cond:
+            st = self._state.setdefault(directory, [0, 0, 0])
+            st[0] += 1
+            mine = st[0]
+            while st[1] < mine:
+                if st[2]:
+                    self._cond.wait()
+                    continue
+                st[2] = 1
+                covers = st[0]
+                self._cond.release()
+                try:
+                    fsync_dir(directory)
+                    ok = True
+                except OSError:
+                    ok = False
+                    raise
+                finally:
+                    self._cond.acquire()
+                    st[2] = 0
+                    if ok:
+                        st[1] = max(st[1], covers)
+                    if st[1] >= st[0] and self._state.get(directory) is st:
+                        del self._state[directory]
+                    self._cond.notify_all()
+
+
+_group_sync = GroupSync()
+
+
 def _safe_hostname(hostname: str) -> str:
     # The Maildir spec: "/" and ":" cannot appear in a name; encode them as octal escapes.
     return hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
@@ -108,7 +153,7 @@ class MaildirBackend:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
                 self._copy_in(message, maildir, name, Path(target))
-            fsync_dir(new_dir)
+            _group_sync.sync(new_dir)
             return Path(target)
         raise OSError(errno.EEXIST, "could not find a unique file name", str(maildir))
 

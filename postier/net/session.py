@@ -120,7 +120,7 @@ class SmtpSession(asyncio.Protocol):
         self.conn: ServerConnection | None = None
         self.ip = "?"
         self.port = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
         self._paused = False
         self._lost = False
         self._eof = False
@@ -183,7 +183,7 @@ class SmtpSession(asyncio.Protocol):
     def wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
-            w.set_result(None)
+            w.set_result(False)
 
     # ---- helpers -----------------------------------------------------------------------
     def _log(self, name: str, level: int = logging.INFO, **kv: object) -> None:
@@ -229,17 +229,21 @@ class SmtpSession(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        now = loop.time()
-        timeout = min(self._timeout_for_phase(), deadline - now)
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timeout = min(self._timeout_for_phase(), deadline - loop.time())
+        # A timer handle rather than asyncio.wait_for: this runs for every command, and
+        # wait_for costs an extra task and future each time.
+        timer = loop.call_later(max(timeout, 0.0), _expire, waiter)
         try:
-            await asyncio.wait_for(self._waiter, timeout=max(timeout, 0.0))
-        except TimeoutError:
+            timed_out = await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if timed_out:
             if loop.time() >= deadline:
                 return R.SESSION_TOO_LONG
             return R.TIMEOUT
-        finally:
-            self._waiter = None
         return self._check_data_rate()
 
     def _check_data_rate(self) -> Reply | None:
@@ -634,3 +638,9 @@ class SmtpSession(asyncio.Protocol):
         if self.auth_failures >= MAX_AUTH_FAILURES:
             conn.close(R.TOO_MANY_AUTH_FAILURES, "too many auth failures")
             self._log("auth-cutoff", logging.WARNING, ip=self.ip, failures=self.auth_failures)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    """The wait for input timed out: wake the session with True."""
+    if not waiter.done():
+        waiter.set_result(True)
