@@ -38,40 +38,63 @@ _LOG = logging.getLogger("postier.daemon")
 SPOOL_SUBDIR = ".postier-tmp"
 
 
-def bind_sockets(spec: ListenSpec) -> list[socket.socket]:
-    """Create, bind and listen; IPv6 sockets are IPv6-only so both families can share a port."""
-    socks: list[socket.socket] = []
-    for host in resolve_bind_addresses(spec):
-        infos = socket.getaddrinfo(
-            host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
-        seen = set()
-        for family, type_, proto, _, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            s = socket.socket(family, type_, proto)
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(addr)
-                s.listen(1024)
-                s.setblocking(False)
-            except OSError as exc:
+Bound = list[tuple[str, list[socket.socket]]]  # (role, one listening socket per worker)
+
+
+def _listen_socket(family: int, addr: tuple, reuse_port: bool) -> socket.socket:  # type: ignore[type-arg]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(addr)
+        s.listen(1024)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def bind_sockets(spec: ListenSpec, copies: int = 1) -> list[list[socket.socket]]:
+    """Create, bind and listen; IPv6 sockets are IPv6-only so both families can share a port.
+
+    With several workers each gets its own socket on the same address (SO_REUSEPORT): the
+    kernel spreads new connections among them, instead of waking every worker for each
+    connection on one shared socket. All are bound here, before privileges are dropped.
+    """
+    groups: list[list[socket.socket]] = []
+    try:
+        for host in resolve_bind_addresses(spec):
+            infos = socket.getaddrinfo(
+                host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+            seen = set()
+            for family, _, _, _, addr in infos:
+                if (family, addr) in seen:
+                    continue
+                seen.add((family, addr))
+                first = _listen_socket(family, addr, copies > 1)
+                group = [first]
+                groups.append(group)
+                actual = first.getsockname()  # port 0 becomes a real port: copies share it
+                for _ in range(copies - 1):
+                    group.append(_listen_socket(family, actual, True))
+    except OSError as exc:
+        for group in groups:
+            for s in group:
                 s.close()
-                for other in socks:
-                    other.close()
-                raise ConfigError(f"cannot listen on {spec}: {exc.strerror}") from None
-            socks.append(s)
-    return socks
+        raise ConfigError(f"cannot listen on {spec}: {exc.strerror}") from None
+    return groups
 
 
-def bind_all(config: Config) -> list[tuple[str, socket.socket]]:
-    bound: list[tuple[str, socket.socket]] = []
+def bind_all(config: Config) -> Bound:
+    bound: Bound = []
     for role, specs in config.listeners.items():
         for spec in specs:
-            bound += [(role, s) for s in bind_sockets(spec)]
+            bound += [(role, group) for group in bind_sockets(spec, config.workers)]
     return bound
 
 
@@ -172,14 +195,19 @@ def _install_uvloop() -> str:
     return "uvloop"
 
 
-async def _serve_worker(
-    ctx: ServerContext, bound: list[tuple[str, socket.socket]], worker: int | None
-) -> int:
+async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) -> int:
     loop = asyncio.get_running_loop()
     config = ctx.config
     ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     servers: list[asyncio.Server] = []
-    for role_name, sock in bound:
+    mine: list[tuple[str, socket.socket]] = []
+    for role_name, group in bound:
+        index = worker or 0
+        mine.append((role_name, group[index]))
+        for i, other in enumerate(group):
+            if i != index:
+                other.close()  # another worker's socket: only the parent keeps them all
+    for role_name, sock in mine:
         role = ROLES[role_name]
         pcfg = server_config(ctx, role)
 
@@ -207,7 +235,7 @@ async def _serve_worker(
         watch_task = loop.create_task(ctx.tls.watch())
     else:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    for role_name, sock in bound:
+    for role_name, sock in mine:
         name = sock.getsockname()
         log.event("listening", logger=_LOG, role=role_name, address=f"{name[0]}:{name[1]}")
     log.event("ready", logger=_LOG, pid=os.getpid(), worker=worker)
@@ -237,9 +265,7 @@ async def _serve_worker(
     return 0
 
 
-def _run_worker(
-    ctx: ServerContext, bound: list[tuple[str, socket.socket]], worker: int | None
-) -> int:
+def _run_worker(ctx: ServerContext, bound: Bound, worker: int | None) -> int:
     _install_uvloop()
     return asyncio.run(_serve_worker(ctx, bound, worker))
 
@@ -303,7 +329,7 @@ def _preload_modules() -> str:
     return "uvloop"
 
 
-def _supervise(ctx: ServerContext, bound: list[tuple[str, socket.socket]]) -> int:
+def _supervise(ctx: ServerContext, bound: Bound) -> int:
     """Fork the workers and wait; forward SIGTERM/SIGINT; exit 0 when they all stopped."""
     config = ctx.config
     children: dict[int, int] = {}
@@ -349,7 +375,8 @@ def _supervise(ctx: ServerContext, bound: list[tuple[str, socket.socket]]) -> in
         if not stopping and index is not None:
             log.event("worker-died", logging.ERROR, _LOG, worker=index, code=code)
             spawn(index)
-    for _, s in bound:
-        s.close()
+    for _, group in bound:
+        for s in group:
+            s.close()
     sys.stderr.flush()
     return 0 if stopping and status == 0 else status
