@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
-import secrets
+import os
 import socket
 import ssl
 import time
@@ -115,7 +116,7 @@ class SmtpSession(asyncio.Protocol):
         self.ctx = ctx
         self.role = role
         self.protocol_config = protocol_config
-        self.sid = secrets.token_hex(5)
+        self.sid = next_session_id()
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
         self.ip = "?"
@@ -127,6 +128,7 @@ class SmtpSession(asyncio.Protocol):
         self._admitted = False
         self._write_paused: asyncio.Future[None] | None = None
         self._rdns: asyncio.Task[str] | None = None
+        self.rdns_name: str | None = None
         self.txn: Transaction | None = None
         self.tls_info = ""
         self.auth_failures = 0
@@ -148,7 +150,9 @@ class SmtpSession(asyncio.Protocol):
         self.ctx.sessions.add(self)
         loop = asyncio.get_running_loop()
         if self.ctx.config.reverse_dns:
-            self._rdns = loop.create_task(self._reverse_dns())
+            self.rdns_name = self.ctx.cached_rdns(self.ip)
+            if self.rdns_name is None:
+                self._rdns = loop.create_task(self._reverse_dns())
         self._task = loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
@@ -435,7 +439,9 @@ class SmtpSession(asyncio.Protocol):
         assert conn is not None and txn is not None
         session = conn.session
         rdns = "unknown"
-        if self._rdns is not None and self._rdns.done() and not self._rdns.cancelled():
+        if self.rdns_name is not None:
+            rdns = self.rdns_name
+        elif self._rdns is not None and self._rdns.done() and not self._rdns.cancelled():
             rdns = self._rdns.result()
         header = trace_headers(
             sender=txn.sender_text,
@@ -644,3 +650,11 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
     """The wait for input timed out: wake the session with True."""
     if not waiter.done():
         waiter.set_result(True)
+
+
+_session_counter = itertools.count(1)
+
+
+def next_session_id() -> str:
+    """Unique across workers (the pid) and cheap (no random bytes per connection)."""
+    return f"{os.getpid():x}{next(_session_counter):05x}"
