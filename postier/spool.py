@@ -2,8 +2,9 @@
 
 Format (postier/delivery/base.py): LF line endings; first `Return-Path: <sender>`, then our
 `Received:` header, then the content exactly as received (dot-unstuffed, CRLF → LF). The
-protocol layer hands us whole CRLF lines and refuses any message with a bare CR or LF, so the
-CRLF → LF conversion here is lossless and can be undone exactly when relaying.
+protocol layer hands us CRLF lines (a line over 64 KiB in pieces, never split inside a CRLF)
+and refuses any message with a bare CR or LF, so the CRLF → LF conversion here is lossless
+and can be undone exactly when relaying.
 
 Memory: chunks are kept in memory only up to `FLUSH_AT` bytes, then appended to the file by the
 thread pool. A 2 KiB message never touches the file before end of data, so it costs one open,
@@ -66,7 +67,7 @@ class SpoolWriter:
         return True
 
     def add(self, crlf_lines: bytes) -> bool:
-        """Add whole CRLF lines; True when enough is buffered that `flush()` should run."""
+        """Add CRLF content; True when enough is buffered that `flush()` should run."""
         data = crlf_lines.replace(b"\r\n", b"\n")
         if self._in_headers:
             self._scan_headers(data)

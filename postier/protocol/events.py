@@ -42,7 +42,9 @@ class Data:
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
-    """Message content: whole lines, dot-unstuffed, CRLF line endings."""
+    """Message content, dot-unstuffed, CRLF line endings: whole lines, except that a line
+    longer than 64 KiB comes in pieces (a piece never ends in CR and never holds a bare CR
+    or LF, so converting CRLF to LF chunk by chunk stays exact)."""
 
     data: bytes
 
