@@ -11,9 +11,20 @@ by default. A message's latency runs from the moment MAIL is written to the mome
 to the end of data is read. The load is bounded: exactly ``messages`` are attempted at most,
 and everything stops at the wall-clock ``deadline``.
 
+TLS and AUTH: ``starttls`` says STARTTLS after the first EHLO, then EHLO again; ``tls`` speaks
+TLS from the first byte (port 465 style). Neither verifies the certificate. ``tls_resume``
+offers the last session ticket received on every new connection (TLS session resumption);
+without it every connection makes a full handshake. ``auth`` ("user:password") says AUTH
+PLAIN once per connection, after the (last) EHLO. ``connect_only`` sends no mail: each of the
+``messages`` units is one connection (connect, greeting, EHLO, [STARTTLS, EHLO], [AUTH],
+QUIT), its latency from connect to the reply to QUIT: new sessions per second.
+
 Command line::
 
     python3 bench/loadgen.py --port 2525 -n 5000 -l 2048 -s 20 --rcpt alice@example.org
+    python3 bench/loadgen.py --port 2587 --starttls --auth alice:secret -n 500 -s 20 -r x@y.test
+    python3 bench/loadgen.py --port 2525 --starttls --connect-only --tls-resume -n 2000 -s 20 \
+        -r x@y.test
 
 As a module::
 
@@ -26,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
+import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,6 +64,11 @@ class LoadConfig:
     per_connection: bool = False
     deadline: float = 120.0
     connect_timeout: float = 10.0
+    starttls: bool = False  # STARTTLS after EHLO, then EHLO again
+    tls: bool = False  # implicit TLS from the first byte (port 465 style)
+    tls_resume: bool = False  # offer the last session ticket on each new connection
+    auth: str | None = None  # "user:password": AUTH PLAIN once per connection
+    connect_only: bool = False  # no mail: each unit is one connection's opening and QUIT
 
 
 @dataclass
@@ -63,6 +81,9 @@ class LoadResult:
     connections: int = 0
     elapsed: float = 0.0
     timed_out: bool = False
+    tls_handshakes: int = 0
+    tls_resumed: int = 0  # handshakes that resumed an earlier session (abbreviated)
+    tls_version: str | None = None  # of the first handshake, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     latencies: list[float] = field(default_factory=list, repr=False)
     error_samples: list[str] = field(default_factory=list)
 
@@ -123,6 +144,29 @@ def build_message(size: int, sender: str, rcpt: str) -> tuple[bytes, bytes]:
     return head, tail
 
 
+class _ClientContext(ssl.SSLContext):
+    """An unverified client context that can offer a saved session on every new connection.
+
+    asyncio (and uvloop) make each connection's SSLObject through ``wrap_bio`` and have no
+    way to pass a session: this override adds the one in ``self.resume`` (None: a full
+    handshake).
+    """
+
+    resume: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session=session or self.resume
+        )
+
+
+def client_context() -> _ClientContext:
+    ctx = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 class _Shared:
     """The counter the sessions take message numbers from, and the result they fill."""
 
@@ -130,6 +174,12 @@ class _Shared:
         self.cfg = cfg
         self.result = result
         self.next = 0
+        self.tls_ctx = client_context() if cfg.tls or cfg.starttls else None
+        self.auth = None
+        if cfg.auth is not None:
+            user, _, password = cfg.auth.partition(":")
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            self.auth = f"AUTH PLAIN {token}\r\n".encode()
         self.bodies = [build_message(cfg.size, cfg.sender, r) for r in cfg.recipients]
         self.mail = f"MAIL FROM:<{cfg.sender}>\r\n".encode()
         self.rcpts = [f"RCPT TO:<{r}>\r\n".encode() for r in cfg.recipients]
@@ -168,20 +218,58 @@ async def _expect(reader: asyncio.StreamReader, code: int, what: str) -> list[by
     return lines
 
 
+def _offers(lines: list[bytes], keyword: bytes) -> bool:
+    return any(line[4:].strip().upper().split(b" ")[0] == keyword for line in lines)
+
+
+def _note_tls(sh: _Shared, writer: asyncio.StreamWriter) -> None:
+    obj = writer.get_extra_info("ssl_object")
+    if obj is None:
+        return
+    res = sh.result
+    res.tls_handshakes += 1
+    if obj.session_reused:
+        res.tls_resumed += 1
+    if res.tls_version is None:
+        res.tls_version = f"{obj.version()} {(obj.cipher() or ('?',))[0]}"
+    if sh.cfg.tls_resume:
+        # read after a reply came over TLS, so that a TLS 1.3 ticket has arrived by now
+        session = obj.session
+        if session is not None and session.has_ticket:
+            sh.tls_ctx.resume = session
+
+
 async def _open(sh: _Shared) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+    """Connect and say EHLO; with STARTTLS, TLS and AUTH configured, through them too."""
     cfg = sh.cfg
+    tls = sh.tls_ctx if cfg.tls else None
     async with asyncio.timeout(cfg.connect_timeout):
-        reader, writer = await asyncio.open_connection(cfg.host, cfg.port, limit=1 << 16)
+        reader, writer = await asyncio.open_connection(
+            cfg.host, cfg.port, limit=1 << 16, ssl=tls, server_hostname=None if tls is None else ""
+        )
     sh.result.connections += 1
     try:
         await _expect(reader, 220, "greeting")
         writer.write(sh.ehlo)
         lines = await _expect(reader, 250, "EHLO")
+        if cfg.starttls:
+            if not _offers(lines, b"STARTTLS"):
+                raise _ReplyError("STARTTLS not offered")
+            writer.write(b"STARTTLS\r\n")
+            await _expect(reader, 220, "STARTTLS")
+            async with asyncio.timeout(cfg.connect_timeout):
+                await writer.start_tls(sh.tls_ctx, server_hostname="")
+            writer.write(sh.ehlo)
+            lines = await _expect(reader, 250, "EHLO after STARTTLS")
+        if cfg.tls or cfg.starttls:
+            _note_tls(sh, writer)
+        if sh.auth is not None:
+            writer.write(sh.auth)
+            await _expect(reader, 235, "AUTH PLAIN")
     except BaseException:
         writer.close()
         raise
-    can_pipeline = any(line[4:].strip().upper() == b"PIPELINING" for line in lines)
-    return reader, writer, can_pipeline
+    return reader, writer, _offers(lines, b"PIPELINING")
 
 
 async def _close(writer: asyncio.StreamWriter, reader: asyncio.StreamReader | None) -> None:
@@ -264,14 +352,51 @@ async def _session(sh: _Shared) -> None:
             await _close(writer, reader)
 
 
+async def _connect_session(sh: _Shared) -> None:
+    """``connect_only``: each unit is a connection opened as configured and closed by QUIT."""
+    res = sh.result
+    while sh.take() is not None:
+        writer = None
+        t0 = time.perf_counter()
+        try:
+            reader, writer, _ = await _open(sh)
+            writer.write(b"QUIT\r\n")
+            await _expect(reader, 221, "QUIT")
+            res.latencies.append(time.perf_counter() - t0)
+            res.ok += 1
+        except (_ReplyError, OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+            if isinstance(e, _ReplyError):
+                res.failed += 1
+                res.note_error(str(e))
+            else:
+                res.io_errors += 1
+                res.note_error(f"{type(e).__name__}: {e}")
+            await asyncio.sleep(0.01)
+        finally:
+            if writer is not None:
+                writer.close()
+                # bounded: a TLS close waits for the peer's close_notify otherwise
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(5):
+                        await writer.wait_closed()
+
+
 async def run_load(cfg: LoadConfig) -> LoadResult:
     """Run the load described by ``cfg``; never longer than ``cfg.deadline`` seconds."""
     if not cfg.recipients:
         raise ValueError("at least one recipient is needed")
-    result = LoadResult(config=asdict(cfg))
+    if cfg.tls and cfg.starttls:
+        raise ValueError("tls (implicit) and starttls exclude each other")
+    if cfg.tls_resume and not (cfg.tls or cfg.starttls):
+        raise ValueError("tls_resume needs tls or starttls")
+    config = asdict(cfg)
+    if cfg.auth is not None:
+        config["auth"] = cfg.auth.partition(":")[0] + ":***"
+    result = LoadResult(config=config)
     sh = _Shared(cfg, result)
+    session = _connect_session if cfg.connect_only else _session
     t0 = time.perf_counter()
-    tasks = [asyncio.create_task(_session(sh)) for _ in range(max(1, cfg.sessions))]
+    tasks = [asyncio.create_task(session(sh)) for _ in range(max(1, cfg.sessions))]
     try:
         async with asyncio.timeout(cfg.deadline):
             await asyncio.gather(*tasks)
@@ -307,12 +432,15 @@ def run(cfg: LoadConfig) -> LoadResult:
 
 def format_result(r: LoadResult) -> str:
     s = r.summary()
+    unit = "connections" if r.config.get("connect_only") else "msgs"
     text = (
-        f"{r.ok}/{r.config['messages']} accepted in {r.elapsed:.2f} s: "
-        f"{s['msgs_per_s']:.1f} msgs/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
+        f"{r.ok}/{r.config['messages']} {unit} done in {r.elapsed:.2f} s: "
+        f"{s['msgs_per_s']:.1f} {unit}/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
         f"errors {r.errors} (failed {r.failed}, io {r.io_errors}, unsent {r.unsent}), "
         f"connections {r.connections}"
     )
+    if r.tls_handshakes:
+        text += f", TLS {r.tls_version}: {r.tls_handshakes} handshakes, {r.tls_resumed} resumed"
     if r.timed_out:
         text += ", DEADLINE REACHED"
     for e in r.error_samples[:5]:
@@ -349,6 +477,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
         action="store_true",
         help="one message per connection (as smtp-source without -d)",
     )
+    p.add_argument("--starttls", action="store_true", help="STARTTLS after EHLO, then EHLO again")
+    p.add_argument("--tls", action="store_true", help="implicit TLS (port 465 style)")
+    p.add_argument(
+        "--tls-resume",
+        action="store_true",
+        help="offer the last TLS session ticket on each new connection (resumption)",
+    )
+    p.add_argument("--auth", metavar="USER:PASS", help="AUTH PLAIN once per connection")
+    p.add_argument(
+        "--connect-only",
+        action="store_true",
+        help="no mail: -n connections of greeting, EHLO, [STARTTLS, EHLO], [AUTH], QUIT",
+    )
     p.add_argument("--deadline", type=float, default=120.0, help="wall-clock limit, seconds")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
@@ -356,20 +497,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
     if a.rcpt_file:
         with open(a.rcpt_file, encoding="utf-8") as f:
             rcpts += [ln.split()[0] for ln in f if ln.strip() and not ln.startswith("#")]
-    if not rcpts:
+    if not rcpts and not a.connect_only:
         p.error("give at least one recipient with --rcpt or --rcpt-file")
+    if a.tls and a.starttls:
+        p.error("--tls and --starttls exclude each other")
+    if a.tls_resume and not (a.tls or a.starttls):
+        p.error("--tls-resume needs --tls or --starttls")
+    if a.auth is not None and ":" not in a.auth:
+        p.error("--auth: USER:PASS expected")
     return LoadConfig(
         host=a.host,
         port=a.port,
         messages=a.messages,
         size=a.size,
         sessions=a.sessions,
-        recipients=tuple(rcpts),
+        recipients=tuple(rcpts) or ("postmaster@example.org",),
         sender=a.sender,
         helo=a.helo,
         pipelining=a.pipelining,
         per_connection=a.per_connection,
         deadline=a.deadline,
+        starttls=a.starttls,
+        tls=a.tls,
+        tls_resume=a.tls_resume,
+        auth=a.auth,
+        connect_only=a.connect_only,
     ), a.json
 
 

@@ -11,6 +11,7 @@ repeats, p50/p99 latency, peak RSS and PSS) and writes every figure as JSON unde
 
     python3 bench/run.py --sessions 1,20,100 --messages 5000 --size 2048 --repeat 5
     python3 bench/run.py --servers postier,aiosmtpd,postfix,sink     # side by side
+    python3 bench/run.py --scenario tls      # or basic, relay, formats (bench/scenarios.py)
 
 Everything started here is stopped here, by pid, also on Ctrl-C.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -31,8 +33,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if __name__ == "__main__":
+    # baselines.py and scenarios.py import this file as `run`: let them find this copy
+    sys.modules.setdefault("run", sys.modules["__main__"])
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -44,6 +51,8 @@ DOMAIN = "example.org"
 USERS = ("alice", "bob", "carol", "dave", "erin")
 RECIPIENTS = tuple(f"{u}@{DOMAIN}" for u in USERS)
 SENDER = "bench@sender.example"
+AUTH_USER = RECIPIENTS[0]  # the account submission rows log in as (and send from)
+BENCH_PASSWORD = "bench-secret"  # a throw-away account on a loopback server
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -285,6 +294,10 @@ class Target:
 
     name = "?"
     stores = True  # False for a sink: nothing to count
+    unit = "msg"  # "conn" when the load is connections (loadgen --connect-only), not mail
+    loadgen_args: tuple[str, ...] = ()  # more flags for bench/loadgen.py (TLS, AUTH, ...)
+    recipients: tuple[str, ...] = RECIPIENTS
+    messages: int | None = None  # per run, when not --messages (e.g. costly AUTH handshakes)
 
     def __init__(self, workdir: Path, opts: argparse.Namespace) -> None:
         self.workdir = workdir
@@ -310,6 +323,15 @@ class Target:
 
     def clear(self) -> None:
         pass
+
+    def settled(self) -> str | None:
+        """None when nothing is left in flight after a run, else what is (a non-empty queue)."""
+        return None
+
+    def peer_pids(self) -> list[int]:
+        """Processes outside the server's tree doing the far end's work (smtp-sink, Dovecot):
+        their CPU is reported apart, as peer CPU."""
+        return []
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -337,16 +359,92 @@ class Target:
             raise RuntimeError(f"{self.name}: {e}\n--- {self.log}:\n{tail(self.log)}") from None
 
 
+@functools.cache
+def bench_password_hash() -> str:
+    """The ARGON2ID hash of BENCH_PASSWORD, made once per process (it takes a while)."""
+    sys.path.insert(0, str(REPO))
+    from postier.auth.passwd import hash_password
+
+    return hash_password(BENCH_PASSWORD)
+
+
+def write_cert(directory: Path) -> tuple[Path, Path]:
+    sys.path.insert(0, str(REPO))
+    from postier.gencert import write_pair
+
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    write_pair(cert, key, "bench.postier.test")
+    return cert, key
+
+
+def wait_port(port: int, timeout: float, alive=lambda: True) -> None:
+    """Wait until 127.0.0.1:port accepts a connection (a TLS listener says nothing first)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not alive():
+            raise RuntimeError(f"server exited before listening on 127.0.0.1:{port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
 class PostierTarget(Target):
+    """``postier serve`` on loopback with a fresh mail root and queue.
+
+    The load goes to ``listener``: ``mx`` (plaintext, STARTTLS offered when ``tls``),
+    ``local`` (relays without AUTH), ``submission`` (STARTTLS + AUTH) or ``submissions``
+    (implicit TLS + AUTH); the last two imply ``tls`` and a password file with
+    AUTH_USER, and the load logs in (``auth``, default: for those two listeners) and sends
+    from that address. ``loadgen_args`` go to bench/loadgen.py (``--starttls``,
+    ``--connect-only``...). ``fmt`` and ``workers`` default to the first of ``-F`` and
+    ``--workers``; ``messages`` replaces ``--messages`` for this row.
+    """
+
     name = "postier"
+
+    def __init__(
+        self,
+        workdir: Path,
+        opts: argparse.Namespace,
+        *,
+        fmt: str | None = None,
+        workers: int | None = None,
+        listener: str = "mx",
+        tls: bool = False,
+        auth: bool | None = None,
+        loadgen_args: tuple[str, ...] = (),
+        extra_args: tuple[str, ...] = (),
+        label: str | None = None,
+        messages: int | None = None,
+    ) -> None:
+        super().__init__(workdir, opts)
+        self.fmt = fmt or opts.format
+        self.workers = opts.workers if workers is None else workers
+        self.listener = listener
+        self.tls = tls or listener in ("submission", "submissions")
+        self.loadgen_args = tuple(loadgen_args)
+        if auth is None:
+            auth = listener in ("submission", "submissions")
+        if auth:
+            self.loadgen_args += ("--auth", f"{AUTH_USER}:{BENCH_PASSWORD}", "-f", AUTH_USER)
+        self.messages = messages
+        if "--connect-only" in self.loadgen_args:
+            self.unit, self.stores = "conn", False
+        self.extra_args = tuple(extra_args)
+        self.label = label
+
+    def serve_args(self) -> list[str]:
+        """Arguments a subclass adds (-F lmtp's target, relay's DNS and remote port)."""
+        return []
 
     def start(self) -> None:
         self.root = self.workdir / "mail"
         self.root.mkdir()
         users = self.workdir / "users"
         write_users(users)
-        self.port, local = free_port(), free_port()
-        fmt = self.opts.format
+        self.mx_port = free_port()
+        ports = {"mx": self.mx_port, "local": free_port()}
         argv = [
             sys.executable,
             "-m",
@@ -360,33 +458,64 @@ class PostierTarget(Target):
             str(self.root),
             "-u",
             str(users),
+            "-Q",
+            str(self.workdir / "queue"),  # its own: two servers never share a queue's lock
             "--mx",
-            f"127.0.0.1:{self.port}",
+            f"127.0.0.1:{self.mx_port}",
             "--local",
-            f"127.0.0.1:{local}",
+            f"127.0.0.1:{ports['local']}",
             "-F",
-            fmt,
+            self.fmt,
         ]
-        if self.opts.workers:
-            argv += ["--workers", str(self.opts.workers)]
+        if self.listener in ("submission", "submissions"):
+            ports[self.listener] = free_port()
+            argv += [f"--{self.listener}", f"127.0.0.1:{ports[self.listener]}"]
+            passwords = self.workdir / "passwords"
+            passwords.write_text(f"{AUTH_USER}:{bench_password_hash()}\n")
+            passwords.chmod(0o600)
+            argv += ["-P", str(passwords)]
+        if self.tls:
+            cert, key = write_cert(self.workdir)
+            argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        if self.workers:
+            argv += ["--workers", str(self.workers)]
         # every session comes from 127.0.0.1: lift the per-address cap above the load
         cap = str(max(1000, 2 * max(self.opts.sessions)))
         argv += ["--max-connections", cap, "--max-connections-per-ip", cap]
-        argv += self.opts.postier_arg
+        argv += self.serve_args()
+        argv += list(self.extra_args) + list(self.opts.postier_arg)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         self._spawn(argv, env)
+        self.port = self.mx_port  # plaintext: it greets first
         self._wait_ready()
+        self.port = ports[self.listener]
+        if self.port != self.mx_port:
+            try:
+                wait_port(self.port, 30, self.alive)
+            except RuntimeError as e:
+                self.stop()
+                raise RuntimeError(f"{self.name}: {e}\n--- {self.log}:\n{tail(self.log)}") from None
 
     def delivered(self) -> int:
-        return COUNTERS[self.opts.format](self.root)
+        return COUNTERS[self.fmt](self.root)
 
     def clear(self) -> None:
-        CLEARERS[self.opts.format](self.root)
+        CLEARERS[self.fmt](self.root)
+
+    def settled(self) -> str | None:
+        env = self.workdir / "queue" / "env"
+        with contextlib.suppress(FileNotFoundError):
+            left = sum(1 for e in os.scandir(env) if not e.name.startswith("."))
+            if left:
+                return f"{left} messages still in the queue"
+        return None
 
     def describe(self) -> str:
-        w = f", --workers {self.opts.workers}" if self.opts.workers else ""
-        return f"postier ({self.opts.format}{w})"
+        if self.label:
+            return f"postier ({self.label})"
+        w = f", --workers {self.workers}" if self.workers else ""
+        return f"postier ({self.fmt}{w})"
 
 
 def make_target(name: str, workdir: Path, opts: argparse.Namespace) -> Target:
@@ -455,14 +584,18 @@ class RunResult:
     cpu_s: float  # CPU seconds the server's process tree used during the run
     cpu_ms_per_msg: float | None
     error_samples: list[str] = field(default_factory=list)
+    peer_cpu_ms_per_msg: float | None = None  # the far end's (smtp-sink, Dovecot), if any
+    tls_handshakes: int = 0
+    tls_resumed: int = 0
+    tls_version: str | None = None
 
 
-def drive_loadgen(port: int, sessions: int, opts) -> dict:
+def drive_loadgen(target: Target, sessions: int, opts) -> dict:
     argv = [
         sys.executable,
         str(LOADGEN),
         "--port",
-        str(port),
+        str(target.port),
         "-n",
         str(opts.messages),
         "-l",
@@ -475,12 +608,13 @@ def drive_loadgen(port: int, sessions: int, opts) -> dict:
         str(opts.deadline),
         "--json",
         "-r",
-        ",".join(RECIPIENTS),
+        ",".join(target.recipients),
     ]
     if opts.pipelining:
         argv.append("-P")
     if opts.mode == "per-connection":
         argv.append("-1")
+    argv += target.loadgen_args
     r = subprocess.run(
         argv, capture_output=True, text=True, timeout=opts.deadline + 60, stdin=subprocess.DEVNULL
     )
@@ -495,10 +629,16 @@ def drive_loadgen(port: int, sessions: int, opts) -> dict:
         "p50_ms": d["p50_ms"],
         "p99_ms": d["p99_ms"],
         "error_samples": d["error_samples"],
+        "tls_handshakes": d.get("tls_handshakes", 0),
+        "tls_resumed": d.get("tls_resumed", 0),
+        "tls_version": d.get("tls_version"),
     }
 
 
-def drive_smtp_source(port: int, sessions: int, opts) -> dict:
+def drive_smtp_source(target: Target, sessions: int, opts) -> dict:
+    if target.loadgen_args or target.recipients != RECIPIENTS:
+        raise RuntimeError(f"{target.describe()}: needs bench/loadgen.py (--driver loadgen)")
+    port = target.port
     exe, env = find_postfix_tool("smtp-source")
     argv = [
         exe,
@@ -554,15 +694,20 @@ DRIVERS = {"loadgen": drive_loadgen, "smtp-source": drive_smtp_source}
 
 
 def one_run(target: Target, sessions: int, opts, messages: int | None = None) -> RunResult:
-    if messages is not None:  # a warm-up: same load, fewer messages
+    """One measured run (or, with ``messages``, a warm-up: same load, fewer messages)."""
+    if messages is None:
+        messages = target.messages or opts.messages
+    if messages != opts.messages:
         opts = argparse.Namespace(**{**vars(opts), "messages": messages})
     before = target.delivered() if target.stores else 0
     loadavg = os.getloadavg()[0]
+    peers = target.peer_pids()
     cpu0 = tree_cpu_seconds(target.root_pid())
+    peer0 = sum(tree_cpu_seconds(p) for p in peers)
     sampler = RssSampler(target.root_pid())
     sampler.start()
     try:
-        d = DRIVERS[opts.driver](target.port, sessions, opts)
+        d = DRIVERS[opts.driver](target, sessions, opts)
         done = time.perf_counter()
         delivered = None
         e2e = d["elapsed"]
@@ -575,9 +720,17 @@ def one_run(target: Target, sessions: int, opts, messages: int | None = None) ->
                     time.sleep(0.02)
                     delivered = target.delivered() - before
                 e2e += time.perf_counter() - done
+            # a relay's queue entry goes after the far end's 250: wait (bounded) for it
+            end = time.perf_counter() + opts.drain_timeout
+            while (left := target.settled()) and time.perf_counter() < end:
+                time.sleep(0.02)
+            if left:
+                d["error_samples"] = [f"after the run: {left}", *d["error_samples"]]
+                d["errors"] += 1
     finally:
         peak = sampler.stop()
     cpu = tree_cpu_seconds(target.root_pid()) - cpu0
+    peer_cpu = sum(tree_cpu_seconds(p) for p in peers) - peer0
     handled = delivered if target.stores else d["accepted"]
     if target.stores:
         target.clear()
@@ -598,6 +751,10 @@ def one_run(target: Target, sessions: int, opts, messages: int | None = None) ->
         cpu_s=round(cpu, 2),
         cpu_ms_per_msg=round(cpu * 1000 / handled, 3) if handled else None,
         error_samples=d["error_samples"][:5],
+        peer_cpu_ms_per_msg=round(peer_cpu * 1000 / handled, 3) if peers and handled else None,
+        tls_handshakes=d.get("tls_handshakes", 0),
+        tls_resumed=d.get("tls_resumed", 0),
+        tls_version=d.get("tls_version"),
     )
 
 
@@ -608,11 +765,17 @@ def _median(xs):
 
 def _report(t: Target, i: int, r: RunResult, opts) -> None:
     lost = "" if r.delivered in (None, r.accepted) else f" DELIVERED {r.delivered}"
+    u = t.unit
+    more = ""
+    if r.peer_cpu_ms_per_msg is not None:
+        more += f", peer cpu {r.peer_cpu_ms_per_msg} ms/{u}"
+    if r.tls_handshakes:
+        more += f", {r.tls_version}, {r.tls_resumed}/{r.tls_handshakes} resumed"
     print(
-        f"#   {t.describe()}, run {i + 1}/{opts.repeat}: {r.msgs_per_s} msgs/s, "
-        f"p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, cpu {r.cpu_ms_per_msg} ms/msg, "
+        f"#   {t.describe()}, run {i + 1}/{opts.repeat}: {r.msgs_per_s} {u}s/s, "
+        f"p50 {r.p50_ms} ms, p99 {r.p99_ms} ms, cpu {r.cpu_ms_per_msg} ms/{u}, "
         f"rss {r.peak_rss / 2**20:.1f} MiB, pss {r.peak_pss / 2**20:.1f} MiB, "
-        f"errors {r.errors}{lost}, load {r.loadavg}",
+        f"errors {r.errors}{lost}, load {r.loadavg}{more}",
         file=sys.stderr,
         flush=True,
     )
@@ -623,14 +786,19 @@ def _report(t: Target, i: int, r: RunResult, opts) -> None:
 def _row(t: Target, sessions: int, runs: list[RunResult], opts) -> dict:
     return {
         "server": t.describe(),
+        "part": getattr(opts, "part", ""),
+        "unit": t.unit,
         "sessions": sessions,
         "msgs_per_s": _median([r.msgs_per_s for r in runs]),
         "p50_ms": _median([r.p50_ms for r in runs]),
         "p99_ms": _median([r.p99_ms for r in runs]),
         "cpu_ms_per_msg": _median([r.cpu_ms_per_msg for r in runs]),
+        "peer_cpu_ms_per_msg": _median([r.peer_cpu_ms_per_msg for r in runs]),
+        "tls_handshakes": sum(r.tls_handshakes for r in runs),
+        "tls_resumed": sum(r.tls_resumed for r in runs),
         "peak_rss_mib": round(max(r.peak_rss for r in runs) / 2**20, 1),
         "peak_pss_mib": round(max(r.peak_pss for r in runs) / 2**20, 1),
-        "sent": opts.messages * len(runs),
+        "sent": (t.messages or opts.messages) * len(runs),
         "accepted": sum(r.accepted for r in runs),
         "delivered": sum(r.delivered for r in runs) if t.stores else None,
         "errors": sum(r.errors for r in runs),
@@ -641,7 +809,60 @@ def _row(t: Target, sessions: int, runs: list[RunResult], opts) -> dict:
 _FAILS = (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError)
 
 
-def bench_level(sessions: int, opts, base: Path, failures: list[str], rows: list[dict]) -> None:
+@dataclass(frozen=True)
+class Spec:
+    """One row of a table: a name (for directories and failures) and how to make its target."""
+
+    name: str
+    make: Callable[[Path, argparse.Namespace], Target]
+
+
+@dataclass
+class Part:
+    """A table of a scenario: its rows, session counts (None: --sessions) and option changes."""
+
+    title: str
+    specs: list[Spec] | None = None  # None: --servers, -F and --workers
+    sessions: list[int] | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+def default_specs(opts: argparse.Namespace) -> list[Spec]:
+    """``--servers``, with one postier row per ``-F`` format and ``--workers`` value."""
+    specs = []
+    for name in opts.servers:
+        if name != "postier":
+            specs.append(Spec(name, functools.partial(make_target, name)))
+            continue
+        for fmt in opts.formats:
+            for w in opts.workers_list:
+                specs.append(
+                    Spec(
+                        f"postier-{fmt}-w{w}",
+                        functools.partial(postier_target, fmt=fmt, workers=w),
+                    )
+                )
+    return specs
+
+
+def postier_target(workdir: Path, opts: argparse.Namespace, **kw) -> Target:
+    if kw.get("fmt") == "lmtp":  # a private Dovecot behind it
+        try:
+            import scenarios  # run as a script: bench/ is on sys.path
+        except ImportError:
+            from bench import scenarios
+        return scenarios.LmtpTarget(workdir, opts, **kw)
+    return PostierTarget(workdir, opts, **kw)
+
+
+def bench_level(
+    sessions: int,
+    opts,
+    base: Path,
+    failures: list[str],
+    rows: list[dict],
+    specs: list[Spec] | None = None,
+) -> None:
     """All servers at one session count, each started afresh on its own mail root.
 
     The repeats are interleaved (server A, B, C, then A, B, C again...) so that whatever
@@ -651,17 +872,18 @@ def bench_level(sessions: int, opts, base: Path, failures: list[str], rows: list
     targets: list[Target] = []
     runs: dict[Target, list[RunResult]] = {}
     try:
-        for name in opts.servers:
+        for spec in default_specs(opts) if specs is None else specs:
+            name = spec.name
             workdir = Path(tempfile.mkdtemp(prefix=f"{name}-s{sessions}-", dir=base))
             try:
-                t = make_target(name, workdir, opts)
+                t = spec.make(workdir, opts)
                 print(
                     f"# {t.describe()}, {sessions} sessions: starting", file=sys.stderr, flush=True
                 )
                 targets.append(t)
                 t.start()
                 if opts.warmup:
-                    w = one_run(t, sessions, opts, messages=opts.warmup)
+                    w = one_run(t, sessions, opts, messages=min(opts.warmup, t.messages or 1e9))
                     if w.errors or w.delivered not in (None, w.accepted):
                         # not in the figures, but a fresh mail root is where races show
                         failures.append(
@@ -679,8 +901,8 @@ def bench_level(sessions: int, opts, base: Path, failures: list[str], rows: list
                     if not t.alive():
                         raise RuntimeError(f"the server died:\n{tail(t.log)}")
                 except _FAILS as e:
-                    failures.append(f"{t.name} at {sessions} sessions: {e}")
-                    print(f"# {t.name}: FAILED: {e}", file=sys.stderr, flush=True)
+                    failures.append(f"{t.describe()} at {sessions} sessions: {e}")
+                    print(f"# {t.describe()}: FAILED: {e}", file=sys.stderr, flush=True)
                     del runs[t]
                     t.stop()
                     continue
@@ -702,21 +924,31 @@ def _fmt(v: float | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (
+    """One table; ``rows`` share a unit (messages, or connections for handshake rows)."""
+    u = rows[0].get("unit", "msg") if rows else "msg"
+    peer = any(r.get("peer_cpu_ms_per_msg") is not None for r in rows)
+    tls = any(r.get("tls_handshakes") for r in rows)
+    head = [
         "server",
         "sessions",
-        "msgs/s",
+        f"{u}s/s",
         "p50 ms",
         "p99 ms",
-        "CPU ms/msg",
+        f"CPU ms/{u}",
+        *([f"peer CPU ms/{u}"] if peer else []),
         "peak RSS MiB",
         "peak PSS MiB",
-        "delivered/sent",
+        *(["TLS resumed"] if tls else []),
+        "delivered/sent" if u == "msg" else "done/sent",
         "errors",
-    )
+    ]
     lines = []
     for r in rows:
-        landed = "n/a (sink)" if r["delivered"] is None else f"{r['delivered']}/{r['sent']}"
+        if r["delivered"] is None:
+            landed = f"{r['accepted']}/{r['sent']}" if u != "msg" else "n/a (sink)"
+        else:
+            landed = f"{r['delivered']}/{r['sent']}"
+        hs = r.get("tls_handshakes", 0)
         lines.append(
             (
                 r["server"],
@@ -725,17 +957,32 @@ def format_table(rows: list[dict]) -> str:
                 _fmt(r["p50_ms"]),
                 _fmt(r["p99_ms"]),
                 _fmt(r["cpu_ms_per_msg"]),
+                *([_fmt(r.get("peer_cpu_ms_per_msg"))] if peer else []),
                 f"{r['peak_rss_mib']:.1f}",
                 f"{r['peak_pss_mib']:.1f}",
+                *([f"{r.get('tls_resumed', 0)}/{hs}" if hs else "-"] if tls else []),
                 landed,
                 str(r["errors"]),
             )
         )
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    out += [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    ]
     return "\n".join(out)
+
+
+def format_tables(rows: list[dict]) -> str:
+    """One table per part of a scenario (and per unit), in the order they ran."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("part", ""), r.get("unit", "msg")), []).append(r)
+    out = []
+    for (part, _), group in groups.items():
+        out.append((f"## {part}\n" if part else "") + format_table(group))
+    return "\n\n".join(out)
 
 
 def machine() -> dict:
@@ -752,17 +999,48 @@ def machine() -> dict:
     }
 
 
+DEFAULTS = {"sessions": "1,20,100", "messages": 5000, "repeat": 5}
+FORMATS = (*sorted(COUNTERS), "lmtp")
+
+
+def _scenarios():
+    try:
+        import scenarios  # run as a script: bench/ is on sys.path
+    except ImportError:
+        from bench import scenarios
+    return scenarios
+
+
 def parse_args(argv=None, servers_default="postier") -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--scenario",
+        choices=("basic", "tls", "relay", "formats"),
+        help="a prepared comparison (bench/scenarios.py): basic (maildir at 1/20/100 sessions, "
+        "--workers 1 and 2), tls (handshakes/s; msgs/s plain vs STARTTLS vs AUTH), relay "
+        "(submission/local to smtp-sink through the queue), formats (maildir, mbox, spool, "
+        "lmtp); its defaults for --sessions, --messages and --repeat yield to the flags",
+    )
     p.add_argument(
         "--servers",
         default=servers_default,
         help="comma-separated: postier, aiosmtpd, postfix, sink",
     )
-    p.add_argument("--sessions", default="1,20,100", help="comma-separated session counts")
-    p.add_argument("-n", "--messages", type=int, default=5000, help="messages per run")
+    p.add_argument(
+        "--sessions", help=f"comma-separated session counts (default {DEFAULTS['sessions']})"
+    )
+    p.add_argument(
+        "-n",
+        "--messages",
+        type=int,
+        help=f"messages per run (default {DEFAULTS['messages']})",
+    )
     p.add_argument("-l", "--size", type=int, default=2048, help="body bytes per message")
-    p.add_argument("--repeat", type=int, default=5, help="runs per session count (median)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        help=f"runs per session count, the table shows the median (default {DEFAULTS['repeat']})",
+    )
     p.add_argument(
         "--warmup",
         type=int,
@@ -773,11 +1051,18 @@ def parse_args(argv=None, servers_default="postier") -> argparse.Namespace:
         "-F",
         "--format",
         default="maildir",
-        choices=sorted(COUNTERS),
-        help="postier's mailbox format",
+        help=f"postier's mailbox format, comma-separated for one row each: {', '.join(FORMATS)}",
     )
     p.add_argument(
-        "--workers", type=int, default=0, help="postier --workers N (0: do not pass the flag)"
+        "--workers",
+        default="0",
+        help="postier --workers N, comma-separated for one row each (0: do not pass the flag)",
+    )
+    p.add_argument(
+        "--handshakes",
+        type=int,
+        default=2000,
+        help="--scenario tls: connections per handshake run",
     )
     p.add_argument(
         "--postier-arg",
@@ -814,10 +1099,20 @@ def parse_args(argv=None, servers_default="postier") -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
     p.add_argument("--label", default="", help="a name for the results file")
     opts = p.parse_args(argv)
+    preset = _scenarios().PRESETS[opts.scenario] if opts.scenario else {}
+    for key, value in DEFAULTS.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, preset.get(key, value))
     try:
-        opts.sessions = [int(x) for x in opts.sessions.split(",") if x.strip()]
+        opts.sessions = [int(x) for x in str(opts.sessions).split(",") if x.strip()]
+        opts.workers_list = [int(x) for x in str(opts.workers).split(",") if x.strip()] or [0]
     except ValueError:
-        p.error("--sessions: comma-separated integers expected")
+        p.error("--sessions and --workers: comma-separated integers expected")
+    opts.workers = opts.workers_list[0]
+    opts.formats = [x.strip() for x in opts.format.split(",") if x.strip()]
+    if not opts.formats or any(f not in FORMATS for f in opts.formats):
+        p.error(f"-F: comma-separated, among {', '.join(FORMATS)}")
+    opts.format = opts.formats[0]
     opts.servers = [x.strip() for x in opts.servers.split(",") if x.strip()]
     if opts.messages < 1 or opts.repeat < 1 or not opts.sessions:
         p.error("--messages, --repeat and --sessions must be positive")
@@ -831,9 +1126,12 @@ def main(argv=None, servers_default="postier") -> int:
     failures: list[str] = []
     started = time.time()
     info = machine()  # before the load, so that its load average is the machine's own
+    parts = _scenarios().parts(opts) if opts.scenario else [Part("")]
     try:
-        for sessions in opts.sessions:
-            bench_level(sessions, opts, base, failures, rows)
+        for part in parts:
+            popts = argparse.Namespace(**{**vars(opts), "part": part.title, **part.overrides})
+            for sessions in part.sessions or opts.sessions:
+                bench_level(sessions, popts, base, failures, rows, part.specs)
     except KeyboardInterrupt:
         failures.append("interrupted")
     finally:
@@ -846,12 +1144,12 @@ def main(argv=None, servers_default="postier") -> int:
         f"{info['loadavg'][0]:.2f}"
     )
     if rows:
-        print(format_table(rows))
+        print(format_tables(rows))
     for f in failures:
         print(f"FAILED {f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-    label = opts.label or "-".join(opts.servers)
+    label = opts.label or opts.scenario or "-".join(opts.servers)
     out = RESULTS / f"{label}-{stamp}.json"
     out.write_text(
         json.dumps(
