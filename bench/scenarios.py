@@ -241,7 +241,7 @@ def tls(opts: argparse.Namespace) -> list[Part]:
             "starttls-auth",
             listener="submission",
             loadgen_args=(*conn, "--starttls"),
-            messages=max(20, n // 10),
+            messages=max(20, n // 40),
             label="submission, STARTTLS + AUTH PLAIN (ARGON2ID), full handshake",
         ),
     ]
