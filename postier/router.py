@@ -104,7 +104,7 @@ class Router:
             self.queue_commit(message, [t.address for t in txn.remote])
         if txn.local and not self._async_backend:
             results = self.backend.deliver(message, self._recipients(txn))  # type: ignore[attr-defined]
-            results, requeued = self._queue_temporary_failures(message, results)
+            results, requeued = self._queue_failures(message, results, bool(txn.remote))
             queued = queued or requeued
         if not self._async_backend:
             # Every copy is made (hard links or queue): the spool name can go now, in this
@@ -112,24 +112,30 @@ class Router:
             writer.discard()
         return message, results, queued
 
-    def _queue_temporary_failures(
-        self, message: StoredMessage, results: list[RecipientResult]
+    def _queue_failures(
+        self, message: StoredMessage, results: list[RecipientResult], remote: bool
     ) -> tuple[list[RecipientResult], bool]:
-        """Local copies that could not be stored now go to the queue to be retried there.
+        """Local recipients that did not get their copy go to the queue (blocking).
 
-        The message is accepted (250) once it is durable in the queue, exactly as for a
-        remote recipient; the scheduler retries local delivery with back-off and bounces
-        when it gives up. Only when the queue cannot take it either does the client get 451.
+        The message is then accepted (250) like one for a remote recipient: the scheduler
+        retries temporary failures with back-off and bounces permanent ones (and expired
+        ones) to the sender. A permanent failure is only queued when some other recipient
+        was served; when every recipient failed permanently the client gets the 5xx itself.
+        Only when the queue cannot take the message either does the client get 451 — and
+        then no recipient has a copy yet, so its retry produces no duplicate.
         """
-        failed = [r for r in results if r.status is Status.TEMPORARY]
+        served = remote or any(r.status is Status.DELIVERED for r in results)
+
+        def must_queue(r: RecipientResult) -> bool:
+            return r.status is Status.TEMPORARY or (served and r.status is Status.PERMANENT)
+
+        failed = [r for r in results if must_queue(r)]
         if not failed or self.queue_commit is None:
             return results, False
         self.queue_commit(message, [r.recipient.address for r in failed])
         return [
-            RecipientResult(
-                r.recipient, Status.DELIVERED, 250, "2.0.0", f"queued for retry: {r.text}"
-            )
-            if r.status is Status.TEMPORARY
+            RecipientResult(r.recipient, Status.QUEUED, r.code, r.enhanced, r.text)
+            if must_queue(r)
             else r
             for r in results
         ], True
@@ -146,6 +152,12 @@ class Router:
             if txn.local and self._async_backend:
                 deliver: Callable[..., Awaitable[list[RecipientResult]]] = self.backend.deliver  # type: ignore[attr-defined]
                 results = await deliver(message, self._recipients(txn))
+                # LMTP answers per recipient: some may have their copy already, so the others
+                # must not make the client retry the whole message (duplicates).
+                results, requeued = await loop.run_in_executor(
+                    self.executor, self._queue_failures, message, results, bool(txn.remote)
+                )
+                queued = queued or requeued
         except OSError as exc:
             _LOG.error(
                 "event=store-failed %s",
@@ -168,11 +180,11 @@ class Router:
             )
         if queued and self.queue_notify is not None:
             self.queue_notify(txn.queue_id)
-        if any(r.status is not Status.DELIVERED for r in results):
+        if any(r.status not in (Status.DELIVERED, Status.QUEUED) for r in results):
             if all(r.status is Status.PERMANENT for r in results) and not txn.remote:
                 first = results[0]
                 return Reply(554, "5.3.0", f"Delivery failed: {first.text}")
-            # Nothing was kept for the local recipients (backends are all-or-nothing), so the
-            # client's retry is safe.
+            # The queue could not take the failed ones: no copy was kept for them (file
+            # backends are all-or-nothing), so the client's retry is the safe course.
             return R.STORAGE_FAILED
         return R.queued(txn.queue_id)

@@ -141,17 +141,6 @@ def owner_mode(path: Path) -> tuple[int, int, int]:
     return st.st_uid, st.st_gid, st.st_mode & 0o7777
 
 
-@pytest.mark.xfail(
-    STDLIB_HIDDEN,
-    strict=True,
-    reason=(
-        "postier/net/daemon.py _preload_modules() does not import postier.queue.scheduler "
-        "(-> postier.queue.bounce -> email.policy), which Outbound.start() "
-        "(postier/net/outbound.py:127) imports after privileges.drop(); with the interpreter "
-        f"under a directory {USER} cannot read ({Path(email.__file__).parent}), the daemon "
-        "exits 1 with 'ImportError: cannot import name policy from email' before event=ready"
-    ),
-)
 def test_daemon_started_as_a_user_would_serves_after_the_drop(
     pub: Path, started: list[PostierServer]
 ) -> None:

@@ -24,6 +24,9 @@ class Status(enum.Enum):
     DELIVERED = "delivered"
     TEMPORARY = "temporary"
     PERMANENT = "permanent"
+    # Not a backend answer: the router's mark for a failed local copy it handed to the queue
+    # (which retries or bounces it); the reply stays the backend's, for the log.
+    QUEUED = "queued"
 
 
 @dataclass(frozen=True, slots=True)

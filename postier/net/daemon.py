@@ -319,7 +319,16 @@ def serve(config: Config) -> int:
 def _preload_modules() -> str:
     """Import now what sessions import later: after the privilege drop the installation
     directory may no longer be readable (e.g. a virtualenv under /root)."""
+    import email.policy  # noqa: F401
+    import encodings.idna  # noqa: F401
+
+    import idna  # noqa: F401
+
     import postier.auth.sasl
+    import postier.delivery.smtp
+    import postier.queue.bounce
+    import postier.queue.maildrop
+    import postier.queue.scheduler
     import postier.tls  # noqa: F401
 
     try:

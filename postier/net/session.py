@@ -469,8 +469,8 @@ class SmtpSession(asyncio.Protocol):
 
     async def _on_chunk(self, event: DataChunk) -> None:
         txn = self.txn
-        if txn is None or txn.writer is None:
-            return
+        if txn is None or txn.writer is None or txn.writer.failed:
+            return  # after a failed write the rest is read and dropped; the end answers 451
         if txn.writer.add(event.data):
             loop = asyncio.get_running_loop()
             try:
