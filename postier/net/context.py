@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,14 @@ class ServerContext:
     _free_checked_at: float = -10.0
     _free_bytes: int = -1
     _rdns_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
+    # a time per worker; more would only trade memory for nothing on a machine this size.
+    hash_slots: asyncio.Semaphore | None = None
+
+    def password_slots(self) -> asyncio.Semaphore:
+        if self.hash_slots is None:
+            self.hash_slots = asyncio.Semaphore(max(1, (os.cpu_count() or 1)))
+        return self.hash_slots
 
     def begin_shutdown(self) -> None:
         """Stop taking work: idle sessions close now, busy ones after their transaction."""

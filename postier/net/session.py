@@ -621,9 +621,10 @@ class SmtpSession(asyncio.Protocol):
         passwords = self.ctx.passwords
         assert passwords is not None
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(
-            self.ctx.executor, passwords.verify, step.username, step.password
-        )
+        async with self.ctx.password_slots():
+            ok = await loop.run_in_executor(
+                self.ctx.executor, passwords.verify, step.username, step.password
+            )
         if ok:
             user = passwords.canonical(step.username) or step.username
             conn.auth_succeeded(user)
