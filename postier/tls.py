@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import ssl
@@ -29,7 +30,13 @@ from cryptography.x509.oid import NameOID
 
 from postier.errors import ConfigError
 
-__all__ = ["INTERMEDIATE_CIPHERS", "CertificateStore", "client_context", "describe"]
+__all__ = [
+    "INTERMEDIATE_CIPHERS",
+    "CertificateStore",
+    "client_context",
+    "describe",
+    "front_tls_context",
+]
 
 log = logging.getLogger("postier.tls")
 
@@ -355,3 +362,35 @@ def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
         return ""
     name, _protocol, bits = cipher
     return f"version={version} cipher={name} bits={bits}"
+
+
+@functools.cache
+def front_tls_context(store: CertificateStore) -> ssl.SSLContext:
+    """The context every TLS connection starts with (STARTTLS and implicit TLS alike).
+
+    It carries the protocol floor and cipher policy, and, as the session context, the
+    session-ticket keys. At each ClientHello (OpenSSL calls the SNI callback with or without
+    SNI) it switches the connection to the store's current context, whose own SNI callback
+    then picks among its certificates: a reload changes the certificates of new connections
+    and never the ticket keys. One per store and process, made before the workers fork
+    (daemon.build_context), so that every worker can resume every client's session.
+    """
+    front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    front.minimum_version = ssl.TLSVersion.TLSv1_2
+    front.set_ciphers(INTERMEDIATE_CIPHERS)
+    front.options |= (
+        ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_NO_COMPRESSION
+        | ssl.OP_NO_RENEGOTIATION
+        | ssl.OP_SINGLE_DH_USE
+        | ssl.OP_SINGLE_ECDH_USE
+    )
+
+    def select(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        current = store.context()
+        ssl_object.context = current
+        if current.sni_callback is not None:
+            current.sni_callback(ssl_object, server_name, current)  # type: ignore[arg-type]
+
+    front.sni_callback = select  # type: ignore[assignment]
+    return front

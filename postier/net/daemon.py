@@ -28,10 +28,11 @@ from postier.errors import ConfigError
 from postier.net.context import ServerContext
 from postier.net.limits import ConnectionTracker
 from postier.net.roles import ROLES
-from postier.net.session import SmtpSession, front_tls_context, server_config
+from postier.net.session import SmtpSession, server_config
 from postier.netaddr import ListenSpec, resolve_bind_addresses
 from postier.policy import Policy, load_aliases, load_users
 from postier.router import Router
+from postier.tls import front_tls_context
 
 _LOG = logging.getLogger("postier.daemon")
 

@@ -15,7 +15,6 @@ back-pressure for free: a client can never make us buffer more than one read ahe
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
@@ -26,6 +25,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 from postier import log
+from postier.net.auth_exchange import AuthExchange
 from postier.net.context import ServerContext
 from postier.net.received import trace_headers, with_protocol
 from postier.net.roles import Role
@@ -52,48 +52,14 @@ from postier.protocol.state import Phase, ServerConfig
 from postier.queue.ids import new_queue_id
 from postier.router import Transaction
 from postier.spool import SpoolWriter
+from postier.tls import front_tls_context
 
 if TYPE_CHECKING:
-    from postier.tls import CertificateStore
+    pass
 
 _LOG = logging.getLogger("postier.session")
 
 MAX_WRITE_BUFFER = 256 * 1024
-MAX_AUTH_FAILURES = 3
-
-
-@functools.cache
-def front_tls_context(store: CertificateStore) -> ssl.SSLContext:
-    """The context every TLS connection starts with (STARTTLS and implicit TLS alike).
-
-    It carries the protocol floor and cipher policy, and, as the session context, the
-    session-ticket keys. At each ClientHello (OpenSSL calls the SNI callback with or without
-    SNI) it switches the connection to the store's current context, whose own SNI callback
-    then picks among its certificates: a reload changes the certificates of new connections
-    and never the ticket keys. One per store and process, made before the workers fork
-    (daemon.build_context), so that every worker can resume every client's session.
-    """
-    from postier.tls import INTERMEDIATE_CIPHERS
-
-    front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    front.minimum_version = ssl.TLSVersion.TLSv1_2
-    front.set_ciphers(INTERMEDIATE_CIPHERS)
-    front.options |= (
-        ssl.OP_CIPHER_SERVER_PREFERENCE
-        | ssl.OP_NO_COMPRESSION
-        | ssl.OP_NO_RENEGOTIATION
-        | ssl.OP_SINGLE_DH_USE
-        | ssl.OP_SINGLE_ECDH_USE
-    )
-
-    def select(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        current = store.context()
-        ssl_object.context = current
-        if current.sni_callback is not None:
-            current.sni_callback(ssl_object, server_name, current)  # type: ignore[arg-type]
-
-    front.sni_callback = select  # type: ignore[assignment]
-    return front
 
 
 def server_config(ctx: ServerContext, role: Role) -> ServerConfig:
@@ -131,8 +97,7 @@ class SmtpSession(asyncio.Protocol):
         self.rdns_name: str | None = None
         self.txn: Transaction | None = None
         self.tls_info = ""
-        self.auth_failures = 0
-        self._sasl: object | None = None
+        self.auth = AuthExchange(self)
         self._data_started = 0.0
         self._bytes_in = 0
         self._task: asyncio.Task[None] | None = None
@@ -365,7 +330,7 @@ class SmtpSession(asyncio.Protocol):
             await self._flush()
             await self._start_tls(implicit=False)
         elif isinstance(event, Auth | AuthResponse):
-            await self._on_auth(event)
+            await self.auth.handle(event)
         elif isinstance(event, ProtocolViolation):
             self._log("protocol-violation", logging.WARNING, ip=self.ip, reason=event.reason)
         elif isinstance(event, ConnectionClosed):
@@ -591,60 +556,6 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     # ---- AUTH --------------------------------------------------------------------------
-    async def _on_auth(self, event: Auth | AuthResponse) -> None:
-        from postier.auth import sasl
-
-        conn = self.conn
-        assert conn is not None
-        if isinstance(event, Auth):
-            throttle = self.ctx.throttle
-            delay = throttle.delay_for(self.ip) if throttle is not None else 0.0
-            if delay > 0:
-                self._log("auth-throttled", logging.WARNING, ip=self.ip, delay=f"{delay:.1f}")
-                await asyncio.sleep(delay)
-            step = sasl.start(event.mechanism, event.initial_response)
-        else:
-            exchange = self._sasl
-            assert isinstance(exchange, sasl.Exchange)
-            step = exchange.step(event.line)
-        if isinstance(step, sasl.Challenge):
-            self._sasl = step.exchange
-            conn.challenge(step.b64_text)
-            return
-        self._sasl = None
-        if isinstance(step, sasl.Failure):
-            conn.reject(step.reply)
-            self._log("auth-failed", logging.WARNING, ip=self.ip, reason=step.reason or step.text)
-            if step.reply.code == 535:
-                await self._auth_failed()
-            return
-        passwords = self.ctx.passwords
-        assert passwords is not None
-        loop = asyncio.get_running_loop()
-        async with self.ctx.password_slots():
-            ok = await loop.run_in_executor(
-                self.ctx.executor, passwords.verify, step.username, step.password
-            )
-        if ok:
-            user = passwords.canonical(step.username) or step.username
-            conn.auth_succeeded(user)
-            if self.ctx.throttle is not None:
-                self.ctx.throttle.record_success(self.ip)
-            self._log("auth", ip=self.ip, user=user)
-        else:
-            conn.reject(R.AUTH_FAILED)
-            self._log("auth-failed", logging.WARNING, ip=self.ip, user=step.username)
-            await self._auth_failed()
-
-    async def _auth_failed(self) -> None:
-        conn = self.conn
-        assert conn is not None
-        if self.ctx.throttle is not None:
-            self.ctx.throttle.record_failure(self.ip)
-        self.auth_failures += 1
-        if self.auth_failures >= MAX_AUTH_FAILURES:
-            conn.close(R.TOO_MANY_AUTH_FAILURES, "too many auth failures")
-            self._log("auth-cutoff", logging.WARNING, ip=self.ip, failures=self.auth_failures)
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
