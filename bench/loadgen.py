@@ -115,6 +115,15 @@ class LoadResult:
         if len(self.error_samples) < MAX_ERROR_SAMPLES:
             self.error_samples.append(text)
 
+    def count_error(self, exc: BaseException) -> None:
+        """A refused reply counts as failed, anything else as an I/O error."""
+        if isinstance(exc, _ReplyError):
+            self.failed += 1
+            self.note_error(str(exc))
+        else:
+            self.io_errors += 1
+            self.note_error(f"{type(exc).__name__}: {exc}")
+
 
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of ``values``; None when empty."""
@@ -332,12 +341,7 @@ async def _session(sh: _Shared) -> None:
                 await _transaction(sh, reader, writer, seq, pipeline)
                 res.ok += 1
             except (_ReplyError, OSError, asyncio.IncompleteReadError, TimeoutError) as e:
-                if isinstance(e, _ReplyError):
-                    res.failed += 1
-                    res.note_error(str(e))
-                else:
-                    res.io_errors += 1
-                    res.note_error(f"{type(e).__name__}: {e}")
+                res.count_error(e)
                 # the dialogue may be out of step: start afresh on a new connection, after
                 # a pause so as not to spin against a server that refuses or a dead port
                 if writer is not None:
@@ -365,12 +369,7 @@ async def _connect_session(sh: _Shared) -> None:
             res.latencies.append(time.perf_counter() - t0)
             res.ok += 1
         except (_ReplyError, OSError, asyncio.IncompleteReadError, TimeoutError) as e:
-            if isinstance(e, _ReplyError):
-                res.failed += 1
-                res.note_error(str(e))
-            else:
-                res.io_errors += 1
-                res.note_error(f"{type(e).__name__}: {e}")
+            res.count_error(e)
             await asyncio.sleep(0.01)
         finally:
             if writer is not None:

@@ -20,34 +20,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.rawsmtp import RawReplies
 from tests.server import PostierServer, make_server
 
 SAFETY_TIMEOUT = 20.0  # seconds; bounds a hung server, never a measurement
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-class Raw:
+class Raw(RawReplies):
     """A raw SMTP client socket that reads whole replies (for pipelining and odd input)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.sock = socket.create_connection((host, port), timeout=SAFETY_TIMEOUT)
         self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> tuple[int, str]:
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionError(f"closed; partial {self.buf!r}, lines {lines}")
-                self.buf += data
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode())
-            if len(line) == 3 or line[3:4] == b" ":
-                return int(line[:3]), "\n".join(lines)
 
     def replies(self, n: int) -> list[int]:
         return [self.reply()[0] for _ in range(n)]

@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from postier.auth.passwd import hash_password
 from postier.gencert import write_pair
+from tests.rawsmtp import RawReplies
 from tests.server import PostierServer, free_port, make_server
 
 SAFETY = 20.0  # seconds; bounds a hung peer, never a measurement
@@ -64,7 +65,7 @@ def client_context(*, legacy_only: bool = False) -> ssl.SSLContext:
     return ctx
 
 
-class Client:
+class Client(RawReplies):
     """A raw SMTP client over a socket that can switch to TLS at any point."""
 
     def __init__(
@@ -89,23 +90,6 @@ class Client:
         ctx = context or client_context()
         self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
         return self.sock
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> tuple[int, str]:
-        """One whole (possibly multi-line) reply: (code, all lines joined by newlines)."""
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionError(f"closed; partial {self.buf!r}, lines {lines}")
-                self.buf += data
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode())
-            if len(line) == 3 or line[3:4] == b" ":
-                return int(line[:3]), "\n".join(lines)
 
     def cmd(self, line: str) -> tuple[int, str]:
         self.send(line.encode() + b"\r\n")
