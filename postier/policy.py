@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postier import log
+from postier.delivery.base import Recipient
+from postier.delivery.paths import validate_mailbox_name
 from postier.errors import ConfigError
 from postier.protocol import replies as R
 from postier.protocol.address import Address
@@ -25,19 +27,6 @@ from postier.protocol.replies import Reply
 _LOG = logging.getLogger("postier.policy")
 
 MAX_ALIAS_DEPTH = 10
-
-
-def validate_mailbox_name(name: str) -> str:
-    """A mailbox name is one path component we create under the mail root; nothing more."""
-    if not name or len(name.encode("utf-8")) > 255:
-        raise ValueError("must be 1 to 255 bytes")
-    if name.startswith("."):
-        raise ValueError("must not start with a dot")
-    if "/" in name or "\\" in name:
-        raise ValueError("must not contain / or \\")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise ValueError("must not contain control characters")
-    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +41,10 @@ class LocalTarget:
 
     address: str  # the envelope recipient as accepted
     user: LocalUser
+
+    def recipient(self) -> Recipient:
+        """The delivery backends' view of this target."""
+        return Recipient(address=self.address, mailbox=self.user.mailbox, user=self.user.address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +96,7 @@ def load_users(path: Path, domains: Iterable[str]) -> dict[str, LocalUser]:
         try:
             validate_mailbox_name(mailbox)
         except ValueError as exc:
-            raise ConfigError(f"{path}:{lineno}: mailbox name {mailbox!r} {exc}") from None
+            raise ConfigError(f"{path}:{lineno}: {exc}") from None
         users[address] = LocalUser(address=address, mailbox=mailbox)
     return users
 

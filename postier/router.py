@@ -65,10 +65,6 @@ class Router:
         deliver = getattr(backend, "deliver", None)
         self._async_backend = deliver is not None and inspect.iscoroutinefunction(deliver)
 
-    @property
-    def can_relay(self) -> bool:
-        return self.queue_commit is not None
-
     def _stored(self, txn: Transaction) -> StoredMessage:
         writer = txn.writer
         assert writer is not None
@@ -85,10 +81,7 @@ class Router:
 
     @staticmethod
     def _recipients(txn: Transaction) -> list[Recipient]:
-        return [
-            Recipient(address=t.address, mailbox=t.user.mailbox, user=t.user.address)
-            for t in txn.local
-        ]
+        return [t.recipient() for t in txn.local]
 
     def _blocking_finish(
         self, txn: Transaction

@@ -60,7 +60,7 @@ class SpoolWriter:
 
     def add_headers(self, lines: bytes) -> bool:
         """Insert extra header lines after our trace headers, if nothing was written yet."""
-        if self._fd is not None or self._in_headers:
+        if self._fd is not None:
             return False
         self._parts.insert(1, lines)
         self._pending += len(lines)
@@ -78,8 +78,6 @@ class SpoolWriter:
     def flush(self) -> None:
         """Append what is buffered to the file (thread pool)."""
         if self._fd is None:
-            if self._in_headers and self._pending < FLUSH_AT:
-                self._in_headers = False  # a message that is all header (no empty line)
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if self._parts:

@@ -176,9 +176,11 @@ class MaildirBackend:
         self, message: StoredMessage, recipients: Sequence[Recipient]
     ) -> list[RecipientResult]:
         placed: dict[Path, Path] = {}
+        maildirs: list[Path] = []
         try:
             for r in recipients:
                 maildir = self.maildir_for(r)
+                maildirs.append(maildir)
                 if maildir not in placed:
                     placed[maildir] = self._place(message, maildir)
         except (OSError, ValueError) as exc:
@@ -194,6 +196,6 @@ class MaildirBackend:
             )
             return [temporary(r, f"Maildir delivery failed: {problem}") for r in recipients]
         return [
-            delivered(r, f"Delivered to maildir as {placed[self.maildir_for(r)].name}")
-            for r in recipients
+            delivered(r, f"Delivered to maildir as {placed[maildir].name}")
+            for r, maildir in zip(recipients, maildirs, strict=True)
         ]

@@ -97,7 +97,7 @@ class Outbound:
                     permanent(r, "No such local user (or alias to a remote address)", 550, "5.1.1")
                 )
                 continue
-            rcpts = [Recipient(t.address, t.user.mailbox, t.user.address) for t in locals_]
+            rcpts = [t.recipient() for t in locals_]
             deliver = self.backend.deliver  # type: ignore[attr-defined]
             if asyncio.iscoroutinefunction(deliver):
                 sub = await deliver(message, rcpts)

@@ -29,7 +29,7 @@ from postier.net.auth_exchange import AuthExchange
 from postier.net.context import ServerContext
 from postier.net.received import trace_headers, with_protocol
 from postier.net.roles import Role
-from postier.policy import LocalTarget, Rejection, RemoteTarget
+from postier.policy import LocalTarget, Rejection
 from postier.protocol import replies as R
 from postier.protocol.events import (
     NEED_DATA,
@@ -93,7 +93,7 @@ class SmtpSession(asyncio.Protocol):
         self._eof = False
         self._admitted = False
         self._write_paused: asyncio.Future[None] | None = None
-        self._rdns: asyncio.Task[str] | None = None
+        self._rdns: asyncio.Task[None] | None = None
         self.rdns_name: str | None = None
         self.txn: Transaction | None = None
         self.tls_info = ""
@@ -117,7 +117,7 @@ class SmtpSession(asyncio.Protocol):
         if self.ctx.config.reverse_dns:
             self.rdns_name = self.ctx.cached_rdns(self.ip)
             if self.rdns_name is None:
-                self._rdns = loop.create_task(self._reverse_dns())
+                self._rdns = loop.create_task(self._look_up_rdns())
         self._task = loop.create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
@@ -158,10 +158,9 @@ class SmtpSession(asyncio.Protocol):
     def _log(self, name: str, level: int = logging.INFO, **kv: object) -> None:
         log.event(name, level, _LOG, session=self.sid, **kv)
 
-    async def _reverse_dns(self) -> str:
-        cached = self.ctx.cached_rdns(self.ip)
-        if cached is not None:
-            return cached
+    async def _look_up_rdns(self) -> None:
+        """Fill `rdns_name` (cache misses only); a message sent before it is known says
+        "unknown" in its Received header rather than waiting."""
         loop = asyncio.get_running_loop()
         name = "unknown"
         try:
@@ -174,7 +173,7 @@ class SmtpSession(asyncio.Protocol):
         except (OSError, TimeoutError, UnicodeError):
             pass
         self.ctx.remember_rdns(self.ip, name)
-        return name
+        self.rdns_name = name
 
     async def _flush(self) -> None:
         assert self.conn is not None and self.transport is not None
@@ -383,11 +382,6 @@ class SmtpSession(asyncio.Protocol):
             conn.reject(decision.reply)
             self._log("rcpt-rejected", qid=txn.queue_id, to=f"<{rcpt}>", reply=decision.reply)
             return
-        if any(isinstance(t, RemoteTarget) for t in decision) and not self.ctx.router.can_relay:
-            reply = Reply(451, "4.3.5", "Relaying is not available on this server right now")
-            conn.reject(reply)
-            self._log("rcpt-rejected", qid=txn.queue_id, to=f"<{rcpt}>", reply=reply)
-            return
         for target in decision:
             if isinstance(target, LocalTarget):
                 if all(t.user.mailbox != target.user.mailbox for t in txn.local):
@@ -403,15 +397,10 @@ class SmtpSession(asyncio.Protocol):
         txn = self.txn
         assert conn is not None and txn is not None
         session = conn.session
-        rdns = "unknown"
-        if self.rdns_name is not None:
-            rdns = self.rdns_name
-        elif self._rdns is not None and self._rdns.done() and not self._rdns.cancelled():
-            rdns = self._rdns.result()
         header = trace_headers(
             sender=txn.sender_text,
             helo=session.helo or "unknown",
-            rdns=rdns,
+            rdns=self.rdns_name or "unknown",
             ip=self.ip,
             hostname=self.ctx.config.hostname,
             protocol=with_protocol(
