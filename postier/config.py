@@ -18,6 +18,7 @@ from postier.errors import ConfigError
 from postier.netaddr import ListenSpec, is_loopback, parse_listen
 
 MAILBOX_FORMATS = ("maildir", "mbox", "spool", "lmtp")
+DEFAULT_QUEUE_DIR = "/var/spool/postier"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,7 @@ class Config:
     users: Path | None = None
     aliases: Path | None = None
     passwords: Path | None = None  # flag -P/--pass, TOML key "pass"
-    queue_dir: Path = Path("/var/spool/postier")
+    queue_dir: Path = Path(DEFAULT_QUEUE_DIR)
     mx: tuple[ListenSpec, ...] = ()
     local: tuple[ListenSpec, ...] = ()
     submission: tuple[ListenSpec, ...] = ()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import os
 import pwd
 import re
@@ -26,7 +27,8 @@ from collections.abc import Iterator, Sequence
 from email.utils import formataddr, formatdate, getaddresses, make_msgid, parseaddr
 from typing import IO, BinaryIO, TextIO
 
-from postier.queue.maildrop import drop, ensure_dir, maildrop_dir, valid_address
+from postier.config import DEFAULT_QUEUE_DIR
+from postier.queue.maildrop import drop, ensure_maildrop_dir, maildrop_dir, valid_address
 
 EX_OK = 0
 EX_USAGE = 64
@@ -37,7 +39,6 @@ EX_CANTCREAT = 73
 EX_IOERR = 74
 EX_TEMPFAIL = 75
 
-DEFAULT_QUEUE_DIR = "/var/spool/postier"
 DEFAULT_MAX_SIZE = 35 * 1024 * 1024
 HEADER_LIMIT = 1024 * 1024  # past this much header text, the rest is treated as body
 LINE_CHUNK = 64 * 1024
@@ -187,7 +188,7 @@ def submit(args: argparse.Namespace, stdin: BinaryIO) -> str:
                       + [b"\n"]):
             f.write(chunk)
             size += len(chunk)
-        for piece in _chain(body_start, lines):
+        for piece in itertools.chain(body_start, lines):
             size += len(piece)
             if size > max_size:
                 raise SendmailError(f"message too large (limit {max_size} bytes)", EX_DATAERR)
@@ -196,7 +197,7 @@ def submit(args: argparse.Namespace, stdin: BinaryIO) -> str:
     directory = getattr(args, "queue_dir", None) or DEFAULT_QUEUE_DIR
     if not maildrop_dir(directory).is_dir():
         try:
-            ensure_dir(directory)
+            ensure_maildrop_dir(directory)
         except OSError as exc:
             raise SendmailError(f"{maildrop_dir(directory)}: {exc.strerror or exc} (has the "
                                 "daemon run once?)", EX_CANTCREAT) from None
@@ -206,11 +207,6 @@ def submit(args: argparse.Namespace, stdin: BinaryIO) -> str:
         code = EX_TEMPFAIL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EX_CANTCREAT
         raise SendmailError(f"cannot write to {maildrop_dir(directory)}: "
                             f"{exc.strerror or exc}", code) from None
-
-
-def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield from first
-    yield from rest
 
 
 def run(args: argparse.Namespace, *, stdin: BinaryIO | None = None,

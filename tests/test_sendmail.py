@@ -154,7 +154,7 @@ def pub() -> Iterator[Path]:
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
                     reason="needs root to run sendmail as another user")
 def test_unprivileged_user_can_drop_but_not_list(pub: Path) -> None:
-    md.ensure_dir(pub)
+    md.ensure_maildrop_dir(pub)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(["/usr/bin/python3", "-m", "postier.sendmail", "-Q", str(pub),
                            "--hostname", "h.test", "bob@example.net"],

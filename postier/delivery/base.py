@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from postier.errors import DeliveryError
+
 
 class Status(enum.Enum):
     DELIVERED = "delivered"
@@ -67,6 +69,12 @@ def delivered(r: Recipient, text: str = "Delivered") -> RecipientResult:
 
 def temporary(r: Recipient, text: str, code: int = 451, enhanced: str = "4.3.0") -> RecipientResult:
     return RecipientResult(r, Status.TEMPORARY, code, enhanced, text)
+
+
+def result_from_error(r: Recipient, exc: DeliveryError) -> RecipientResult:
+    """A failure that hit every recipient at once (DNS, connection, greeting)."""
+    status = Status.PERMANENT if exc.permanent else Status.TEMPORARY
+    return RecipientResult(r, status, exc.code, exc.enhanced, str(exc))
 
 
 def permanent(r: Recipient, text: str, code: int = 550, enhanced: str = "5.0.0") -> RecipientResult:

@@ -22,7 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import IO
 
-from postier.delivery.base import Recipient, RecipientResult, Status, StoredMessage
+from postier.delivery.base import (
+    Recipient,
+    RecipientResult,
+    Status,
+    StoredMessage,
+    result_from_error,
+)
 from postier.errors import DeliveryError
 from postier.log import event
 from postier.protocol import client as proto
@@ -148,11 +154,6 @@ def result_from_reply(r: Recipient, reply: Reply, where: str) -> RecipientResult
     if reply.is_transient:
         return RecipientResult(r, Status.TEMPORARY, reply.code, reply.enhanced or "4.0.0", text)
     return RecipientResult(r, Status.PERMANENT, reply.code, reply.enhanced or "5.0.0", text)
-
-
-def result_from_error(r: Recipient, exc: DeliveryError) -> RecipientResult:
-    status = Status.PERMANENT if exc.permanent else Status.TEMPORARY
-    return RecipientResult(r, status, exc.code, exc.enhanced, str(exc))
 
 
 def outcome_fields(results: Sequence[RecipientResult]) -> dict[str, object]:

@@ -19,6 +19,7 @@ root. The template itself is configuration: it may not use format specs or attri
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import string
@@ -52,7 +53,8 @@ def validate_mailbox_name(name: str) -> str:
     return name
 
 
-def template_fields(template: str) -> set[str]:
+@functools.lru_cache(maxsize=64)
+def template_fields(template: str) -> frozenset[str]:
     """Return the field names a template uses; raise ValueError for anything but plain fields."""
     used: set[str] = set()
     try:
@@ -68,7 +70,7 @@ def template_fields(template: str) -> set[str]:
                 f"mailbox path template {template!r}: unknown field {{{field}}}; use {allowed}"
             )
         used.add(field)
-    return used
+    return frozenset(used)
 
 
 def split_user(user: str, mailbox: str) -> tuple[str, str]:

@@ -27,13 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from postier.delivery.base import Recipient, RecipientResult, StoredMessage
+from postier.delivery.base import Recipient, RecipientResult, StoredMessage, result_from_error
 from postier.delivery.lmtp import (
     ClientStream,
     Timeouts,
     outcome_fields,
     parse_hostport,
-    result_from_error,
     run_transaction,
 )
 from postier.dns import Resolver, is_ip_address

@@ -296,7 +296,7 @@ def serve(config: Config) -> int:
             [Path(config.mail_root), Path(config.mail_root) / SPOOL_SUBDIR], account
         )
         privileges.chown_tree(Path(config.queue_dir), account)
-        from postier.queue.maildrop import ensure_dir as ensure_maildrop
+        from postier.queue.maildrop import ensure_maildrop_dir as ensure_maildrop
 
         ensure_maildrop(config.queue_dir, uid=account.pw_uid, gid=account.pw_gid)
         privileges.drop(account)

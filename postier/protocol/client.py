@@ -173,7 +173,6 @@ def rcpt_to(recipient: str, params: dict[str, str | None] | None = None) -> byte
 DATA = b"DATA\r\n"
 RSET = b"RSET\r\n"
 QUIT = b"QUIT\r\n"
-NOOP = b"NOOP\r\n"
 STARTTLS = b"STARTTLS\r\n"
 END_OF_DATA = b".\r\n"  # what to send after 354 when there is nothing to send
 

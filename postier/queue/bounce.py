@@ -91,12 +91,8 @@ def _date(ts: float) -> str:
     return format_datetime(datetime.fromtimestamp(ts, UTC))
 
 
-def _is_ascii(text: str) -> bool:
-    return text.isascii()
-
-
 def _address_type(address: str) -> str:
-    return f"rfc822; {address}" if _is_ascii(address) else f"utf-8; {address}"
+    return f"rfc822; {address}" if address.isascii() else f"utf-8; {address}"
 
 
 def _human_text(
@@ -146,8 +142,8 @@ def build_dsn(
     if not should_notify(sender):
         raise ValueError("no DSN to the null sender")
     utf8 = not (
-        _is_ascii(sender)
-        and all(_is_ascii(r.address) for r in recipients)
+        sender.isascii()
+        and all(r.address.isascii() for r in recipients)
         and original_headers.isascii()
     )
     pol = email_policy.default.clone(linesep="\n", utf8=utf8, max_line_length=78)

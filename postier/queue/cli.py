@@ -19,10 +19,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TextIO
 
+from postier.config import DEFAULT_QUEUE_DIR
 from postier.queue.ids import is_queue_id
 from postier.queue.store import PENDING, EntryNotFound, QueueEntry, QueueStore
-
-DEFAULT_QUEUE_DIR = "/var/spool/postier"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from postier.delivery.base import StoredMessage
+from postier.delivery.fsutil import fsync_dir
 from postier.queue.ids import is_queue_id, new_queue_id
 
 log = logging.getLogger("postier.queue")
@@ -70,7 +71,7 @@ def maildrop_dir(queue_dir: str | os.PathLike[str]) -> Path:
     return Path(queue_dir) / MAILDROP
 
 
-def ensure_dir(queue_dir: str | os.PathLike[str], *, uid: int = -1, gid: int = -1) -> Path:
+def ensure_maildrop_dir(queue_dir: str | os.PathLike[str], *, uid: int = -1, gid: int = -1) -> Path:
     """Create DIR/maildrop with its mode (and owner, when the daemon drops privileges)."""
     path = maildrop_dir(queue_dir)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -107,11 +108,7 @@ def drop(queue_dir: str | os.PathLike[str], sender: str, recipients: list[str],
             tmp.unlink()
         raise
     with contextlib.suppress(OSError):  # durability of the name; best effort for users
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(directory)
     return queue_id
 
 
@@ -131,7 +128,7 @@ class Maildrop:
     def __init__(self, queue_dir: str | os.PathLike[str], *, hostname: str,
                  max_size: int = 35 * 1024 * 1024, executor: Executor | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.directory = ensure_dir(queue_dir)
+        self.directory = ensure_maildrop_dir(queue_dir)
         self.work = Path(queue_dir) / PICKUP  # spool copies; same fs as the queue: links
         self.work.mkdir(mode=0o700, exist_ok=True)
         self.corrupt = Path(queue_dir) / "corrupt"
@@ -218,6 +215,8 @@ class Maildrop:
                 eight_bit = eight_bit or not chunk.isascii()
                 out.write(chunk)
             size = out.tell()
+            out.flush()
+            os.fsync(out.fileno())  # QueueStore.commit links this inode and relies on it
         utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         message = StoredMessage(
             path=target, size=size, content_offset=len(head), sender=sender, queue_id=name,

@@ -44,7 +44,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from postier.delivery.base import AsyncBackend, Recipient, RecipientResult, Status, StoredMessage
+from postier.delivery.base import (
+    AsyncBackend,
+    Recipient,
+    RecipientResult,
+    Status,
+    StoredMessage,
+    result_from_error,
+)
 from postier.errors import DeliveryError
 from postier.queue.bounce import (
     EXPIRED_STATUS,
@@ -365,9 +372,7 @@ class Scheduler:
         try:
             results = list(await send(message, recipients))
         except DeliveryError as exc:
-            status = Status.PERMANENT if exc.permanent else Status.TEMPORARY
-            results = [RecipientResult(r, status, exc.code, exc.enhanced, str(exc))
-                       for r in recipients]
+            results = [result_from_error(r, exc) for r in recipients]
         except Exception as exc:  # a bug in a backend must not lose the message
             log.exception("event=delivery_error qid=%s domain=%s", message.queue_id, dest.domain)
             results = [RecipientResult(r, Status.TEMPORARY, 451, "4.3.0",
@@ -377,12 +382,12 @@ class Scheduler:
         results += [RecipientResult(r, Status.TEMPORARY, 451, "4.3.0", "no result from backend")
                     for r in recipients if r.address not in got]
         remote = str(getattr(session, "host", "") or "")
-        if all(res.status is Status.TEMPORARY for res in results):
-            # With a session we know whether the connection itself failed; without one,
-            # every recipient failing temporarily is the best sign we have.
-            stream = getattr(session, "stream", None) if session is not None else None
-            if session is None or stream is None:
-                dest.dead_until = self.clock() + self.destination_hold
+        # With a session we know whether the connection itself failed (no stream); without
+        # one, every recipient failing temporarily is the best sign we have.
+        if all(res.status is Status.TEMPORARY for res in results) and (
+            getattr(session, "stream", None) is None
+        ):
+            dest.dead_until = self.clock() + self.destination_hold
         try:
             await self._record(job, results, remote)
         except Exception:

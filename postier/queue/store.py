@@ -33,12 +33,12 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from postier.delivery.base import Recipient, StoredMessage
+from postier.delivery.fsutil import copy_from, fsync_dir
 from postier.errors import PostierError
 from postier.queue.ids import is_queue_id, new_queue_id
 
@@ -122,22 +122,6 @@ class QueueEntry:
         return entry
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_id(queue_id: str) -> str:
     if not is_queue_id(queue_id):
         raise EntryNotFound(f"not a queue id: {queue_id!r}")
@@ -191,6 +175,9 @@ class QueueStore:
     ) -> QueueEntry:
         """Make a finished spool file durable in the queue under `spool.queue_id`.
 
+        `spool.path` must already be on stable storage (fsync'd by whoever wrote it: the
+        session's spool writer, the maildrop pickup, `commit_bytes`); a hard link to it needs
+        only the directory fsync, a copy is fsync'd here.
         The spool file is hard-linked (same file system) or copied whole, so the body keeps
         its `Return-Path:` line and `content_offset` stays valid; it must not be modified
         afterwards (unlinking it is fine). Returns once the entry is durable: only then may
@@ -206,12 +193,11 @@ class QueueStore:
         body.unlink(missing_ok=True)
         try:
             try:
+                # The same inode: its creator fsync'd it already (contract above).
                 os.link(spool.path, body)
             except OSError:  # another file system, or links not permitted: copy
                 self._copy_into(spool.path, body)
-            else:
-                _fsync_file(body)
-            _fsync_dir(self.body_dir)
+            fsync_dir(self.body_dir)
             entry = QueueEntry(
                 queue_id=queue_id, sender=sender, arrival=spool.received_at,
                 size=body.stat().st_size, content_offset=spool.content_offset,
@@ -250,8 +236,7 @@ class QueueStore:
     def _copy_into(self, source: Path, dest: Path) -> None:
         tmp = self.tmp_dir / f"{dest.name}.copy"
         with open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
+            copy_from(src, dst.fileno())
             os.fsync(dst.fileno())
         try:
             os.link(tmp, dest)  # never replaces an existing body
@@ -265,7 +250,7 @@ class QueueStore:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, self.env_path(entry.queue_id))
-        _fsync_dir(self.env_dir)
+        fsync_dir(self.env_dir)
 
     # -- read --------------------------------------------------------------------------
     def load(self, queue_id: str) -> QueueEntry:
@@ -332,7 +317,7 @@ class QueueStore:
                     self.env_path(queue_id).unlink()
                 except FileNotFoundError:
                     return False
-                _fsync_dir(self.env_dir)  # the deletion's commit point
+                fsync_dir(self.env_dir)  # the deletion's commit point
                 self.body_path(queue_id).unlink(missing_ok=True)
                 return True
         except EntryNotFound:
@@ -387,8 +372,8 @@ class QueueStore:
             if name not in entries:
                 log.warning("queue %s: half-written entry (no envelope) removed", name)
                 (self.body_dir / name).unlink(missing_ok=True)
-        _fsync_dir(self.body_dir)
-        _fsync_dir(self.env_dir)
+        fsync_dir(self.body_dir)
+        fsync_dir(self.env_dir)
         return [entries[k] for k in sorted(entries)]
 
     # -- flush requests (from `postier queue flush`, another process) ------------------
