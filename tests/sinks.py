@@ -30,15 +30,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.server import free_port  # re-exported: tests import it from here too
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 POSTFIX = "/usr/sbin/postfix"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, *, attempts: int = 200, pause: float = 0.05) -> bool:
