@@ -1,8 +1,8 @@
-"""The same load as bench/run.py against the baselines postier is measured by.
+"""The baselines postier is measured by, as targets of the same load.
 
 - ``aiosmtpd``: aiosmtpd (installed into bench/.tools/pylib only, never a project
   dependency) with a Maildir handler that writes each copy to tmp/, fsyncs it and renames it
-  into new/, the usual way to write an aiosmtpd Maildir server.
+  into new/, the usual way to write an aiosmtpd Maildir server (bench/aiosmtpd_maildir.py).
 - ``postfix``: a private Postfix instance (its own config, queue and data directories under
   a temporary directory, loopback only, a high port) delivering to Maildir with the
   ``virtual`` agent. Postfix answers 250 once the message is in its queue and delivers
@@ -11,9 +11,8 @@
   the loopback.
 
     python3 bench/baselines.py --sessions 1,20,100 --messages 5000 --repeat 5
-    python3 bench/baselines.py --servers aiosmtpd --sessions 20 --repeat 3
 
-Options are those of bench/run.py (``--servers`` defaults to aiosmtpd,postfix,sink; add
+is ``bench/run.py --servers aiosmtpd,postfix,sink`` (a later ``--servers`` wins; add
 ``postier`` to see it side by side in the same run).
 """
 
@@ -30,12 +29,25 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from bench import run as core
-except ImportError:
-    import run as core
+if __package__ in (None, ""):  # run as a script: python3 bench/baselines.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PYLIB = core.TOOLS / "pylib"
+from bench.drivers import find_postfix_tool
+from bench.harness import (
+    DOMAIN,
+    HERE,
+    RECIPIENTS,
+    TOOLS,
+    USERS,
+    Target,
+    free_port,
+    process_tree,
+    tail,
+    wait_smtp,
+)
+from bench.mailboxes import clear_maildir, count_maildir
+
+PYLIB = TOOLS / "pylib"
 POSTFIX_CONF = Path("/etc/postfix")
 
 
@@ -47,137 +59,38 @@ def ensure_aiosmtpd() -> None:
     if (PYLIB / "aiosmtpd").is_dir():
         return
     PYLIB.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--target",
-            str(PYLIB),
-            "aiosmtpd",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
+    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    argv += ["--no-input", "--target", str(PYLIB), "aiosmtpd"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     if r.returncode:
         raise RuntimeError(f"pip install aiosmtpd failed: {r.stderr.strip()[-1500:]}")
 
 
-class AiosmtpdTarget(core.Target):
+class AiosmtpdTarget(Target):
     name = "aiosmtpd"
 
     def start(self) -> None:
         ensure_aiosmtpd()
         self.root = self.workdir / "mail"
         self.root.mkdir()
-        self.port = core.free_port()
+        self.port = free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PYLIB), env.get("PYTHONPATH")) if p)
-        argv = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "serve-aiosmtpd",
-            "--port",
-            str(self.port),
-            "--root",
-            str(self.root),
-        ]
+        argv = [sys.executable, str(HERE / "aiosmtpd_maildir.py"), "--port", str(self.port)]
+        argv += ["--root", str(self.root), "--domain", DOMAIN, "--users", ",".join(USERS)]
         if self.opts.aiosmtpd_uvloop:
             argv.append("--uvloop")
         self._spawn(argv, env)
         self._wait_ready()
 
     def delivered(self) -> int:
-        return core.count_maildir(self.root)
+        return count_maildir(self.root)
 
     def clear(self) -> None:
-        core.clear_maildir(self.root)
+        clear_maildir(self.root)
 
     def describe(self) -> str:
         return "aiosmtpd (maildir, fsync" + (", uvloop)" if self.opts.aiosmtpd_uvloop else ")")
-
-
-def serve_aiosmtpd(argv: list[str]) -> int:
-    """The aiosmtpd server (run in a child process with bench/.tools/pylib on the path)."""
-    import asyncio
-    import socket
-
-    from aiosmtpd.smtp import SMTP
-
-    p = argparse.ArgumentParser(prog="baselines.py serve-aiosmtpd")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--root", required=True)
-    p.add_argument("--uvloop", action="store_true")
-    a = p.parse_args(argv)
-    users = set(core.USERS)
-    hostname = "bench.aiosmtpd.test"
-
-    class MaildirHandler:
-        """Each recipient's copy: write to tmp/, fsync, rename into new/."""
-
-        def __init__(self, root: str) -> None:
-            self.root = root
-            self.pid = os.getpid()
-            self.counter = 0
-            self.host = socket.gethostname()
-
-        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-            local, _, domain = address.rpartition("@")
-            if domain.lower() != core.DOMAIN or local.lower() not in users:
-                return "550 5.1.1 No such user here"
-            envelope.rcpt_tos.append(address)
-            return "250 OK"
-
-        async def handle_DATA(self, server, session, envelope):
-            data = (
-                f"Return-Path: <{envelope.mail_from}>\n".encode()
-                + envelope.original_content.replace(b"\r\n", b"\n")
-            )
-            for rcpt in envelope.rcpt_tos:
-                mailbox = os.path.join(self.root, rcpt.rpartition("@")[0].lower())
-                if not os.path.isdir(mailbox):
-                    for sub in ("tmp", "new", "cur"):
-                        os.makedirs(os.path.join(mailbox, sub), mode=0o700, exist_ok=True)
-                self.counter += 1
-                now = time.time()
-                name = f"{int(now)}.M{int(now % 1 * 1e6)}P{self.pid}Q{self.counter}.{self.host}"
-                tmp = os.path.join(mailbox, "tmp", name)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, os.path.join(mailbox, "new", name))
-            return "250 2.0.0 OK"
-
-    if a.uvloop:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    handler = MaildirHandler(a.root)
-    server = loop.run_until_complete(
-        loop.create_server(
-            lambda: SMTP(handler, hostname=hostname), "127.0.0.1", a.port, backlog=1024
-        )
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, loop.stop)
-    try:
-        loop.run_forever()
-    finally:
-        server.close()
-        loop.close()
-    return 0
 
 
 # --------------------------------------------------------------------------- Postfix
@@ -204,7 +117,7 @@ def _master_cf(port: int) -> str:
     return "\n".join(out) + "\n"
 
 
-class PostfixTarget(core.Target):
+class PostfixTarget(Target):
     name = "postfix"
 
     def start(self) -> None:
@@ -220,7 +133,7 @@ class PostfixTarget(core.Target):
         for d in (self.etc, self.queue, data):
             d.mkdir(parents=True)
         self.mailbase = self.workdir / "mail"
-        self.root = self.mailbase / core.DOMAIN
+        self.root = self.mailbase / DOMAIN
         self.root.mkdir(parents=True)
         nobody = pwd.getpwnam("nobody")
         for d in (self.mailbase, self.root):
@@ -234,12 +147,9 @@ class PostfixTarget(core.Target):
             if (POSTFIX_CONF / extra).is_dir():
                 shutil.copytree(POSTFIX_CONF / extra, self.etc / extra)
         (self.etc / "vmailbox").write_text(
-            "".join(
-                f"{r} {core.DOMAIN}/{u}/\n"
-                for r, u in zip(core.RECIPIENTS, core.USERS, strict=True)
-            )
+            "".join(f"{r} {DOMAIN}/{u}/\n" for r, u in zip(RECIPIENTS, USERS, strict=True))
         )
-        self.port = core.free_port()
+        self.port = free_port()
         self.maillog = pf / "maillog"
         (self.etc / "main.cf").write_text(f"""\
 compatibility_level = 3.6
@@ -263,7 +173,7 @@ alias_database =
 biff = no
 smtpd_banner = $myhostname ESMTP
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-virtual_mailbox_domains = {core.DOMAIN}
+virtual_mailbox_domains = {DOMAIN}
 virtual_mailbox_base = {self.mailbase}
 virtual_mailbox_maps = texthash:{self.etc}/vmailbox
 virtual_uid_maps = static:{nobody.pw_uid}
@@ -277,7 +187,7 @@ default_process_limit = 300
             if r.returncode:
                 raise RuntimeError(
                     f"postfix {cmd[0]} failed ({r.returncode}): {r.stdout}{r.stderr}\n"
-                    f"--- {self.maillog}:\n{core.tail(self.maillog)}"
+                    f"--- {self.maillog}:\n{tail(self.maillog)}"
                 )
         self.master = 0
         end = time.monotonic() + 15
@@ -287,14 +197,12 @@ default_process_limit = 300
             time.sleep(0.05)
         if not self.master:
             self.stop()
-            raise RuntimeError(f"postfix master did not start:\n{core.tail(self.maillog)}")
+            raise RuntimeError(f"postfix master did not start:\n{tail(self.maillog)}")
         try:
-            core.wait_smtp(self.port, 30, self.alive)
+            wait_smtp(self.port, 30, self.alive)
         except RuntimeError as e:
             self.stop()
-            raise RuntimeError(
-                f"postfix: {e}\n--- {self.maillog}:\n{core.tail(self.maillog)}"
-            ) from None
+            raise RuntimeError(f"postfix: {e}\n--- {self.maillog}:\n{tail(self.maillog)}") from None
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -314,7 +222,7 @@ default_process_limit = 300
     def stop(self) -> None:
         if not getattr(self, "etc", None):
             return
-        tree = core.process_tree(self.master) if getattr(self, "master", 0) else []
+        tree = process_tree(self.master) if getattr(self, "master", 0) else []
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             self._postfix("stop")
         end = time.monotonic() + 15
@@ -326,10 +234,10 @@ default_process_limit = 300
         self.etc = None
 
     def delivered(self) -> int:
-        return core.count_maildir(self.root)
+        return count_maildir(self.root)
 
     def clear(self) -> None:
-        core.clear_maildir(self.root)
+        clear_maildir(self.root)
 
     def describe(self) -> str:
         return "postfix (virtual maildir)"
@@ -338,13 +246,13 @@ default_process_limit = 300
 # --------------------------------------------------------------------------- smtp-sink
 
 
-class SinkTarget(core.Target):
+class SinkTarget(Target):
     name = "sink"
     stores = False
 
     def start(self) -> None:
-        exe, env = core.find_postfix_tool("smtp-sink")
-        self.port = core.free_port()
+        exe, env = find_postfix_tool("smtp-sink")
+        self.port = free_port()
         argv = [exe]
         if os.geteuid() == 0:
             argv += ["-u", "nobody"]
@@ -358,7 +266,8 @@ class SinkTarget(core.Target):
 TARGETS = {"aiosmtpd": AiosmtpdTarget, "postfix": PostfixTarget, "sink": SinkTarget}
 
 
-def make_target(name: str, workdir: Path, opts: argparse.Namespace) -> core.Target:
+def make_target(name: str, workdir: Path, opts: argparse.Namespace) -> Target:
+    """The baseline ``--servers`` calls ``name``."""
     try:
         cls = TARGETS[name]
     except KeyError:
@@ -366,12 +275,10 @@ def make_target(name: str, workdir: Path, opts: argparse.Namespace) -> core.Targ
     return cls(workdir, opts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve-aiosmtpd"]:
-        return serve_aiosmtpd(argv[1:])
-    return core.main(argv, servers_default="aiosmtpd,postfix,sink")
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # the baselines alone: run.py's command line with other default servers (run.py is
+    # executed, not imported, so that this module never imports the command line)
+    os.execv(
+        sys.executable,
+        [sys.executable, str(HERE / "run.py"), "--servers", "aiosmtpd,postfix,sink", *sys.argv[1:]],
+    )

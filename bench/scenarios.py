@@ -1,5 +1,7 @@
-"""The prepared comparisons of ``bench/run.py --scenario NAME``, and the targets they need.
+"""The rows and tables a run measures: ``--servers`` by default, or a prepared scenario.
 
+- default: one row per ``--servers`` name, and one postier row per ``-F`` format and
+  ``--workers`` value, for every postier tree named (``postier``, ``postier@PATH``).
 - ``basic``: postier to Maildir at 1, 20 and 100 sessions, with ``--workers 1`` and ``2``.
 - ``tls``: (a) new TLS sessions per second: connections that only say EHLO, STARTTLS, EHLO,
   QUIT (full handshakes, then resumed ones; implicit TLS likewise; plaintext EHLO, QUIT as the
@@ -14,29 +16,28 @@
 - ``formats``: messages per second into Maildir, mbox, the numbered spool and LMTP (a private
   Dovecot, tests/dovecot.py, storing Maildir), side by side.
 
-Each is a list of ``run.Part``s (one table each) of ``run.Spec``s (one row each). Presets
-for --sessions, --messages and --repeat are in PRESETS; flags given on the command line win.
+Each is a list of ``Part``s (one table each) of ``Spec``s (one row each). A scenario's
+postier rows are repeated for every postier tree of ``--servers`` (``--servers
+postier,postier@../before --scenario basic``). Presets for --sessions, --messages and
+--repeat are in PRESETS; flags given on the command line win.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-try:
-    from bench import run as core
-except ImportError:
-    import run as core
-
-Part, Spec, PostierTarget = core.Part, core.Spec, core.PostierTarget
+from bench.runner import Part, Spec
+from bench.targets import (
+    RELAY_DOMAIN,
+    LmtpTarget,
+    PostierTarget,
+    RelayTarget,
+    Tree,
+    make_target,
+    parse_tree,
+    postier_target,
+)
 
 PRESETS = {
     "basic": {"sessions": "1,20,100", "messages": 3000, "repeat": 3},
@@ -45,156 +46,27 @@ PRESETS = {
     "formats": {"sessions": "20", "messages": 5000, "repeat": 3},
 }
 
-RELAY_DOMAIN = "relay.test"
-RELAY_ZONE = {
-    RELAY_DOMAIN: {"MX": [(10, f"mx.{RELAY_DOMAIN}")]},
-    f"mx.{RELAY_DOMAIN}": {"A": ["127.0.0.1"]},
-}
+
+def _spec(name: str, cls: type[PostierTarget] = PostierTarget, **kw) -> Spec:
+    """A scenario's postier row (repeated per postier tree by ``parts``)."""
+    return Spec(name, functools.partial(cls, **kw), postier=True)
 
 
-def _repo_on_path() -> None:
-    """tests/ (DNS responder, Dovecot) is imported from the repository root."""
-    if str(core.REPO) not in sys.path:
-        sys.path.insert(0, str(core.REPO))
-
-
-def _public_dir(opts: argparse.Namespace, prefix: str) -> Path:
-    """A temporary directory other users (Dovecot's, smtp-sink's) can traverse."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=opts.tmpdir))
-    os.chmod(path, 0o755)
-    return path
-
-
-def _pid_from(pid_file: Path) -> list[int]:
-    with contextlib.suppress(OSError, ValueError):
-        return [int(pid_file.read_text().strip())]
-    return []
-
-
-# --------------------------------------------------------------------------- targets
-
-
-class LmtpTarget(PostierTarget):
-    """postier -F lmtp, delivering to a private Dovecot's LMTP listener, which stores Maildir.
-
-    Dovecot's files are counted by difference and never removed between runs (its index
-    knows them). Its CPU is the peer CPU column.
-    """
-
-    def start(self) -> None:
-        _repo_on_path()
-        from tests.dovecot import available, chown_tree, running_dovecot
-
-        why = available()
-        if why:
-            raise RuntimeError(f"lmtp: {why}")
-        self._stack = contextlib.ExitStack()
-        self.dc_dir = _public_dir(self.opts, "postier-bench-dovecot-")
-        self.boxes = self.dc_dir / "mail"
-        self.boxes.mkdir()
-        chown_tree(self.boxes)  # Dovecot writes as nobody
-        self.dovecot = self._stack.enter_context(
-            running_dovecot(
-                self.dc_dir,
-                f"maildir:{self.boxes}/%n",
-                {u: "unused" for u in core.USERS},
-                protocols=("imap", "lmtp"),
-            )
-        )
-        super().start()
-
-    def serve_args(self) -> list[str]:
-        return ["--lmtp", f"127.0.0.1:{self.dovecot.lmtp_port}"]
-
-    def delivered(self) -> int:
-        return core.count_maildir(self.boxes)
-
-    def clear(self) -> None:
-        pass
-
-    def peer_pids(self) -> list[int]:
-        return _pid_from(self.dc_dir / "run" / "master.pid")
-
-    def stop(self) -> None:
-        super().stop()
-        stack = getattr(self, "_stack", None)
-        if stack is not None:
-            self._stack = None
-            stack.close()
-            if not self.opts.keep:
-                shutil.rmtree(self.dc_dir, ignore_errors=True)
-
-
-_MESG = re.compile(rb"mesg=(\d+)\r")
-
-
-class RelayTarget(PostierTarget):
-    """postier relaying to ``RELAY_DOMAIN``: DNS responder, smtp-sink, then the server.
-
-    smtp-sink runs with ``-c``: after each "." it writes ``sess=N quit=N mesg=N`` and a CR
-    to its stdout (a file here), and ``delivered`` reads the last complete count. The run
-    ends when that count reaches the messages accepted and the queue's env/ is empty.
-    """
-
-    recipients = tuple(f"{u}@{RELAY_DOMAIN}" for u in core.USERS)
-
-    def start(self) -> None:
-        _repo_on_path()
-        from tests.dnsserver import DnsServer
-
-        self.dns = DnsServer(RELAY_ZONE).start()
-        exe, env = core.find_postfix_tool("smtp-sink")
-        self.sink_port = core.free_port()
-        self.sink_out = self.workdir / "smtp-sink.counts"
-        listen = f"127.0.0.1:{self.sink_port}"
-        with (
-            open(self.sink_out, "wb") as out,
-            open(self.workdir / "smtp-sink.log", "wb") as err,
-        ):
-            self.sink = subprocess.Popen(
-                [exe, "-c", "-u", "nobody", "-h", "sink.relay.test", listen, "256"],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                start_new_session=True,
-            )
-        core.wait_smtp(self.sink_port, 30, lambda: self.sink.poll() is None)
-        super().start()
-
-    def serve_args(self) -> list[str]:
-        return ["--dns-server", f"127.0.0.1:{self.dns.port}", "--remote-port", str(self.sink_port)]
-
-    def delivered(self) -> int:
-        try:
-            with open(self.sink_out, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 256))
-                counts = _MESG.findall(f.read())
-        except OSError:
-            return 0
-        return int(counts[-1]) if counts else 0
-
-    def clear(self) -> None:
-        pass
-
-    def peer_pids(self) -> list[int]:
-        return [self.sink.pid] if getattr(self, "sink", None) else []
-
-    def stop(self) -> None:
-        super().stop()
-        if getattr(self, "sink", None) is not None:
-            core.stop_process(self.sink)
-            self.sink = None
-        if getattr(self, "dns", None) is not None:
-            self.dns.stop()
-            self.dns = None
-
-
-# --------------------------------------------------------------------------- scenarios
-
-
-def _spec(name: str, cls=PostierTarget, **kw) -> Spec:
-    return Spec(name, functools.partial(cls, **kw))
+def default(opts: argparse.Namespace) -> list[Part]:
+    """``--servers``, with one postier row per tree, ``-F`` format and ``--workers`` value."""
+    specs = []
+    trees = iter(opts.trees)
+    for name in opts.servers:
+        if parse_tree(name) is None:
+            specs.append(Spec(name, functools.partial(make_target, name)))
+            continue
+        tree = next(trees)
+        for fmt in opts.formats:
+            for w in opts.workers_list:
+                make = functools.partial(postier_target, fmt=fmt, workers=w, tree=tree)
+                suffix = f"-tree{tree.index}" if tree.index else ""
+                specs.append(Spec(f"postier-{fmt}-w{w}{suffix}", make))
+    return [Part("", specs)]
 
 
 def basic(opts: argparse.Namespace) -> list[Part]:
@@ -316,5 +188,24 @@ def formats(opts: argparse.Namespace) -> list[Part]:
 SCENARIOS = {"basic": basic, "tls": tls, "relay": relay, "formats": formats}
 
 
+def _per_tree(spec: Spec, trees: list[Tree]) -> list[Spec]:
+    """A postier row once per tree (the first tree keeps the row's name)."""
+    if not spec.postier or len(trees) < 2:
+        return [spec]
+    return [
+        Spec(
+            f"{spec.name}-tree{t.index}" if t.index else spec.name,
+            functools.partial(spec.make, tree=t),
+        )
+        for t in trees
+    ]
+
+
 def parts(opts: argparse.Namespace) -> list[Part]:
-    return SCENARIOS[opts.scenario](opts)
+    """The tables to measure, in order: a scenario's, or the default one."""
+    if not opts.scenario:
+        return default(opts)
+    out = SCENARIOS[opts.scenario](opts)
+    for part in out:
+        part.specs = [s for spec in part.specs for s in _per_tree(spec, opts.trees)]
+    return out
