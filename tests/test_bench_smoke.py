@@ -1,30 +1,25 @@
-"""The benchmark harness works end to end: a tiny load against a live `postier serve`.
+"""The benchmark harness works end to end: tiny loads against live servers.
 
 10 messages over 2 sessions; every one must get its 250 and be in a mailbox. No timing is
-asserted: speed is what bench/run.py reports, not what the unit suite checks.
+asserted: speed is what bench/run.py reports, not what the unit suite checks. Also: the
+before/after run of two postier trees starts each server from its own tree, and bench/'s
+modules import one another one way only (run.py, the command line, at the top).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import ast
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench import harness, loadgen, run, targets
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    """Import bench/<name>.py (bench/ is a directory of scripts, not a package)."""
-    modname = f"_postier_bench_{name}"
-    if modname not in sys.modules:
-        spec = importlib.util.spec_from_file_location(modname, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module  # dataclasses look their module up while it loads
-        spec.loader.exec_module(module)
-    return sys.modules[modname]
 
 
 def _serve_exists() -> bool:
@@ -38,17 +33,27 @@ def _serve_exists() -> bool:
 
 
 @pytest.fixture(scope="module")
-def bench():
+def serve_exists() -> None:
     if not _serve_exists():
         pytest.skip("`python -m postier serve --help` fails: the server does not exist yet")
-    return _load("run"), _load("loadgen")
+
+
+def _postier_copy(directory: Path) -> Path:
+    """A second postier tree: a copy of this one whose package, once imported, leaves a file
+    ``ran-from-copy`` in its working directory (so a test can tell which tree ran)."""
+    tree = directory / "other-tree"
+    shutil.copytree(
+        harness.REPO / "postier", tree / "postier", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with open(tree / "postier" / "__init__.py", "a") as f:
+        f.write('\nimport pathlib as _pl\n\n_pl.Path("ran-from-copy").touch()\n')
+    return tree
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelined"])
-def test_loadgen_against_postier(bench, tmp_path, pipelining):
-    run, loadgen = bench
+def test_loadgen_against_postier(serve_exists, tmp_path, pipelining):
     opts = run.parse_args(["--sessions", "2", "--format", "maildir"])
-    target = run.PostierTarget(tmp_path, opts)
+    target = targets.PostierTarget(tmp_path, opts)
     target.start()
     try:
         cfg = loadgen.LoadConfig(
@@ -56,8 +61,8 @@ def test_loadgen_against_postier(bench, tmp_path, pipelining):
             messages=10,
             sessions=2,
             size=2048,
-            recipients=run.RECIPIENTS,
-            sender=run.SENDER,
+            recipients=harness.RECIPIENTS,
+            sender=harness.SENDER,
             pipelining=pipelining,
             deadline=60,
         )
@@ -67,9 +72,74 @@ def test_loadgen_against_postier(bench, tmp_path, pipelining):
         assert len(result.latencies) == 10
         assert target.delivered() == 10
         # 10 messages rotated over the users: each mailbox got its share
-        for user in run.USERS:
+        for user in harness.USERS:
             assert len(list((target.root / user / "new").iterdir())) == 2
     finally:
         proc = target.proc
         target.stop()
-    assert proc.returncode == 0, f"postier did not exit 0 on SIGTERM:\n{run.tail(target.log)}"
+    assert proc.returncode == 0, f"postier did not exit 0 on SIGTERM:\n{harness.tail(target.log)}"
+
+
+def test_other_tree_is_the_one_that_runs(serve_exists, tmp_path):
+    other = _postier_copy(tmp_path)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    opts = run.parse_args(["--sessions", "2", "--servers", f"postier,postier@{other}"])
+    assert [t.path for t in opts.trees] == [harness.REPO, other]
+    target = targets.make_target(f"postier@{other}", workdir, opts)
+    target.start()
+    try:
+        assert (workdir / "ran-from-copy").exists()
+        assert "#2 other-tree" in target.describe()
+    finally:
+        target.stop()
+
+
+def test_before_and_after_in_one_run(serve_exists, tmp_path, capsys):
+    other = _postier_copy(tmp_path)
+    results = tmp_path / "results"
+    argv = ["--servers", f"postier,postier@{other},sink", "--sessions", "2", "-n", "10"]
+    argv += ["--repeat", "1", "--warmup", "0", "--tmpdir", str(tmp_path)]
+    argv += ["--results-dir", str(results)]
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "after / before" in out
+    [doc] = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert doc["failures"] == []
+    rows = doc["rows"]
+    assert [r["tree"] for r in rows] == [0, 1, None]
+    for r in rows[:2]:
+        assert (r["sent"], r["accepted"], r["delivered"], r["errors"]) == (10, 10, 10, 0)
+        assert r["cpu_ms_per_msg"] is not None and r["peak_rss_mib"] > 0
+    assert rows[2]["accepted"] == 10 and rows[2]["delivered"] is None
+    assert doc["options"]["trees"] == [str(harness.REPO), str(other)]
+
+
+def _bench_imports(path: Path) -> set[str]:
+    """The bench/ modules ``path`` imports (``from bench import x``, ``from bench.x import``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "bench":
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench."):
+            found.add(node.module.removeprefix("bench."))
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("bench.") for a in node.names if "bench." in a.name)
+    return found
+
+
+def test_bench_modules_import_one_way():
+    graph = {p.stem: _bench_imports(p) for p in BENCH.glob("*.py") if p.stem != "__init__"}
+    assert not any("run" in deps for deps in graph.values()), graph
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import circle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
