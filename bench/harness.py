@@ -3,11 +3,10 @@
 A ``Target`` is a server under test, started in its own process group on free loopback
 ports and stopped by pid, also on failure. ``RssSampler`` and ``tree_cpu_seconds`` read the
 memory and CPU time of a server's whole process tree (postier's workers, Postfix's master and
-its children) from /proc, so that a multi-process server pays for all of its processes. The
-mailbox counters check that every message answered 250 really landed.
+its children) from /proc, so that a multi-process server pays for all of its processes.
 
-Nothing here knows which servers exist (targets.py, baselines.py) or how the load is made
-(drivers.py).
+Nothing here knows which servers exist (targets.py, baselines.py), how the load is made
+(drivers.py) or how what landed is counted (mailboxes.py).
 """
 
 from __future__ import annotations
