@@ -11,12 +11,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 from postier import log
 from postier.config import Config
 from postier.delivery.base import (
+    LocalDelivery,
     Recipient,
     RecipientResult,
+    Relay,
     Status,
     StoredMessage,
     permanent,
@@ -26,10 +29,13 @@ from postier.policy import LocalTarget, Policy
 from postier.protocol.address import Address
 from postier.queue.store import EntryExists, QueueStore
 
+if TYPE_CHECKING:
+    from postier.queue.scheduler import Scheduler
+
 _LOG = logging.getLogger("postier.outbound")
 
 
-def make_relay(config: Config) -> object:
+def make_relay(config: Config) -> Relay:
     from postier.delivery.smtp import Smarthost, SmtpRelay
     from postier.dns import Resolver, parse_dns_server
 
@@ -59,14 +65,16 @@ def make_relay(config: Config) -> object:
 
 
 class Outbound:
-    def __init__(self, config: Config, policy: Policy, backend: object, executor: Executor) -> None:
+    def __init__(
+        self, config: Config, policy: Policy, backend: LocalDelivery, executor: Executor
+    ) -> None:
         self.config = config
         self.policy = policy
         self.backend = backend
         self.executor = executor
         self.store = QueueStore(config.queue_dir)
         self.relay = make_relay(config)
-        self.scheduler: object | None = None
+        self.scheduler: Scheduler | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None  # created on the loop in start()
 
@@ -78,7 +86,7 @@ class Outbound:
     def notify(self, queue_id: str) -> None:
         """A committed entry is ready: wake the scheduler, here or in another worker."""
         if self.scheduler is not None:
-            self.scheduler.enqueue(queue_id)  # type: ignore[attr-defined]
+            self.scheduler.enqueue(queue_id)
         else:
             self.store.request_flush(queue_id)
 
@@ -87,7 +95,6 @@ class Outbound:
         self, message: StoredMessage, recipients: Sequence[Recipient]
     ) -> list[RecipientResult]:
         results: list[RecipientResult] = []
-        loop = asyncio.get_running_loop()
         for r in recipients:
             local, _, domain = r.address.rpartition("@")
             targets = self.policy.resolve_local(local, domain) if local else None
@@ -98,11 +105,7 @@ class Outbound:
                 )
                 continue
             rcpts = [t.recipient() for t in locals_]
-            deliver = self.backend.deliver  # type: ignore[attr-defined]
-            if asyncio.iscoroutinefunction(deliver):
-                sub = await deliver(message, rcpts)
-            else:
-                sub = await loop.run_in_executor(self.executor, deliver, message, rcpts)
+            sub = await self.backend.deliver(self.executor, message, rcpts)
             worst = max(
                 sub, key=lambda x: (x.status is Status.TEMPORARY, x.status is Status.PERMANENT)
             )
@@ -163,7 +166,4 @@ class Outbound:
             except (TimeoutError, asyncio.CancelledError):
                 self._maildrop_task.cancel()
         if self.scheduler is not None:
-            await self.scheduler.stop(grace)  # type: ignore[attr-defined]
-        close = getattr(self.relay, "close", None)
-        if close is not None and asyncio.iscoroutinefunction(close):
-            await close()
+            await self.scheduler.stop(grace)
