@@ -30,25 +30,26 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from postier.delivery.base import Recipient, StoredMessage
 from postier.delivery.fsutil import copy_from, fsync_dir
 from postier.errors import PostierError
+from postier.queue.entry import (  # noqa: F401 - the names users of the store import
+    DELIVERED,
+    FAILED,
+    PENDING,
+    QueueEntry,
+    RecipientState,
+)
 from postier.queue.ids import is_queue_id, new_queue_id
 
 log = logging.getLogger("postier.queue")
 
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
 FLUSH_ALL = "ALL"
-_FORMAT_VERSION = 1
 
 
 class EntryNotFound(PostierError):
@@ -59,67 +60,12 @@ class EntryExists(PostierError):
     """An entry with this id is already committed (e.g. a maildrop file picked up twice)."""
 
 
-@dataclass(slots=True)
-class RecipientState:
-    """One recipient's progress; `code`/`enhanced`/`reply` are the last reply received."""
+class BadEntry(ValueError):
+    """An envelope file that cannot be read as an entry (kept for the operator, never sent)."""
 
-    address: str
-    state: str = PENDING
-    attempts: int = 0
-    code: int = 0
-    enhanced: str = ""
-    reply: str = ""
-    last_attempt: float = 0.0
-    next_attempt: float = 0.0  # 0: at once
-    remote_mta: str = ""
-
-    @property
-    def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
-
-    @property
-    def last_reply(self) -> str:
-        """The last reply as one line, `451 4.3.0 text`, or "" before any attempt."""
-        if not self.code:
-            return self.reply
-        return " ".join(p for p in (str(self.code), self.enhanced, self.reply) if p)
-
-
-@dataclass(slots=True)
-class QueueEntry:
-    """A committed message: its envelope and per-recipient state (the JSON file's content)."""
-
-    queue_id: str
-    sender: str  # "" for the null sender <>
-    arrival: float
-    size: int
-    content_offset: int
-    recipients: list[RecipientState] = field(default_factory=list)
-    smtputf8: bool = False
-    body_8bit: bool = False
-    delay_warned: bool = False
-
-    def pending(self) -> list[RecipientState]:
-        return [r for r in self.recipients if r.state == PENDING]
-
-    def is_final(self) -> bool:
-        """True once no recipient is pending: the entry can be removed."""
-        return all(r.state != PENDING for r in self.recipients)
-
-    def to_json(self) -> bytes:
-        data = asdict(self)
-        data["version"] = _FORMAT_VERSION
-        return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> QueueEntry:
-        data = json.loads(raw)
-        data.pop("version", None)
-        data["recipients"] = [RecipientState(**r) for r in data.get("recipients", [])]
-        entry = cls(**data)
-        if not is_queue_id(entry.queue_id):
-            raise ValueError(f"bad queue id {entry.queue_id!r}")
-        return entry
+    def __init__(self, queue_id: str, why: str) -> None:
+        super().__init__(f"{queue_id}: unreadable envelope: {why}")
+        self.queue_id = queue_id
 
 
 def _check_id(queue_id: str) -> str:
@@ -147,8 +93,7 @@ class QueueStore:
             # DIR itself stays traversable (0755) so `postier sendmail` run by any user can
             # reach DIR/maildrop; everything the queue holds is private to the daemon.
             self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-            for d in (self.body_dir, self.env_dir, self.tmp_dir, self.flush_dir,
-                      self.corrupt_dir):
+            for d in (self.body_dir, self.env_dir, self.tmp_dir, self.flush_dir, self.corrupt_dir):
                 d.mkdir(mode=0o700, exist_ok=True)
         elif not self.env_dir.is_dir():
             raise FileNotFoundError(f"{self.directory}: not a queue directory (no env/)")
@@ -163,16 +108,18 @@ class QueueStore:
     def message(self, entry: QueueEntry) -> StoredMessage:
         """The entry's body as the `StoredMessage` a delivery backend takes."""
         return StoredMessage(
-            path=self.body_path(entry.queue_id), size=entry.size,
-            content_offset=entry.content_offset, sender=entry.sender,
-            queue_id=entry.queue_id, received_at=entry.arrival,
-            smtputf8=entry.smtputf8, body_8bit=entry.body_8bit,
+            path=self.body_path(entry.queue_id),
+            size=entry.size,
+            content_offset=entry.content_offset,
+            sender=entry.sender,
+            queue_id=entry.queue_id,
+            received_at=entry.arrival,
+            smtputf8=entry.smtputf8,
+            body_8bit=entry.body_8bit,
         )
 
     # -- commit ------------------------------------------------------------------------
-    def commit(
-        self, spool: StoredMessage, sender: str, recipients: Iterable[object]
-    ) -> QueueEntry:
+    def commit(self, spool: StoredMessage, sender: str, recipients: Iterable[object]) -> QueueEntry:
         """Make a finished spool file durable in the queue under `spool.queue_id`.
 
         `spool.path` must already be on stable storage (fsync'd by whoever wrote it: the
@@ -199,11 +146,14 @@ class QueueStore:
                 self._copy_into(spool.path, body)
             fsync_dir(self.body_dir)
             entry = QueueEntry(
-                queue_id=queue_id, sender=sender, arrival=spool.received_at,
-                size=body.stat().st_size, content_offset=spool.content_offset,
-                recipients=[RecipientState(a)
-                            for a in dict.fromkeys(map(_address, recipients))],
-                smtputf8=spool.smtputf8, body_8bit=spool.body_8bit,
+                queue_id=queue_id,
+                sender=sender,
+                arrival=spool.received_at,
+                size=body.stat().st_size,
+                content_offset=spool.content_offset,
+                recipients=[RecipientState(a) for a in dict.fromkeys(map(_address, recipients))],
+                smtputf8=spool.smtputf8,
+                body_8bit=spool.body_8bit,
             )
             self._write_env(entry)
         except BaseException:
@@ -213,9 +163,16 @@ class QueueStore:
         return entry
 
     def commit_bytes(
-        self, data: bytes, sender: str, recipients: Iterable[object], *,
-        arrival: float, content_offset: int, queue_id: str | None = None,
-        smtputf8: bool = False, body_8bit: bool = False,
+        self,
+        data: bytes,
+        sender: str,
+        recipients: Iterable[object],
+        *,
+        arrival: float,
+        content_offset: int,
+        queue_id: str | None = None,
+        smtputf8: bool = False,
+        body_8bit: bool = False,
     ) -> QueueEntry:
         """Queue a message we generated ourselves (a bounce), given in spool format."""
         queue_id = queue_id or new_queue_id()
@@ -225,8 +182,14 @@ class QueueStore:
             f.flush()
             os.fsync(f.fileno())
         spool = StoredMessage(
-            path=tmp, size=len(data), content_offset=content_offset, sender=sender,
-            queue_id=queue_id, received_at=arrival, smtputf8=smtputf8, body_8bit=body_8bit,
+            path=tmp,
+            size=len(data),
+            content_offset=content_offset,
+            sender=sender,
+            queue_id=queue_id,
+            received_at=arrival,
+            smtputf8=smtputf8,
+            body_8bit=body_8bit,
         )
         try:
             return self.commit(spool, sender, recipients)
@@ -258,7 +221,10 @@ class QueueStore:
             raw = self.env_path(queue_id).read_bytes()
         except FileNotFoundError:
             raise EntryNotFound(queue_id) from None
-        return QueueEntry.from_json(raw)
+        try:
+            return QueueEntry.from_json(raw)
+        except ValueError as exc:
+            raise BadEntry(queue_id, str(exc)) from None
 
     def ids(self) -> list[str]:
         """Committed ids in arrival order (ids sort by time)."""
@@ -269,16 +235,23 @@ class QueueStore:
                 out.append(stem)
         return sorted(out)
 
-    def list(self) -> list[QueueEntry]:
-        """Every committed entry; entries removed while listing are skipped. Read-only."""
+    def list(self, on_bad: Callable[[BadEntry], None] | None = None) -> list[QueueEntry]:
+        """Every committed entry; entries removed while listing are skipped. Read-only.
+
+        An unreadable envelope is passed to `on_bad` (e.g. `postier queue list` prints it),
+        else logged; either way the listing goes on.
+        """
         entries = []
         for queue_id in self.ids():
             try:
                 entries.append(self.load(queue_id))
             except EntryNotFound:
                 continue
-            except ValueError as exc:
-                log.warning("queue %s: unreadable envelope: %s", queue_id, exc)
+            except BadEntry as exc:
+                if on_bad is None:
+                    log.warning("queue %s", exc)
+                else:
+                    on_bad(exc)
         return entries
 
     def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
