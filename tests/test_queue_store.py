@@ -253,3 +253,18 @@ def test_sigkill_mid_commit_keeps_every_committed_entry(tmp_path: Path, kill_aft
         assert data.endswith(b"x" * (n % 5000) + b"\n")
     assert sorted(os.listdir(store.body_dir)) == sorted(entries)
     assert os.listdir(store.tmp_dir) == []
+
+
+def test_commit_can_prepend_headers_after_return_path(store: QueueStore, tmp_path: Path) -> None:
+    """The commit hook for signing: the queued body gains the lines, the spool file does not."""
+    spool = make_spool(tmp_path)
+    original = spool.path.read_bytes()
+    signature = b"DKIM-Signature: v=1; a=ed25519-sha256; d=example.org; s=sel;\n b=abc\n"
+    entry = store.commit(spool, spool.sender, ["bob@example.net"], prepend=signature)
+    body = store.body_path(entry.queue_id).read_bytes()
+    head = original[: spool.content_offset]
+    assert body == head + signature + original[spool.content_offset :]
+    assert entry.content_offset == spool.content_offset and entry.size == len(body)
+    assert store.read_headers(entry).startswith(signature + b"Received: ")
+    assert spool.path.read_bytes() == original  # a copy, not a link to the spool's inode
+    assert os.stat(spool.path).st_nlink == 1

@@ -80,8 +80,24 @@ class Outbound:
 
     # ---- used by sessions (Router) -------------------------------------------------------
     def commit(self, message: StoredMessage, addresses: Sequence[Address | str]) -> None:
-        """Blocking (thread pool): make the message durable in the queue."""
-        self.store.commit(message, message.sender, [str(a) for a in addresses])
+        """Blocking (thread pool): make the message durable in the queue.
+
+        Every message enters the queue here (sessions through the router, `postier sendmail`
+        through the maildrop pickup), so `headers_at_commit` is where a change to its bytes
+        belongs: signing happens once, at commit, never per delivery attempt."""
+        self.store.commit(
+            message,
+            message.sender,
+            [str(a) for a in addresses],
+            prepend=self.headers_at_commit(message),
+        )
+
+    def headers_at_commit(self, message: StoredMessage) -> bytes:
+        """Header lines to put on top of the message as it is queued (spool format, LF).
+
+        None yet; a DKIM-Signature for the sender's domain is the first: computed from the
+        spool file (from `message.content_offset`), before `QueueStore.commit`'s fsync."""
+        return b""
 
     def notify(self, queue_id: str) -> None:
         """A committed entry is ready: wake the scheduler, here or in another worker."""
@@ -116,9 +132,7 @@ class Outbound:
     async def _accept_dropped(self, message: StoredMessage, recipients: list[str]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(
-                self.executor, self.store.commit, message, message.sender, recipients
-            )
+            await loop.run_in_executor(self.executor, self.commit, message, recipients)
         except EntryExists:
             pass
         self.notify(message.queue_id)

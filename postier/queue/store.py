@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from postier.delivery.base import Recipient, StoredMessage
-from postier.delivery.fsutil import copy_from, fsync_dir
+from postier.delivery.fsutil import copy_from, fsync_dir, write_all
 from postier.errors import PostierError
 from postier.queue.entry import (  # noqa: F401 - the names users of the store import
     DELIVERED,
@@ -119,7 +119,14 @@ class QueueStore:
         )
 
     # -- commit ------------------------------------------------------------------------
-    def commit(self, spool: StoredMessage, sender: str, recipients: Iterable[object]) -> QueueEntry:
+    def commit(
+        self,
+        spool: StoredMessage,
+        sender: str,
+        recipients: Iterable[object],
+        *,
+        prepend: bytes = b"",
+    ) -> QueueEntry:
         """Make a finished spool file durable in the queue under `spool.queue_id`.
 
         `spool.path` must already be on stable storage (fsync'd by whoever wrote it: the
@@ -129,6 +136,10 @@ class QueueStore:
         its `Return-Path:` line and `content_offset` stays valid; it must not be modified
         afterwards (unlinking it is fine). Returns once the entry is durable: only then may
         the session answer 250. Raises `EntryExists` if the id is already queued.
+
+        `prepend` is header lines (LF-terminated, spool format) to put at the top of the
+        message, after Return-Path: the one place where the queued bytes may differ from the
+        spool's (a DKIM-Signature made at commit). The body is then a copy, fsync'd here.
         """
         queue_id = spool.queue_id or new_queue_id()
         env = self.env_path(queue_id)
@@ -139,11 +150,14 @@ class QueueStore:
         # (ids are unique; a maildrop retry reuses its id): it was never committed, replace it.
         body.unlink(missing_ok=True)
         try:
-            try:
-                # The same inode: its creator fsync'd it already (contract above).
-                os.link(spool.path, body)
-            except OSError:  # another file system, or links not permitted: copy
-                self._copy_into(spool.path, body)
+            if prepend:
+                self._copy_into(spool.path, body, prepend, spool.content_offset)
+            else:
+                try:
+                    # The same inode: its creator fsync'd it already (contract above).
+                    os.link(spool.path, body)
+                except OSError:  # another file system, or links not permitted: copy
+                    self._copy_into(spool.path, body)
             fsync_dir(self.body_dir)
             entry = QueueEntry(
                 queue_id=queue_id,
@@ -196,10 +210,15 @@ class QueueStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _copy_into(self, source: Path, dest: Path) -> None:
+    def _copy_into(self, source: Path, dest: Path, insert: bytes = b"", at: int = 0) -> None:
+        """Copy `source` to `dest` (fsync'd), with `insert` put in at offset `at`."""
         tmp = self.tmp_dir / f"{dest.name}.copy"
         with open(source, "rb") as src, open(tmp, "wb") as dst:
-            copy_from(src, dst.fileno())
+            if insert:
+                write_all(dst.fileno(), src.read(at) + insert)
+                copy_from(src, dst.fileno(), at)
+            else:
+                copy_from(src, dst.fileno())
             os.fsync(dst.fileno())
         try:
             os.link(tmp, dest)  # never replaces an existing body
