@@ -84,13 +84,18 @@ class Outbound:
 
         Every message enters the queue here (sessions through the router, `postier sendmail`
         through the maildrop pickup), so `headers_at_commit` is where a change to its bytes
-        belongs: signing happens once, at commit, never per delivery attempt."""
-        self.store.commit(
-            message,
-            message.sender,
-            [str(a) for a in addresses],
-            prepend=self.headers_at_commit(message),
-        )
+        belongs: signing happens once, at commit, never per delivery attempt.
+
+        A second call for the same message (its local recipients that failed, after its
+        remote ones were committed) adds the recipients to that entry.
+        """
+        recipients = [str(a) for a in addresses]
+        try:
+            self.store.commit(
+                message, message.sender, recipients, prepend=self.headers_at_commit(message)
+            )
+        except EntryExists:
+            self.store.add_recipients(message.queue_id, recipients)
 
     def headers_at_commit(self, message: StoredMessage) -> bytes:
         """Header lines to put on top of the message as it is queued (spool format, LF).
@@ -131,10 +136,8 @@ class Outbound:
     # ---- maildrop (postier sendmail) -------------------------------------------------------
     async def _accept_dropped(self, message: StoredMessage, recipients: list[str]) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self.executor, self.commit, message, recipients)
-        except EntryExists:
-            pass
+        # Picked up twice (a crash after the commit): the entry is there, nothing changes.
+        await loop.run_in_executor(self.executor, self.commit, message, recipients)
         self.notify(message.queue_id)
 
     # ---- life cycle ----------------------------------------------------------------------

@@ -301,6 +301,21 @@ class QueueStore:
                 raise EntryNotFound(entry.queue_id)
             self._write_env(entry)
 
+    def add_recipients(self, queue_id: str, recipients: Iterable[object]) -> QueueEntry:
+        """Add recipients to a committed entry (those it has already are left as they are).
+
+        For a message whose remote recipients were committed before its local delivery:
+        the local recipients that did not get their copy join the same entry (one body, one
+        id) rather than a second commit under the same id. Durable on return."""
+        with self._locked(queue_id):
+            entry = self.load(queue_id)
+            known = {r.address for r in entry.recipients}
+            new = [a for a in dict.fromkeys(map(_address, recipients)) if a not in known]
+            if new:
+                entry.recipients += [RecipientState(a) for a in new]
+                self._write_env(entry)
+            return entry
+
     def remove(self, queue_id: str) -> bool:
         """Remove an entry (safe while the daemon runs); False if it was not there."""
         try:
