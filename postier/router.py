@@ -42,7 +42,7 @@ _LOG = logging.getLogger("postier.router")
 
 # Called with the finished spool message and remote recipients; must make them durable in the
 # queue (blocking, thread pool) and return nothing, or raise OSError.
-QueueCommit = Callable[[StoredMessage, Sequence[Address]], None]
+QueueCommit = Callable[[StoredMessage, Sequence[Address | str]], None]
 QueueNotify = Callable[[str], None]
 # (results for the local recipients, whether anything went to the queue)
 Finished = tuple[list[RecipientResult], bool]

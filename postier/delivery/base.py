@@ -110,9 +110,6 @@ class NetworkBackend(Protocol):
     ) -> list[RecipientResult]: ...
 
 
-AsyncBackend = NetworkBackend  # the earlier name
-
-
 class RelaySession(Protocol):
     """One connection to one destination, carrying several messages in turn.
 

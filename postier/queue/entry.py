@@ -110,7 +110,7 @@ class QueueEntry:
         )
 
     def to_json(self) -> bytes:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data = dataclasses.asdict(self)
         data["recipients"] = [r.to_dict() for r in self.recipients]
         data["version"] = FORMAT_VERSION
         return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")

@@ -44,6 +44,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -323,6 +324,7 @@ class Scheduler:
 
     async def _work(self, dest: _Destination) -> None:
         """One connection's worth of jobs: as many as the session takes."""
+        opened: AbstractAsyncContextManager[RelaySession]
         if self.local_deliver is not None and self.is_local(dest.domain):
             opened = SingleAttempt(self.local_deliver)
         else:

@@ -28,6 +28,7 @@ pool, `await loop.run_in_executor(pool, store.commit, ...)`; the CLI calls them 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import logging
@@ -350,7 +351,7 @@ class QueueStore:
             raise
         return fd
 
-    def recover(self) -> list[QueueEntry]:
+    def recover(self) -> builtins.list[QueueEntry]:
         """Clean up after a crash and return every committed entry, oldest first.
 
         Only at daemon start-up, before any session can commit: a commit in progress looks
