@@ -5,6 +5,14 @@ returns one result per recipient: delivered, temporary failure or permanent fail
 the reply text that explains it. File backends (maildir, mbox, spool) are synchronous and run
 in the bounded thread pool; network backends (lmtp, smtp) are coroutines.
 
+The contract is declared here, so callers never inspect a backend:
+- `FileBackend` / `NetworkBackend`: the two kinds of `deliver`. `delivery.factory.make_backend`
+  returns the local one tagged with its kind (`FileDelivery` or `NetworkDelivery`), and the
+  router chooses its strategy from that tag once, at construction.
+- `Relay` / `RelaySession`: a network backend that carries many messages over one
+  connection (SmtpRelay), and that connection. The queue's scheduler talks to sessions only;
+  `open_session` gives a backend without connection reuse one `SingleAttempt` per session.
+
 The spool file format (written by `postier.spool`): LF line endings, starting with the line
 `Return-Path: <sender>\\n`, then our `Received:` header, then the message exactly as received
 (dot-unstuffed, CRLF turned into LF). `content_offset` is where the part after Return-Path
