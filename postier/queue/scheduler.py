@@ -3,15 +3,15 @@
 Model (a small Postfix qmgr):
 - A heap of (due time, queue id). `enqueue(id)` makes an entry due at once; at dispatch the
   entry is read from disk and its due pending recipients are grouped by domain into jobs.
-- One `_Destination` per domain holds a deque of jobs and at most `per_destination_limit`
-  worker tasks (connections). A worker on a backend with `session(domain)` (SmtpRelay) keeps
-  its connection and takes the next job for the same domain from the deque, up to
-  `messages_per_connection`: many messages to one domain share a connection.
+- One `Destination` per domain (`postier.queue.destinations`) holds a deque of jobs and
+  at most `per_destination_limit` worker tasks (connections). A worker opens a session (a
+  `Relay`'s keeps its connection) and takes the next job for the same domain from the
+  deque, up to `messages_per_connection`: many messages to one domain share a connection.
 - After each attempt the entry is re-read under its lock and `decide.apply_results` says,
   as data, what the attempt means (delivered, retry when, bounce, expiry, delay warning; the
-  rules are in `postier.queue.decide`). The scheduler then applies that `Outcome`: reports
-  to the sender first, then the entry's update (`QueueStore.update`) or removal, then the
-  next dispatch time.
+  rules are in `postier.queue.decide`). `postier.queue.effects` then applies that
+  `Outcome` (reports to the sender first, then the entry's update or removal) and the
+  scheduler sets the next dispatch time.
 - What the scheduler knows about an entry between loads is one record
   (`postier.queue.tracking`): when it is next due, whether it was flushed, which domains
   have an attempt running, and its lock.
@@ -21,8 +21,8 @@ Model (a small Postfix qmgr):
 - Nothing is ever sent to the null sender. Bounces and delay warnings are committed to
   the queue as new entries (sender <>), so they are as durable as mail; one to a local
   sender is delivered through `local_deliver` when `is_local` says its domain is ours.
-- A backend is reached through a `RelaySession` (`postier.delivery.base`): SmtpRelay's own
-  sessions, which keep the connection; any other backend as one attempt per session.
+- A backend is reached through a `RelaySession` (`postier.delivery.base.open_session`):
+  SmtpRelay's own sessions; any other backend, and local delivery, one attempt per session.
 
 Other processes reach the daemon through the queue directory: `postier queue flush [ID]`
 drops a request file in DIR/flush/ (QueueStore.request_flush), which `run()` polls every
@@ -41,11 +41,9 @@ import logging
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from postier.delivery.base import (
@@ -57,11 +55,10 @@ from postier.delivery.base import (
     SingleAttempt,
     Status,
     open_session,
-    result_from_error,
 )
-from postier.errors import DeliveryError
-from postier.queue.bounce import queue_dsn
-from postier.queue.decide import DEFAULT_SCHEDULE, Outcome, RetryPolicy, apply_results
+from postier.queue.decide import DEFAULT_SCHEDULE, RetryPolicy, apply_results
+from postier.queue.destinations import Destination, Job, attempt
+from postier.queue.effects import apply_outcome
 from postier.queue.store import EntryNotFound, QueueEntry, QueueStore
 from postier.queue.tracking import Tracker
 
@@ -69,21 +66,6 @@ log = logging.getLogger("postier.queue")
 T = TypeVar("T")
 
 __all__ = ["DEFAULT_SCHEDULE", "Scheduler"]
-
-
-@dataclass(slots=True)
-class _Job:
-    entry: QueueEntry  # as read at dispatch: only its fixed fields (body, sender) are used
-    domain: str
-    addresses: list[str]
-
-
-@dataclass(slots=True)
-class _Destination:
-    domain: str
-    jobs: deque[_Job] = field(default_factory=deque)
-    workers: int = 0  # running worker tasks (connections), at most per_destination_limit
-    dead_until: float = 0.0  # no new attempt before this (RFC 5321 4.5.4.1)
 
 
 class Scheduler:
@@ -131,7 +113,7 @@ class Scheduler:
         self.poll_interval = poll_interval
         self._tracker = Tracker()
         self._heap = self._tracker.heap  # (due, queue id), read by tests
-        self._dests: dict[str, _Destination] = {}
+        self._dests: dict[str, Destination] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connections = asyncio.Semaphore(max_connections)
         self._wake = asyncio.Event()
@@ -295,19 +277,19 @@ class Scheduler:
             else:
                 later.append(r.next_attempt)
         for domain, addresses in groups.items():
-            dest = self._dests.get(domain) or self._dests.setdefault(domain, _Destination(domain))
+            dest = self._dests.get(domain) or self._dests.setdefault(domain, Destination(domain))
             if dest.dead_until > now and not forced:
                 later.append(dest.dead_until)
                 continue
             tracked.inflight.add(domain)
-            dest.jobs.append(_Job(entry, domain, addresses))
+            dest.jobs.append(Job(entry, domain, addresses))
             while dest.workers < self.per_destination_limit and dest.workers < len(dest.jobs):
                 dest.workers += 1
                 self._spawn(self._worker(dest))
         if later:
             self._tracker.schedule(queue_id, min(later))
 
-    async def _worker(self, dest: _Destination) -> None:
+    async def _worker(self, dest: Destination) -> None:
         try:
             while dest.jobs and not self._stopping:
                 async with self._connections:
@@ -322,7 +304,7 @@ class Scheduler:
         finally:
             dest.workers -= 1
 
-    async def _work(self, dest: _Destination) -> None:
+    async def _work(self, dest: Destination) -> None:
         """One connection's worth of jobs: as many as the session takes."""
         opened: AbstractAsyncContextManager[RelaySession]
         if self.local_deliver is not None and self.is_local(dest.domain):
@@ -337,7 +319,7 @@ class Scheduler:
                     break
                 await self._attempt(dest, dest.jobs.popleft(), session)
 
-    def _defer_if_dead(self, dest: _Destination) -> None:
+    def _defer_if_dead(self, dest: Destination) -> None:
         """The destination just failed: queued jobs wait for it instead of trying now."""
         if dest.dead_until <= self.clock():
             return
@@ -346,31 +328,10 @@ class Scheduler:
             self._tracker.done_with(job.entry.queue_id, dest.domain)
             self._tracker.schedule(job.entry.queue_id, dest.dead_until)
 
-    async def _attempt(self, dest: _Destination, job: _Job, session: RelaySession) -> None:
-        recipients = [Recipient(a) for a in job.addresses]
+    async def _attempt(self, dest: Destination, job: Job, session: RelaySession) -> None:
         message = self.store.message(job.entry)
-        try:
-            results = list(await session.send(message, recipients))
-        except DeliveryError as exc:
-            results = [result_from_error(r, exc) for r in recipients]
-        except Exception as exc:  # a bug in a backend must not lose the message
-            log.exception("event=delivery_error qid=%s domain=%s", message.queue_id, dest.domain)
-            results = [
-                RecipientResult(
-                    r,
-                    Status.TEMPORARY,
-                    451,
-                    "4.3.0",
-                    f"internal error: {type(exc).__name__}: {exc}",
-                )
-                for r in recipients
-            ]
-        got = {res.recipient.address for res in results}
-        results += [
-            RecipientResult(r, Status.TEMPORARY, 451, "4.3.0", "no result from backend")
-            for r in recipients
-            if r.address not in got
-        ]
+        recipients = [Recipient(a) for a in job.addresses]
+        results = await attempt(session, message, recipients, domain=dest.domain)
         # A session knows whether its connection stands; without one (or with none left),
         # every recipient failing temporarily is the best sign the destination is down.
         if all(res.status is Status.TEMPORARY for res in results) and not session.connected:
@@ -383,7 +344,7 @@ class Scheduler:
             self._tracker.schedule(message.queue_id, self.clock() + self.policy.schedule[0])
 
     # -- one attempt's results: decide, then apply -----------------------------------------
-    async def _record(self, job: _Job, results: list[RecipientResult], remote: str) -> None:
+    async def _record(self, job: Job, results: list[RecipientResult], remote: str) -> None:
         """Decide what the results mean (`apply_results`), then do it: reports, the entry's
         update or removal, the next dispatch."""
         qid = job.entry.queue_id
@@ -398,20 +359,15 @@ class Scheduler:
                 return
             now = self.clock()
             outcome = apply_results(entry, results, now, self.policy, remote_mta=remote)
-            for c in outcome.changes:
-                log.info(
-                    "event=%s qid=%s to=<%s> attempts=%d reply=%r",
-                    c.event,
-                    qid,
-                    c.address,
-                    c.attempts,
-                    c.reply,
-                )
-            notices = await self._report(outcome, now)
-            if not await self._persist(outcome):  # `postier queue delete` won the race
-                self._tracker.done_with(qid, job.domain)
-                self._tracker.forget(qid)
-                return
+            notices, kept = await self._io(functools.partial(
+                apply_outcome, self.store, outcome, hostname=self.hostname, now=now,
+                retry_until=self.policy.expires_at(entry)))  # fmt: skip
+        for notice in notices:
+            self.enqueue(notice)
+        if not kept:  # `postier queue delete` won the race
+            self._tracker.done_with(qid, job.domain)
+            self._tracker.forget(qid)
+            return
         tracked = self._tracker.done_with(qid, job.domain)
         if outcome.final:
             self._tracker.forget(qid)
@@ -419,51 +375,4 @@ class Scheduler:
             later = outcome.next_attempt(skip_domains=tracked.inflight)
             if later is not None:
                 self._tracker.schedule(qid, 0.0 if tracked.forced else later)
-        for notice in notices:
-            self.enqueue(notice)
         self._wake.set()
-
-    async def _report(self, outcome: Outcome, now: float) -> list[str]:
-        """Queue the reports the outcome owes the sender (never <>); their queue ids.
-
-        Committed before the entry's update: a crash in between repeats a report rather
-        than losing it."""
-        notices: list[str] = []
-        entry = outcome.entry
-        for action, recipients in (("failed", outcome.failed), ("delayed", outcome.delayed)):
-            if not recipients:
-                continue
-            notice = await self._io(
-                functools.partial(
-                    queue_dsn,
-                    self.store,
-                    entry,
-                    recipients,
-                    hostname=self.hostname,
-                    action=action,
-                    now=now,
-                    will_retry_until=self.policy.expires_at(entry),
-                )
-            )
-            log.info(
-                "event=dsn qid=%s action=%s to=<%s> dsn_qid=%s",
-                entry.queue_id,
-                action,
-                entry.sender,
-                notice or "none (null sender)",
-            )
-            notices += [notice] if notice else []
-        return notices
-
-    async def _persist(self, outcome: Outcome) -> bool:
-        """Write the entry back, or remove it when final; False if it was deleted meanwhile."""
-        qid = outcome.entry.queue_id
-        if outcome.final:
-            await self._io(self.store.remove, qid)
-            log.info("event=removed qid=%s", qid)
-            return True
-        try:
-            await self._io(self.store.update, outcome.entry)
-        except EntryNotFound:
-            return False
-        return True
