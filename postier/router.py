@@ -40,8 +40,9 @@ from postier.spool import SpoolWriter
 
 _LOG = logging.getLogger("postier.router")
 
-# Called with the finished spool message and remote recipients; must make them durable in the
-# queue (blocking, thread pool) and return nothing, or raise OSError.
+# Called with the finished spool message and recipients for the queue (the remote ones, then
+# local ones whose copy failed: the second call for a message adds them to its entry); must
+# make them durable (blocking, thread pool) and return nothing, or raise OSError.
 QueueCommit = Callable[[StoredMessage, Sequence[Address | str]], None]
 QueueNotify = Callable[[str], None]
 # (results for the local recipients, whether anything went to the queue)
@@ -67,6 +68,8 @@ class Transaction:
 
 
 class Router:
+    """Makes a finished transaction durable and gives the reply to its end of data."""
+
     def __init__(
         self,
         backend: LocalDelivery,
