@@ -2,14 +2,19 @@
 
 Local recipients go to the mailbox backend; remote recipients are committed to the queue.
 The 250 is only returned once every copy is on stable storage (fsync'd file and directory).
-For a file backend the whole sequence — write the spool file, fsync, deliver, remove the
-spool file — is one thread-pool job, so a small message costs a single hop off the loop.
+
+The kind of backend decides the strategy, once, in `Router.__init__`:
+- a file backend (`FileDelivery`): the whole sequence (finish the spool file, commit remote
+  recipients to the queue, deliver, queue what failed, remove the spool file) is one
+  thread-pool job, so a small message costs a single hop off the loop;
+- a network backend (`NetworkDelivery`, LMTP): one job to finish and commit, the delivery on
+  the loop, one job to queue what failed and remove the spool file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +22,16 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from postier import log
-from postier.delivery.base import Recipient, RecipientResult, Status, StoredMessage
+from postier.delivery.base import (
+    FileBackend,
+    FileDelivery,
+    LocalDelivery,
+    NetworkBackend,
+    Recipient,
+    RecipientResult,
+    Status,
+    StoredMessage,
+)
 from postier.policy import LocalTarget, RemoteTarget
 from postier.protocol import replies as R
 from postier.protocol.address import Address
@@ -26,10 +40,13 @@ from postier.spool import SpoolWriter
 
 _LOG = logging.getLogger("postier.router")
 
-# Called with the finished spool message and remote recipients; must make them durable in the
-# queue (blocking, thread pool) and return nothing, or raise OSError.
-QueueCommit = Callable[[StoredMessage, Sequence[Address]], None]
+# Called with the finished spool message and recipients for the queue (the remote ones, then
+# local ones whose copy failed: the second call for a message adds them to its entry); must
+# make them durable (blocking, thread pool) and return nothing, or raise OSError.
+QueueCommit = Callable[[StoredMessage, Sequence[Address | str]], None]
 QueueNotify = Callable[[str], None]
+# (results for the local recipients, whether anything went to the queue)
+Finished = tuple[list[RecipientResult], bool]
 
 
 @dataclass(slots=True)
@@ -51,9 +68,11 @@ class Transaction:
 
 
 class Router:
+    """Makes a finished transaction durable and gives the reply to its end of data."""
+
     def __init__(
         self,
-        backend: object,
+        backend: LocalDelivery,
         executor: Executor,
         queue_commit: QueueCommit | None = None,
         queue_notify: QueueNotify | None = None,
@@ -62,8 +81,11 @@ class Router:
         self.executor = executor
         self.queue_commit = queue_commit
         self.queue_notify = queue_notify
-        deliver = getattr(backend, "deliver", None)
-        self._async_backend = deliver is not None and inspect.iscoroutinefunction(deliver)
+        self._store_and_deliver: Callable[[Transaction], Awaitable[Finished]]
+        if isinstance(backend, FileDelivery):
+            self._store_and_deliver = functools.partial(self._in_one_job, backend.backend)
+        else:
+            self._store_and_deliver = functools.partial(self._over_network, backend.backend)
 
     def _stored(self, txn: Transaction) -> StoredMessage:
         writer = txn.writer
@@ -83,31 +105,65 @@ class Router:
     def _recipients(txn: Transaction) -> list[Recipient]:
         return [t.recipient() for t in txn.local]
 
-    def _blocking_finish(
-        self, txn: Transaction
-    ) -> tuple[StoredMessage, list[RecipientResult], bool]:
+    def _finish_and_commit(self, txn: Transaction) -> StoredMessage:
+        """Blocking: the spool file on disk, the remote recipients in the queue."""
         writer = txn.writer
         assert writer is not None
         writer.finish()
         message = self._stored(txn)
-        results: list[RecipientResult] = []
-        queued = bool(txn.remote)
         if txn.remote:
             assert self.queue_commit is not None
             self.queue_commit(message, [t.address for t in txn.remote])
-        if txn.local and not self._async_backend:
-            results = self.backend.deliver(message, self._recipients(txn))  # type: ignore[attr-defined]
+        return message
+
+    # ---- the two strategies --------------------------------------------------------------
+    async def _in_one_job(self, backend: FileBackend, txn: Transaction) -> Finished:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._blocking_finish, backend, txn
+        )
+
+    def _blocking_finish(self, backend: FileBackend, txn: Transaction) -> Finished:
+        message = self._finish_and_commit(txn)
+        results: list[RecipientResult] = []
+        queued = bool(txn.remote)
+        if txn.local:
+            results = backend.deliver(message, self._recipients(txn))
             results, requeued = self._queue_failures(message, results, bool(txn.remote))
             queued = queued or requeued
-        if not self._async_backend:
-            # Every copy is made (hard links or queue): the spool name can go now, in this
-            # same thread-pool job, which saves a second hop per message.
-            writer.discard()
-        return message, results, queued
+        # Every copy is made (hard links or queue): the spool name can go now, in this same
+        # thread-pool job, which saves a second hop per message.
+        self._discard(txn)
+        return results, queued
+
+    async def _over_network(self, backend: NetworkBackend, txn: Transaction) -> Finished:
+        loop = asyncio.get_running_loop()
+        message = await loop.run_in_executor(self.executor, self._finish_and_commit, txn)
+        results: list[RecipientResult] = []
+        queued = bool(txn.remote)
+        if txn.local:
+            results = await backend.deliver(message, self._recipients(txn))
+        # LMTP answers per recipient: some may have their copy already, so the others must
+        # not make the client retry the whole message (duplicates): they go to the queue.
+        results, requeued = await loop.run_in_executor(
+            self.executor, self._queue_failures_and_discard, txn, message, results
+        )
+        return results, queued or requeued
+
+    def _queue_failures_and_discard(
+        self, txn: Transaction, message: StoredMessage, results: list[RecipientResult]
+    ) -> Finished:
+        outcome = self._queue_failures(message, results, bool(txn.remote))
+        self._discard(txn)
+        return outcome
+
+    @staticmethod
+    def _discard(txn: Transaction) -> None:
+        assert txn.writer is not None
+        txn.writer.discard()
 
     def _queue_failures(
         self, message: StoredMessage, results: list[RecipientResult], remote: bool
-    ) -> tuple[list[RecipientResult], bool]:
+    ) -> Finished:
         """Local recipients that did not get their copy go to the queue (blocking).
 
         The message is then accepted (250) like one for a remote recipient: the scheduler
@@ -135,31 +191,17 @@ class Router:
 
     async def finish(self, txn: Transaction) -> Reply:
         """Store and deliver; the reply for the end of data."""
-        loop = asyncio.get_running_loop()
         writer = txn.writer
         assert writer is not None
         try:
-            message, results, queued = await loop.run_in_executor(
-                self.executor, self._blocking_finish, txn
-            )
-            if txn.local and self._async_backend:
-                deliver: Callable[..., Awaitable[list[RecipientResult]]] = self.backend.deliver  # type: ignore[attr-defined]
-                results = await deliver(message, self._recipients(txn))
-                # LMTP answers per recipient: some may have their copy already, so the others
-                # must not make the client retry the whole message (duplicates).
-                results, requeued = await loop.run_in_executor(
-                    self.executor, self._queue_failures, message, results, bool(txn.remote)
-                )
-                queued = queued or requeued
+            results, queued = await self._store_and_deliver(txn)
         except OSError as exc:
             _LOG.error(
                 "event=store-failed %s",
                 log.fields(qid=txn.queue_id, error=exc.strerror or type(exc).__name__),
             )
-            await loop.run_in_executor(self.executor, writer.discard)
+            await asyncio.get_running_loop().run_in_executor(self.executor, writer.discard)
             return R.STORAGE_FAILED
-        if self._async_backend:
-            await loop.run_in_executor(self.executor, writer.discard)
         for r in results:
             _LOG.info(
                 "event=delivery %s",

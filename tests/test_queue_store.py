@@ -27,16 +27,26 @@ from postier.queue.store import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_spool(directory: Path, sender: str = "alice@example.org", body: bytes = b"hello\n",
-               queue_id: str | None = None) -> StoredMessage:
+def make_spool(
+    directory: Path,
+    sender: str = "alice@example.org",
+    body: bytes = b"hello\n",
+    queue_id: str | None = None,
+) -> StoredMessage:
     """A finished spool file as the session leaves it (base.py's format)."""
     queue_id = queue_id or ids.new_queue_id()
     head = f"Return-Path: <{sender}>\n".encode()
     data = head + b"Received: from client by mx.test; now\nSubject: test\n\n" + body
     path = directory / f"spool-{queue_id}"
     path.write_bytes(data)
-    return StoredMessage(path=path, size=len(data), content_offset=len(head), sender=sender,
-                         queue_id=queue_id, received_at=1000.0)
+    return StoredMessage(
+        path=path,
+        size=len(data),
+        content_offset=len(head),
+        sender=sender,
+        queue_id=queue_id,
+        received_at=1000.0,
+    )
 
 
 @pytest.fixture
@@ -56,8 +66,10 @@ def test_ids_unique_sortable_and_shaped() -> None:
 
 def test_ids_unique_across_processes() -> None:
     code = "from postier.queue.ids import new_queue_id as n\nfor _ in range(2000): print(n())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO)
+        for _ in range(4)
+    ]
     seen: list[str] = []
     for p in procs:
         out, _ = p.communicate(timeout=60)
@@ -67,8 +79,9 @@ def test_ids_unique_across_processes() -> None:
 
 def test_commit_links_body_and_records_envelope(store: QueueStore, tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
-    entry = store.commit(spool, spool.sender, ["bob@example.net", "carol@example.net",
-                                               "bob@example.net"])
+    entry = store.commit(
+        spool, spool.sender, ["bob@example.net", "carol@example.net", "bob@example.net"]
+    )
     assert [r.address for r in entry.recipients] == ["bob@example.net", "carol@example.net"]
     body = store.body_path(entry.queue_id)
     assert os.path.samestat(body.stat(), spool.path.stat())  # hard link, no copy
@@ -77,15 +90,16 @@ def test_commit_links_body_and_records_envelope(store: QueueStore, tmp_path: Pat
     assert loaded.sender == "alice@example.org" and loaded.arrival == 1000.0
     assert all(r.state == PENDING and r.attempts == 0 for r in loaded.recipients)
     msg = store.message(loaded)
-    assert msg.path.read_bytes()[msg.content_offset:].startswith(b"Received:")
+    assert msg.path.read_bytes()[msg.content_offset :].startswith(b"Received:")
     spool.path.unlink()  # the session removes its spool file: the queue keeps the body
     assert store.read_headers(loaded).endswith(b"Subject: test\n")
     assert [e.queue_id for e in store.list()] == [entry.queue_id]
     assert os.listdir(store.tmp_dir) == []
 
 
-def test_commit_copies_across_file_systems(store: QueueStore, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_copies_across_file_systems(
+    store: QueueStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spool = make_spool(tmp_path)
     real_link = os.link
 
@@ -110,7 +124,8 @@ def test_commit_twice_is_refused(store: QueueStore, tmp_path: Path) -> None:
 
 
 def test_failed_commit_leaves_nothing_and_can_be_retried(
-        store: QueueStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: QueueStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spool = make_spool(tmp_path)
 
     def disk_full(entry: object) -> None:
@@ -226,8 +241,9 @@ _CRASHER = textwrap.dedent("""
 def test_sigkill_mid_commit_keeps_every_committed_entry(tmp_path: Path, kill_after: int) -> None:
     qdir, work = tmp_path / "q", tmp_path / "work"
     work.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", _CRASHER, str(qdir), str(work)],
-                            stdout=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHER, str(qdir), str(work)], stdout=subprocess.PIPE, cwd=REPO
+    )
     assert proc.stdout is not None
     acknowledged: dict[str, int] = {}
     try:
@@ -253,3 +269,18 @@ def test_sigkill_mid_commit_keeps_every_committed_entry(tmp_path: Path, kill_aft
         assert data.endswith(b"x" * (n % 5000) + b"\n")
     assert sorted(os.listdir(store.body_dir)) == sorted(entries)
     assert os.listdir(store.tmp_dir) == []
+
+
+def test_commit_can_prepend_headers_after_return_path(store: QueueStore, tmp_path: Path) -> None:
+    """The commit hook for signing: the queued body gains the lines, the spool file does not."""
+    spool = make_spool(tmp_path)
+    original = spool.path.read_bytes()
+    signature = b"DKIM-Signature: v=1; a=ed25519-sha256; d=example.org; s=sel;\n b=abc\n"
+    entry = store.commit(spool, spool.sender, ["bob@example.net"], prepend=signature)
+    body = store.body_path(entry.queue_id).read_bytes()
+    head = original[: spool.content_offset]
+    assert body == head + signature + original[spool.content_offset :]
+    assert entry.content_offset == spool.content_offset and entry.size == len(body)
+    assert store.read_headers(entry).startswith(signature + b"Received: ")
+    assert spool.path.read_bytes() == original  # a copy, not a link to the spool's inode
+    assert os.stat(spool.path).st_nlink == 1

@@ -104,7 +104,7 @@ class _Session:
         self.backend = backend
         self.sent: list[str] = []
         self.host = "mx.example.net"
-        self.stream: object | None = object()  # connected
+        self.connected = True
 
     async def __aenter__(self) -> _Session:
         self.backend.sessions.append(self.sent)

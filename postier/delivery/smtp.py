@@ -143,6 +143,11 @@ class RelaySession:
     def peer(self) -> str:
         return f"{self.host}[{self.address}]:{self.port}"
 
+    @property
+    def connected(self) -> bool:
+        """A connection stands (the scheduler tells "destination down" from "4xx" by it)."""
+        return self.stream is not None
+
     async def __aenter__(self) -> RelaySession:
         return self
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from postier import log, privileges
 from postier.config import Config
+from postier.delivery.factory import make_backend
 from postier.errors import ConfigError
 from postier.net.context import ServerContext
 from postier.net.limits import ConnectionTracker
@@ -165,26 +166,6 @@ def remove_stale_spool_files(spool_dir: Path) -> int:
     if removed:
         log.event("spool-cleaned", logging.WARNING, _LOG, dir=str(spool_dir), removed=removed)
     return removed
-
-
-def make_backend(config: Config) -> object:
-    fmt = config.mailbox_format
-    root = Path(config.mail_root)
-    if fmt == "maildir":
-        from postier.delivery.maildir import MaildirBackend
-
-        return MaildirBackend(root, config.hostname, config.mailbox_template)
-    if fmt == "mbox":
-        from postier.delivery.mbox import MboxBackend
-
-        return MboxBackend(root, config.mailbox_template or None)
-    if fmt == "spool":
-        from postier.delivery.numbered import NumberedSpoolBackend
-
-        return NumberedSpoolBackend(root, config.mailbox_template or None)
-    from postier.delivery.lmtp import LmtpBackend
-
-    return LmtpBackend(config.lmtp, hostname=config.hostname)
 
 
 def _install_uvloop() -> str:

@@ -11,12 +11,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 from postier import log
 from postier.config import Config
 from postier.delivery.base import (
+    LocalDelivery,
     Recipient,
     RecipientResult,
+    Relay,
     Status,
     StoredMessage,
     permanent,
@@ -26,10 +29,13 @@ from postier.policy import LocalTarget, Policy
 from postier.protocol.address import Address
 from postier.queue.store import EntryExists, QueueStore
 
+if TYPE_CHECKING:
+    from postier.queue.scheduler import Scheduler
+
 _LOG = logging.getLogger("postier.outbound")
 
 
-def make_relay(config: Config) -> object:
+def make_relay(config: Config) -> Relay:
     from postier.delivery.smtp import Smarthost, SmtpRelay
     from postier.dns import Resolver, parse_dns_server
 
@@ -59,26 +65,49 @@ def make_relay(config: Config) -> object:
 
 
 class Outbound:
-    def __init__(self, config: Config, policy: Policy, backend: object, executor: Executor) -> None:
+    def __init__(
+        self, config: Config, policy: Policy, backend: LocalDelivery, executor: Executor
+    ) -> None:
         self.config = config
         self.policy = policy
         self.backend = backend
         self.executor = executor
         self.store = QueueStore(config.queue_dir)
         self.relay = make_relay(config)
-        self.scheduler: object | None = None
+        self.scheduler: Scheduler | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None  # created on the loop in start()
 
     # ---- used by sessions (Router) -------------------------------------------------------
     def commit(self, message: StoredMessage, addresses: Sequence[Address | str]) -> None:
-        """Blocking (thread pool): make the message durable in the queue."""
-        self.store.commit(message, message.sender, [str(a) for a in addresses])
+        """Blocking (thread pool): make the message durable in the queue.
+
+        Every message enters the queue here (sessions through the router, `postier sendmail`
+        through the maildrop pickup), so `headers_at_commit` is where a change to its bytes
+        belongs: signing happens once, at commit, never per delivery attempt.
+
+        A second call for the same message (its local recipients that failed, after its
+        remote ones were committed) adds the recipients to that entry.
+        """
+        recipients = [str(a) for a in addresses]
+        try:
+            self.store.commit(
+                message, message.sender, recipients, prepend=self.headers_at_commit(message)
+            )
+        except EntryExists:
+            self.store.add_recipients(message.queue_id, recipients)
+
+    def headers_at_commit(self, message: StoredMessage) -> bytes:
+        """Header lines to put on top of the message as it is queued (spool format, LF).
+
+        None yet; a DKIM-Signature for the sender's domain is the first: computed from the
+        spool file (from `message.content_offset`), before `QueueStore.commit`'s fsync."""
+        return b""
 
     def notify(self, queue_id: str) -> None:
         """A committed entry is ready: wake the scheduler, here or in another worker."""
         if self.scheduler is not None:
-            self.scheduler.enqueue(queue_id)  # type: ignore[attr-defined]
+            self.scheduler.enqueue(queue_id)
         else:
             self.store.request_flush(queue_id)
 
@@ -87,7 +116,6 @@ class Outbound:
         self, message: StoredMessage, recipients: Sequence[Recipient]
     ) -> list[RecipientResult]:
         results: list[RecipientResult] = []
-        loop = asyncio.get_running_loop()
         for r in recipients:
             local, _, domain = r.address.rpartition("@")
             targets = self.policy.resolve_local(local, domain) if local else None
@@ -98,11 +126,7 @@ class Outbound:
                 )
                 continue
             rcpts = [t.recipient() for t in locals_]
-            deliver = self.backend.deliver  # type: ignore[attr-defined]
-            if asyncio.iscoroutinefunction(deliver):
-                sub = await deliver(message, rcpts)
-            else:
-                sub = await loop.run_in_executor(self.executor, deliver, message, rcpts)
+            sub = await self.backend.deliver(self.executor, message, rcpts)
             worst = max(
                 sub, key=lambda x: (x.status is Status.TEMPORARY, x.status is Status.PERMANENT)
             )
@@ -112,12 +136,8 @@ class Outbound:
     # ---- maildrop (postier sendmail) -------------------------------------------------------
     async def _accept_dropped(self, message: StoredMessage, recipients: list[str]) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(
-                self.executor, self.store.commit, message, message.sender, recipients
-            )
-        except EntryExists:
-            pass
+        # Picked up twice (a crash after the commit): the entry is there, nothing changes.
+        await loop.run_in_executor(self.executor, self.commit, message, recipients)
         self.notify(message.queue_id)
 
     # ---- life cycle ----------------------------------------------------------------------
@@ -163,7 +183,4 @@ class Outbound:
             except (TimeoutError, asyncio.CancelledError):
                 self._maildrop_task.cancel()
         if self.scheduler is not None:
-            await self.scheduler.stop(grace)  # type: ignore[attr-defined]
-        close = getattr(self.relay, "close", None)
-        if close is not None and asyncio.iscoroutinefunction(close):
-            await close()
+            await self.scheduler.stop(grace)

@@ -20,8 +20,10 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from postier.config import DEFAULT_QUEUE_DIR
+from postier.delivery.base import Status
+from postier.queue.entry import PENDING, state_name
 from postier.queue.ids import is_queue_id
-from postier.queue.store import PENDING, EntryNotFound, QueueEntry, QueueStore
+from postier.queue.store import BadEntry, EntryNotFound, QueueEntry, QueueStore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _location_options(parser: argparse.ArgumentParser, default: object) -> None:
-    parser.add_argument("-Q", "--queue-dir", default=default, metavar="DIR",
-                        help=f"the queue directory (default {DEFAULT_QUEUE_DIR})")
-    parser.add_argument("-c", "--config", default=default, metavar="FILE",
-                        help="take queue_dir from this TOML configuration file")
+    parser.add_argument(
+        "-Q",
+        "--queue-dir",
+        default=default,
+        metavar="DIR",
+        help=f"the queue directory (default {DEFAULT_QUEUE_DIR})",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=default,
+        metavar="FILE",
+        help="take queue_dir from this TOML configuration file",
+    )
 
 
 def _queue_dir_from_config(path: str) -> str | None:
@@ -58,9 +70,7 @@ def _queue_dir_from_config(path: str) -> str | None:
 
 def safe(text: str) -> str:
     """Escape control characters (ESC, CR, ...) so outside text prints as inert text."""
-    return "".join(
-        ch if (ch.isprintable() or ch == "\t") else f"\\x{ord(ch):02x}" for ch in text
-    )
+    return "".join(ch if (ch.isprintable() or ch == "\t") else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def format_age(seconds: float) -> str:
@@ -78,36 +88,47 @@ def _date(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _recipient_line(r_state: str, address: str, attempts: int, next_attempt: float,
-                    reply: str, now: float) -> str:
-    parts = [r_state]
+def _recipient_line(
+    r_state: Status, address: str, attempts: int, next_attempt: float, reply: str, now: float
+) -> str:
+    parts = [state_name(r_state)]
     if attempts:
         parts.append(f"{attempts} attempt{'s' if attempts != 1 else ''}")
-    if r_state == PENDING and attempts:
-        parts.append("next now" if next_attempt <= now
-                     else f"next in {format_age(next_attempt - now)}")
+    if r_state is PENDING and attempts:
+        parts.append(
+            "next now" if next_attempt <= now else f"next in {format_age(next_attempt - now)}"
+        )
     line = f"    {safe(address)}: {', '.join(parts)}"
     return f"{line}: {safe(reply)}" if reply else line
 
 
-def cmd_list(store: QueueStore, out: TextIO, now: float) -> int:
-    entries = store.list()
+def cmd_list(store: QueueStore, out: TextIO, now: float, err: TextIO | None = None) -> int:
+    """Print the queue; an unreadable entry is named on `err` and makes the exit status 1."""
+    bad: list[BadEntry] = []
+    entries = store.list(on_bad=bad.append)
+    for exc in bad:
+        print(f"postier queue list: {safe(str(exc))}", file=err or sys.stderr)
+    status = 1 if bad else 0
     if not entries:
         print("Mail queue is empty", file=out)
-        return 0
+        return status
     print(f"{'ID':<16}  {'AGE':>6}  {'SIZE':>9}  SENDER", file=out)
     total = 0
     for e in entries:
         size = e.size - e.content_offset
         total += size
-        print(f"{e.queue_id:<16}  {format_age(now - e.arrival):>6}  {size:>9}  "
-              f"<{safe(e.sender)}>", file=out)
+        print(
+            f"{e.queue_id:<16}  {format_age(now - e.arrival):>6}  {size:>9}  <{safe(e.sender)}>",
+            file=out,
+        )
         for r in e.recipients:
-            print(_recipient_line(r.state, r.address, r.attempts, r.next_attempt,
-                                  r.last_reply, now), file=out)
+            print(
+                _recipient_line(r.state, r.address, r.attempts, r.next_attempt, r.last_reply, now),
+                file=out,
+            )
     n = len(entries)
     print(f"-- {n} message{'s' if n != 1 else ''}, {total} bytes", file=out)
-    return 0
+    return status
 
 
 def cmd_show(store: QueueStore, entry: QueueEntry, out: TextIO, now: float) -> int:
@@ -120,11 +141,11 @@ def cmd_show(store: QueueStore, entry: QueueEntry, out: TextIO, now: float) -> i
     print(f"delay warning sent: {'yes' if entry.delay_warned else 'no'}", file=out)
     for r in entry.recipients:
         print(f"recipient: {safe(r.address)}", file=out)
-        print(f"  state: {r.state}", file=out)
+        print(f"  state: {state_name(r.state)}", file=out)
         print(f"  attempts: {r.attempts}", file=out)
         if r.last_attempt:
             print(f"  last attempt: {_date(r.last_attempt)}", file=out)
-        if r.state == PENDING:
+        if r.state is PENDING:
             when = "now" if r.next_attempt <= now else _date(r.next_attempt)
             print(f"  next attempt: {when}", file=out)
         if r.remote_mta:
@@ -139,7 +160,10 @@ def cmd_show(store: QueueStore, entry: QueueEntry, out: TextIO, now: float) -> i
 
 
 def run(
-    args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None,
+    args: argparse.Namespace,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
     clock: Callable[[], float] = time.time,
 ) -> int:
     """Run the sub-command in `args` (from `add_arguments`); returns the exit code.
@@ -159,8 +183,11 @@ def run(
             return 2
     directory = directory or DEFAULT_QUEUE_DIR
     command = args.queue_command
-    ids = args.queue_id if isinstance(getattr(args, "queue_id", None), list) else (
-        [args.queue_id] if getattr(args, "queue_id", None) else [])
+    ids = (
+        args.queue_id
+        if isinstance(getattr(args, "queue_id", None), list)
+        else ([args.queue_id] if getattr(args, "queue_id", None) else [])
+    )
     for qid in ids:
         if not is_queue_id(qid):
             print(f"postier queue {command}: {safe(qid)!r} is not a queue id", file=err)
@@ -173,7 +200,7 @@ def run(
     now = clock()
     try:
         if command == "list":
-            return cmd_list(store, out, now)
+            return cmd_list(store, out, now, err)
         if command == "show":
             return cmd_show(store, store.load(ids[0]), out, now)
         if command == "flush":

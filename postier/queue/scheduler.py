@@ -3,23 +3,26 @@
 Model (a small Postfix qmgr):
 - A heap of (due time, queue id). `enqueue(id)` makes an entry due at once; at dispatch the
   entry is read from disk and its due pending recipients are grouped by domain into jobs.
-- One `_Destination` per domain holds a deque of jobs and at most `per_destination_limit`
-  worker tasks (connections). A worker on a backend with `session(domain)` (SmtpRelay) keeps
-  its connection and takes the next job for the same domain from the deque, up to
-  `messages_per_connection`: many messages to one domain share a connection.
-- After each attempt the entry is re-read under a per-entry lock, the results are applied
-  and it is written back (`QueueStore.update`): delivered → done; permanent → failed and a
-  bounce; temporary → retry after `schedule[attempts-1]` (the last step repeating) with
-  ±`jitter`, capped at the expiry time; a temporary failure at or after `max_age` → failed
-  (status 4.4.7) and a bounce. An entry with no pending recipient left is removed.
+- One `Destination` per domain (`postier.queue.destinations`) holds a deque of jobs and
+  at most `per_destination_limit` worker tasks (connections). A worker opens a session (a
+  `Relay`'s keeps its connection) and takes the next job for the same domain from the
+  deque, up to `messages_per_connection`: many messages to one domain share a connection.
+- After each attempt the entry is re-read under its lock and `decide.apply_results` says,
+  as data, what the attempt means (delivered, retry when, bounce, expiry, delay warning; the
+  rules are in `postier.queue.decide`). `postier.queue.effects` then applies that
+  `Outcome` (reports to the sender first, then the entry's update or removal) and the
+  scheduler sets the next dispatch time.
+- What the scheduler knows about an entry between loads is one record
+  (`postier.queue.tracking`): when it is next due, whether it was flushed, which domains
+  have an attempt running, and its lock.
 - A destination whose attempt failed as a whole (no connection, or every recipient
   temporary) is "dead" for `destination_hold` seconds (default: the first back-off step):
   other messages for it wait instead of trying at once (RFC 5321 §4.5.4.1). `flush` revives.
-- A delay warning (RFC 3464 Action: delayed) goes once per message when it is still pending
-  after `delay_warning_after` seconds (0: never). Nothing is ever sent to the null sender.
-- Bounces are committed to the queue as new entries (sender <>), so they are as durable as
-  mail; a bounce to a local sender is delivered through `local_deliver` when `is_local`
-  says its domain is ours.
+- Nothing is ever sent to the null sender. Bounces and delay warnings are committed to
+  the queue as new entries (sender <>), so they are as durable as mail; one to a local
+  sender is delivered through `local_deliver` when `is_local` says its domain is ours.
+- A backend is reached through a `RelaySession` (`postier.delivery.base.open_session`):
+  SmtpRelay's own sessions; any other backend, and local delivery, one attempt per session.
 
 Other processes reach the daemon through the queue directory: `postier queue flush [ID]`
 drops a request file in DIR/flush/ (QueueStore.request_flush), which `run()` polls every
@@ -33,55 +36,36 @@ fake clock and calling `run_once()` / `drain()`; only `run()` sleeps.
 from __future__ import annotations
 
 import asyncio
-import heapq
+import functools
 import logging
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from postier.delivery.base import (
-    AsyncBackend,
+    DeliverFn,
+    NetworkBackend,
     Recipient,
     RecipientResult,
+    RelaySession,
+    SingleAttempt,
     Status,
-    StoredMessage,
-    result_from_error,
+    open_session,
 )
-from postier.errors import DeliveryError
-from postier.queue.bounce import (
-    EXPIRED_STATUS,
-    DsnRecipient,
-    dsn_recipient,
-    queue_dsn,
-    status_for,
-)
-from postier.queue.store import DELIVERED, FAILED, PENDING, EntryNotFound, QueueEntry, QueueStore
+from postier.queue.decide import DEFAULT_SCHEDULE, RetryPolicy, apply_results
+from postier.queue.destinations import Destination, Job, attempt
+from postier.queue.effects import apply_outcome
+from postier.queue.store import EntryNotFound, QueueEntry, QueueStore
+from postier.queue.tracking import Tracker
 
 log = logging.getLogger("postier.queue")
 T = TypeVar("T")
 
-DEFAULT_SCHEDULE: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200)
-DeliverFn = Callable[[StoredMessage, Sequence[Recipient]], Awaitable[list[RecipientResult]]]
-
-
-@dataclass(slots=True)
-class _Job:
-    entry: QueueEntry  # as read at dispatch: only its fixed fields (body, sender) are used
-    domain: str
-    addresses: list[str]
-
-
-@dataclass(slots=True)
-class _Destination:
-    domain: str
-    jobs: deque[_Job] = field(default_factory=deque)
-    workers: int = 0  # running worker tasks (connections), at most per_destination_limit
-    dead_until: float = 0.0  # no new attempt before this (RFC 5321 4.5.4.1)
+__all__ = ["DEFAULT_SCHEDULE", "Scheduler"]
 
 
 class Scheduler:
@@ -90,7 +74,7 @@ class Scheduler:
     def __init__(
         self,
         store: QueueStore,
-        backend_for_domain: Callable[[str], AsyncBackend],
+        backend_for_domain: Callable[[str], NetworkBackend],
         *,
         hostname: str,
         schedule: Sequence[float] = DEFAULT_SCHEDULE,
@@ -108,30 +92,28 @@ class Scheduler:
         executor: Executor | None = None,
         poll_interval: float = 1.0,
     ) -> None:
-        if not schedule or any(s <= 0 for s in schedule):
-            raise ValueError("retry schedule must be a non-empty list of positive delays")
+        self.policy = RetryPolicy(
+            schedule=tuple(float(s) for s in schedule),
+            max_age=max_age,
+            delay_warning_after=delay_warning_after,
+            jitter=jitter,
+            rng=rng or random.Random(),
+        )
         self.store = store
         self.backend_for_domain = backend_for_domain
         self.hostname = hostname
-        self.schedule = tuple(float(s) for s in schedule)
-        self.max_age = max_age
-        self.delay_warning_after = delay_warning_after
         self.per_destination_limit = max(1, per_destination_limit)
         self.messages_per_connection = max(1, messages_per_connection)
-        self.destination_hold = self.schedule[0] if destination_hold is None else destination_hold
-        self.jitter = jitter
+        first_step = self.policy.schedule[0]
+        self.destination_hold = first_step if destination_hold is None else destination_hold
         self.local_deliver = local_deliver
         self.is_local = is_local
         self.clock = clock
-        self.rng = rng or random.Random()
         self.executor = executor
         self.poll_interval = poll_interval
-        self._heap: list[tuple[float, str]] = []
-        self._when: dict[str, float] = {}
-        self._forced: set[str] = set()
-        self._inflight: dict[str, set[str]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._dests: dict[str, _Destination] = {}
+        self._tracker = Tracker()
+        self._heap = self._tracker.heap  # (due, queue id), read by tests
+        self._dests: dict[str, Destination] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connections = asyncio.Semaphore(max_connections)
         self._wake = asyncio.Event()
@@ -149,12 +131,14 @@ class Scheduler:
             try:
                 self._lock_fd = await self._io(self.store.lock_for_daemon)
             except BlockingIOError:
-                raise RuntimeError(f"{self.store.directory}: another postier daemon is "
-                                   "delivering from this queue") from None
+                raise RuntimeError(
+                    f"{self.store.directory}: another postier daemon is delivering from this queue"
+                ) from None
         entries = await self._io(self.store.recover)
         for entry in entries:
-            self._schedule(entry.queue_id, min((r.next_attempt for r in entry.pending()),
-                                               default=0.0))
+            self._tracker.schedule(
+                entry.queue_id, min((r.next_attempt for r in entry.pending()), default=0.0)
+            )
         log.info("event=queue_recovered entries=%d", len(entries))
         return entries
 
@@ -166,18 +150,20 @@ class Scheduler:
 
     def enqueue(self, queue_id: str) -> None:
         """A committed entry is ready: its first attempt starts at once."""
-        self._schedule(queue_id, 0.0)
+        self._tracker.schedule(queue_id, 0.0)
         self._wake.set()
 
     def flush(self, queue_id: str | None = None) -> None:
         """Retry now: one entry, or all of them; dead destinations are revived."""
-        ids = list(self._when) if queue_id is None else [queue_id]
         if queue_id is None:
+            ids = self._tracker.scheduled()
             for dest in self._dests.values():
                 dest.dead_until = 0.0
+        else:
+            ids = [queue_id]
         for qid in ids:
-            self._forced.add(qid)
-            self._schedule(qid, 0.0)
+            self._tracker.track(qid).forced = True
+            self._tracker.schedule(qid, 0.0)
         self._wake.set()
 
     async def run(self) -> None:
@@ -190,8 +176,9 @@ class Scheduler:
                 await self.poll_requests()
             await self.run_once()
             delay = self.poll_interval
-            if self._heap:
-                delay = min(delay, max(0.0, self._heap[0][0] - self.clock()))
+            next_time = self._tracker.next_time()
+            if next_time is not None:
+                delay = min(delay, max(0.0, next_time - self.clock()))
             self._wake.clear()
             try:
                 async with asyncio.timeout(delay):
@@ -214,18 +201,12 @@ class Scheduler:
     async def run_once(self) -> None:
         """Dispatch every entry that is due now (the attempts run as background tasks)."""
         now = self.clock()
-        due: list[str] = []
-        while self._heap and self._heap[0][0] <= now:
-            when, qid = heapq.heappop(self._heap)
-            if self._when.get(qid) == when:
-                del self._when[qid]
-                due.append(qid)
-        for qid in due:
+        for qid in self._tracker.pop_due(now):
             try:
                 await self._dispatch(qid)
             except Exception:  # e.g. the disk: keep the entry scheduled, try again later
                 log.exception("event=dispatch_error qid=%s", qid)
-                self._schedule(qid, now + self.schedule[0])
+                self._tracker.schedule(qid, now + self.policy.schedule[0])
 
     async def drain(self) -> None:
         """Wait until no attempt is running (tests; graceful stop)."""
@@ -252,78 +233,63 @@ class Scheduler:
 
     def next_due(self, queue_id: str) -> float | None:
         """When the entry is next dispatched (None: not scheduled or in flight)."""
-        return self._when.get(queue_id)
+        tracked = self._tracker.get(queue_id)
+        return None if tracked is None else tracked.due
 
-    # -- internals -----------------------------------------------------------------------
+    def backoff(self, attempts: int) -> float:
+        """Delay after the `attempts`-th failed attempt, with jitter (spreads retries)."""
+        return self.policy.backoff(attempts)
+
+    # -- dispatch and workers ------------------------------------------------------------
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    def _schedule(self, queue_id: str, when: float) -> None:
-        current = self._when.get(queue_id)
-        if current is not None and current <= when:
-            return
-        self._when[queue_id] = when
-        heapq.heappush(self._heap, (when, queue_id))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def backoff(self, attempts: int) -> float:
-        """Delay after the `attempts`-th failed attempt, with jitter (spreads retries)."""
-        base = self.schedule[min(max(attempts, 1), len(self.schedule)) - 1]
-        return base * self.rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
-
     async def _dispatch(self, queue_id: str) -> None:
         try:
             entry = await self._io(self.store.load, queue_id)
         except EntryNotFound:
-            self._forget(queue_id)
+            self._tracker.forget(queue_id)
             return
         except (OSError, ValueError) as exc:
             log.error("event=queue_load_failed qid=%s error=%r", queue_id, str(exc))
             return
         if entry.is_final():  # a crash between the last update and the removal
             await self._io(self.store.remove, queue_id)
-            self._forget(queue_id)
+            self._tracker.forget(queue_id)
             return
-        forced = queue_id in self._forced
-        self._forced.discard(queue_id)
+        tracked = self._tracker.track(queue_id)
+        forced, tracked.forced = tracked.forced, False
         now = self.clock()
-        inflight = self._inflight.setdefault(queue_id, set())
         groups: dict[str, list[str]] = {}
         later: list[float] = []
         for r in entry.pending():
-            if r.domain in inflight:
+            if r.domain in tracked.inflight:
                 if forced:  # flushed mid-attempt: retry once that attempt has ended
-                    self._forced.add(queue_id)
+                    tracked.forced = True
                 continue
             if forced or r.next_attempt <= now:
                 groups.setdefault(r.domain, []).append(r.address)
             else:
                 later.append(r.next_attempt)
         for domain, addresses in groups.items():
-            dest = self._dests.get(domain) or self._dests.setdefault(domain, _Destination(domain))
+            dest = self._dests.get(domain) or self._dests.setdefault(domain, Destination(domain))
             if dest.dead_until > now and not forced:
                 later.append(dest.dead_until)
                 continue
-            inflight.add(domain)
-            dest.jobs.append(_Job(entry, domain, addresses))
+            tracked.inflight.add(domain)
+            dest.jobs.append(Job(entry, domain, addresses))
             while dest.workers < self.per_destination_limit and dest.workers < len(dest.jobs):
                 dest.workers += 1
                 self._spawn(self._worker(dest))
         if later:
-            self._schedule(queue_id, min(later))
+            self._tracker.schedule(queue_id, min(later))
 
-    def _forget(self, queue_id: str) -> None:
-        self._when.pop(queue_id, None)
-        self._forced.discard(queue_id)
-        if not self._inflight.get(queue_id):
-            self._inflight.pop(queue_id, None)
-            self._locks.pop(queue_id, None)
-
-    async def _worker(self, dest: _Destination) -> None:
+    async def _worker(self, dest: Destination) -> None:
         try:
             while dest.jobs and not self._stopping:
                 async with self._connections:
@@ -338,140 +304,75 @@ class Scheduler:
         finally:
             dest.workers -= 1
 
-    async def _work(self, dest: _Destination) -> None:
-        """One connection's worth of jobs: a single job, or as many as the session takes."""
+    async def _work(self, dest: Destination) -> None:
+        """One connection's worth of jobs: as many as the session takes."""
+        opened: AbstractAsyncContextManager[RelaySession]
         if self.local_deliver is not None and self.is_local(dest.domain):
-            await self._attempt(dest, dest.jobs.popleft(), self.local_deliver, None)
-            return
-        backend = self.backend_for_domain(dest.domain)
-        opener = getattr(backend, "session", None)
-        if opener is None:
-            await self._attempt(dest, dest.jobs.popleft(), backend.deliver, None)
-            return
-        async with opener(dest.domain) as session:
-            for _ in range(self.messages_per_connection):
-                if not dest.jobs or dest.dead_until > self.clock():
+            opened = SingleAttempt(self.local_deliver)
+        else:
+            opened = open_session(self.backend_for_domain(dest.domain), dest.domain)
+        async with opened as session:
+            for sent in range(self.messages_per_connection):
+                # The first job was let through knowing the destination's state (a flush
+                # may force one to a dead destination); later ones stop when it died.
+                if not dest.jobs or (sent and dest.dead_until > self.clock()):
                     break
-                await self._attempt(dest, dest.jobs.popleft(), session.send, session)
+                await self._attempt(dest, dest.jobs.popleft(), session)
 
-    def _defer_if_dead(self, dest: _Destination) -> None:
+    def _defer_if_dead(self, dest: Destination) -> None:
         """The destination just failed: queued jobs wait for it instead of trying now."""
         if dest.dead_until <= self.clock():
             return
         while dest.jobs:
             job = dest.jobs.popleft()
-            qid = job.entry.queue_id
-            self._inflight.get(qid, set()).discard(dest.domain)
-            self._schedule(qid, dest.dead_until)
+            self._tracker.done_with(job.entry.queue_id, dest.domain)
+            self._tracker.schedule(job.entry.queue_id, dest.dead_until)
 
-    async def _attempt(
-        self, dest: _Destination, job: _Job, send: DeliverFn, session: object | None
-    ) -> None:
-        recipients = [Recipient(a) for a in job.addresses]
+    async def _attempt(self, dest: Destination, job: Job, session: RelaySession) -> None:
         message = self.store.message(job.entry)
-        try:
-            results = list(await send(message, recipients))
-        except DeliveryError as exc:
-            results = [result_from_error(r, exc) for r in recipients]
-        except Exception as exc:  # a bug in a backend must not lose the message
-            log.exception("event=delivery_error qid=%s domain=%s", message.queue_id, dest.domain)
-            results = [RecipientResult(r, Status.TEMPORARY, 451, "4.3.0",
-                                       f"internal error: {type(exc).__name__}: {exc}")
-                       for r in recipients]
-        got = {res.recipient.address for res in results}
-        results += [RecipientResult(r, Status.TEMPORARY, 451, "4.3.0", "no result from backend")
-                    for r in recipients if r.address not in got]
-        remote = str(getattr(session, "host", "") or "")
-        # With a session we know whether the connection itself failed (no stream); without
-        # one, every recipient failing temporarily is the best sign we have.
-        if all(res.status is Status.TEMPORARY for res in results) and (
-            getattr(session, "stream", None) is None
-        ):
+        recipients = [Recipient(a) for a in job.addresses]
+        results = await attempt(session, message, recipients, domain=dest.domain)
+        # A session knows whether its connection stands; without one (or with none left),
+        # every recipient failing temporarily is the best sign the destination is down.
+        if all(res.status is Status.TEMPORARY for res in results) and not session.connected:
             dest.dead_until = self.clock() + self.destination_hold
         try:
-            await self._record(job, results, remote)
+            await self._record(job, results, session.host)
         except Exception:
             log.exception("event=queue_update_failed qid=%s", message.queue_id)
-            self._inflight.get(message.queue_id, set()).discard(dest.domain)
-            self._schedule(message.queue_id, self.clock() + self.schedule[0])
+            self._tracker.done_with(message.queue_id, dest.domain)
+            self._tracker.schedule(message.queue_id, self.clock() + self.policy.schedule[0])
 
-    async def _record(self, job: _Job, results: list[RecipientResult], remote: str) -> None:
-        """Apply one attempt's results to the entry on disk; bounce, warn, reschedule."""
+    # -- one attempt's results: decide, then apply -----------------------------------------
+    async def _record(self, job: Job, results: list[RecipientResult], remote: str) -> None:
+        """Decide what the results mean (`apply_results`), then do it: reports, the entry's
+        update or removal, the next dispatch."""
         qid = job.entry.queue_id
-        lock = self._locks.setdefault(qid, asyncio.Lock())
-        notices: list[str] = []
-        async with lock:
+        tracked = self._tracker.track(qid)
+        async with tracked.lock:
             try:
                 entry = await self._io(self.store.load, qid)
             except EntryNotFound:
                 log.info("event=queue_entry_gone qid=%s (deleted during delivery)", qid)
-                self._inflight.get(qid, set()).discard(job.domain)
-                self._forget(qid)
+                self._tracker.done_with(qid, job.domain)
+                self._tracker.forget(qid)
                 return
             now = self.clock()
-            by_address = {r.address: r for r in entry.recipients}
-            failed: list[DsnRecipient] = []
-            for res in results:
-                rs = by_address.get(res.recipient.address)
-                if rs is None or rs.state != PENDING:
-                    continue
-                rs.attempts += 1
-                rs.code, rs.enhanced, rs.reply = res.code, res.enhanced, res.text
-                rs.last_attempt = now
-                rs.remote_mta = remote or rs.remote_mta
-                if res.status is Status.DELIVERED:
-                    rs.state = DELIVERED
-                    event = "delivered"
-                elif res.status is Status.PERMANENT or now - entry.arrival >= self.max_age:
-                    rs.state = FAILED
-                    event = "bounced" if res.status is Status.PERMANENT else "expired"
-                    status = (status_for(res.code, res.enhanced, failed=True)
-                              if res.status is Status.PERMANENT else EXPIRED_STATUS)
-                    failed.append(dsn_recipient(rs, status))
-                else:
-                    rs.next_attempt = min(now + self.backoff(rs.attempts),
-                                          entry.arrival + self.max_age)
-                    event = "deferred"
-                log.info("event=%s qid=%s to=<%s> attempts=%d reply=%r", event, qid,
-                         rs.address, rs.attempts, rs.last_reply)
-            if failed:
-                notices += await self._notify(entry, failed, "failed", now)
-            if (self.delay_warning_after > 0 and not entry.delay_warned
-                    and now - entry.arrival >= self.delay_warning_after):
-                waiting = [dsn_recipient(r, status_for(r.code, r.enhanced, failed=False))
-                           for r in entry.pending() if r.attempts > 0]
-                if waiting:
-                    notices += await self._notify(entry, waiting, "delayed", now)
-                    entry.delay_warned = True
-            if entry.is_final():
-                await self._io(self.store.remove, qid)
-                log.info("event=removed qid=%s", qid)
-            else:
-                try:
-                    await self._io(self.store.update, entry)
-                except EntryNotFound:  # `postier queue delete` won the race
-                    self._inflight.get(qid, set()).discard(job.domain)
-                    self._forget(qid)
-                    return
-        inflight = self._inflight.get(qid, set())
-        inflight.discard(job.domain)
-        if entry.is_final():
-            self._forget(qid)
-        else:
-            later = [r.next_attempt for r in entry.pending() if r.domain not in inflight]
-            if later:
-                self._schedule(qid, 0.0 if qid in self._forced else min(later))
+            outcome = apply_results(entry, results, now, self.policy, remote_mta=remote)
+            notices, kept = await self._io(functools.partial(
+                apply_outcome, self.store, outcome, hostname=self.hostname, now=now,
+                retry_until=self.policy.expires_at(entry)))  # fmt: skip
         for notice in notices:
             self.enqueue(notice)
+        if not kept:  # `postier queue delete` won the race
+            self._tracker.done_with(qid, job.domain)
+            self._tracker.forget(qid)
+            return
+        tracked = self._tracker.done_with(qid, job.domain)
+        if outcome.final:
+            self._tracker.forget(qid)
+        else:
+            later = outcome.next_attempt(skip_domains=tracked.inflight)
+            if later is not None:
+                self._tracker.schedule(qid, 0.0 if tracked.forced else later)
         self._wake.set()
-
-    async def _notify(self, entry: QueueEntry, recipients: list[DsnRecipient], action: str,
-                      now: float) -> list[str]:
-        """Queue a DSN to the sender (never to <>). Committed before the entry's update: a
-        crash in between repeats the report rather than losing it."""
-        notice = await self._io(lambda: queue_dsn(
-            self.store, entry, recipients, hostname=self.hostname, action=action, now=now,
-            will_retry_until=entry.arrival + self.max_age))
-        log.info("event=dsn qid=%s action=%s to=<%s> dsn_qid=%s", entry.queue_id, action,
-                 entry.sender, notice or "none (null sender)")
-        return [notice] if notice else []

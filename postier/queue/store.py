@@ -28,27 +28,29 @@ pool, `await loop.run_in_executor(pool, store.commit, ...)`; the CLI calls them 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
-import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from postier.delivery.base import Recipient, StoredMessage
-from postier.delivery.fsutil import copy_from, fsync_dir
+from postier.delivery.fsutil import copy_from, fsync_dir, write_all
 from postier.errors import PostierError
+from postier.queue.entry import (  # noqa: F401 - the names users of the store import
+    DELIVERED,
+    FAILED,
+    PENDING,
+    QueueEntry,
+    RecipientState,
+)
 from postier.queue.ids import is_queue_id, new_queue_id
 
 log = logging.getLogger("postier.queue")
 
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
 FLUSH_ALL = "ALL"
-_FORMAT_VERSION = 1
 
 
 class EntryNotFound(PostierError):
@@ -59,67 +61,12 @@ class EntryExists(PostierError):
     """An entry with this id is already committed (e.g. a maildrop file picked up twice)."""
 
 
-@dataclass(slots=True)
-class RecipientState:
-    """One recipient's progress; `code`/`enhanced`/`reply` are the last reply received."""
+class BadEntry(ValueError):
+    """An envelope file that cannot be read as an entry (kept for the operator, never sent)."""
 
-    address: str
-    state: str = PENDING
-    attempts: int = 0
-    code: int = 0
-    enhanced: str = ""
-    reply: str = ""
-    last_attempt: float = 0.0
-    next_attempt: float = 0.0  # 0: at once
-    remote_mta: str = ""
-
-    @property
-    def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
-
-    @property
-    def last_reply(self) -> str:
-        """The last reply as one line, `451 4.3.0 text`, or "" before any attempt."""
-        if not self.code:
-            return self.reply
-        return " ".join(p for p in (str(self.code), self.enhanced, self.reply) if p)
-
-
-@dataclass(slots=True)
-class QueueEntry:
-    """A committed message: its envelope and per-recipient state (the JSON file's content)."""
-
-    queue_id: str
-    sender: str  # "" for the null sender <>
-    arrival: float
-    size: int
-    content_offset: int
-    recipients: list[RecipientState] = field(default_factory=list)
-    smtputf8: bool = False
-    body_8bit: bool = False
-    delay_warned: bool = False
-
-    def pending(self) -> list[RecipientState]:
-        return [r for r in self.recipients if r.state == PENDING]
-
-    def is_final(self) -> bool:
-        """True once no recipient is pending: the entry can be removed."""
-        return all(r.state != PENDING for r in self.recipients)
-
-    def to_json(self) -> bytes:
-        data = asdict(self)
-        data["version"] = _FORMAT_VERSION
-        return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> QueueEntry:
-        data = json.loads(raw)
-        data.pop("version", None)
-        data["recipients"] = [RecipientState(**r) for r in data.get("recipients", [])]
-        entry = cls(**data)
-        if not is_queue_id(entry.queue_id):
-            raise ValueError(f"bad queue id {entry.queue_id!r}")
-        return entry
+    def __init__(self, queue_id: str, why: str) -> None:
+        super().__init__(f"{queue_id}: unreadable envelope: {why}")
+        self.queue_id = queue_id
 
 
 def _check_id(queue_id: str) -> str:
@@ -147,8 +94,7 @@ class QueueStore:
             # DIR itself stays traversable (0755) so `postier sendmail` run by any user can
             # reach DIR/maildrop; everything the queue holds is private to the daemon.
             self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-            for d in (self.body_dir, self.env_dir, self.tmp_dir, self.flush_dir,
-                      self.corrupt_dir):
+            for d in (self.body_dir, self.env_dir, self.tmp_dir, self.flush_dir, self.corrupt_dir):
                 d.mkdir(mode=0o700, exist_ok=True)
         elif not self.env_dir.is_dir():
             raise FileNotFoundError(f"{self.directory}: not a queue directory (no env/)")
@@ -163,15 +109,24 @@ class QueueStore:
     def message(self, entry: QueueEntry) -> StoredMessage:
         """The entry's body as the `StoredMessage` a delivery backend takes."""
         return StoredMessage(
-            path=self.body_path(entry.queue_id), size=entry.size,
-            content_offset=entry.content_offset, sender=entry.sender,
-            queue_id=entry.queue_id, received_at=entry.arrival,
-            smtputf8=entry.smtputf8, body_8bit=entry.body_8bit,
+            path=self.body_path(entry.queue_id),
+            size=entry.size,
+            content_offset=entry.content_offset,
+            sender=entry.sender,
+            queue_id=entry.queue_id,
+            received_at=entry.arrival,
+            smtputf8=entry.smtputf8,
+            body_8bit=entry.body_8bit,
         )
 
     # -- commit ------------------------------------------------------------------------
     def commit(
-        self, spool: StoredMessage, sender: str, recipients: Iterable[object]
+        self,
+        spool: StoredMessage,
+        sender: str,
+        recipients: Iterable[object],
+        *,
+        prepend: bytes = b"",
     ) -> QueueEntry:
         """Make a finished spool file durable in the queue under `spool.queue_id`.
 
@@ -182,6 +137,10 @@ class QueueStore:
         its `Return-Path:` line and `content_offset` stays valid; it must not be modified
         afterwards (unlinking it is fine). Returns once the entry is durable: only then may
         the session answer 250. Raises `EntryExists` if the id is already queued.
+
+        `prepend` is header lines (LF-terminated, spool format) to put at the top of the
+        message, after Return-Path: the one place where the queued bytes may differ from the
+        spool's (a DKIM-Signature made at commit). The body is then a copy, fsync'd here.
         """
         queue_id = spool.queue_id or new_queue_id()
         env = self.env_path(queue_id)
@@ -192,18 +151,24 @@ class QueueStore:
         # (ids are unique; a maildrop retry reuses its id): it was never committed, replace it.
         body.unlink(missing_ok=True)
         try:
-            try:
-                # The same inode: its creator fsync'd it already (contract above).
-                os.link(spool.path, body)
-            except OSError:  # another file system, or links not permitted: copy
-                self._copy_into(spool.path, body)
+            if prepend:
+                self._copy_into(spool.path, body, prepend, spool.content_offset)
+            else:
+                try:
+                    # The same inode: its creator fsync'd it already (contract above).
+                    os.link(spool.path, body)
+                except OSError:  # another file system, or links not permitted: copy
+                    self._copy_into(spool.path, body)
             fsync_dir(self.body_dir)
             entry = QueueEntry(
-                queue_id=queue_id, sender=sender, arrival=spool.received_at,
-                size=body.stat().st_size, content_offset=spool.content_offset,
-                recipients=[RecipientState(a)
-                            for a in dict.fromkeys(map(_address, recipients))],
-                smtputf8=spool.smtputf8, body_8bit=spool.body_8bit,
+                queue_id=queue_id,
+                sender=sender,
+                arrival=spool.received_at,
+                size=body.stat().st_size,
+                content_offset=spool.content_offset,
+                recipients=[RecipientState(a) for a in dict.fromkeys(map(_address, recipients))],
+                smtputf8=spool.smtputf8,
+                body_8bit=spool.body_8bit,
             )
             self._write_env(entry)
         except BaseException:
@@ -213,9 +178,16 @@ class QueueStore:
         return entry
 
     def commit_bytes(
-        self, data: bytes, sender: str, recipients: Iterable[object], *,
-        arrival: float, content_offset: int, queue_id: str | None = None,
-        smtputf8: bool = False, body_8bit: bool = False,
+        self,
+        data: bytes,
+        sender: str,
+        recipients: Iterable[object],
+        *,
+        arrival: float,
+        content_offset: int,
+        queue_id: str | None = None,
+        smtputf8: bool = False,
+        body_8bit: bool = False,
     ) -> QueueEntry:
         """Queue a message we generated ourselves (a bounce), given in spool format."""
         queue_id = queue_id or new_queue_id()
@@ -225,18 +197,29 @@ class QueueStore:
             f.flush()
             os.fsync(f.fileno())
         spool = StoredMessage(
-            path=tmp, size=len(data), content_offset=content_offset, sender=sender,
-            queue_id=queue_id, received_at=arrival, smtputf8=smtputf8, body_8bit=body_8bit,
+            path=tmp,
+            size=len(data),
+            content_offset=content_offset,
+            sender=sender,
+            queue_id=queue_id,
+            received_at=arrival,
+            smtputf8=smtputf8,
+            body_8bit=body_8bit,
         )
         try:
             return self.commit(spool, sender, recipients)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _copy_into(self, source: Path, dest: Path) -> None:
+    def _copy_into(self, source: Path, dest: Path, insert: bytes = b"", at: int = 0) -> None:
+        """Copy `source` to `dest` (fsync'd), with `insert` put in at offset `at`."""
         tmp = self.tmp_dir / f"{dest.name}.copy"
         with open(source, "rb") as src, open(tmp, "wb") as dst:
-            copy_from(src, dst.fileno())
+            if insert:
+                write_all(dst.fileno(), src.read(at) + insert)
+                copy_from(src, dst.fileno(), at)
+            else:
+                copy_from(src, dst.fileno())
             os.fsync(dst.fileno())
         try:
             os.link(tmp, dest)  # never replaces an existing body
@@ -258,7 +241,10 @@ class QueueStore:
             raw = self.env_path(queue_id).read_bytes()
         except FileNotFoundError:
             raise EntryNotFound(queue_id) from None
-        return QueueEntry.from_json(raw)
+        try:
+            return QueueEntry.from_json(raw)
+        except ValueError as exc:
+            raise BadEntry(queue_id, str(exc)) from None
 
     def ids(self) -> list[str]:
         """Committed ids in arrival order (ids sort by time)."""
@@ -269,16 +255,23 @@ class QueueStore:
                 out.append(stem)
         return sorted(out)
 
-    def list(self) -> list[QueueEntry]:
-        """Every committed entry; entries removed while listing are skipped. Read-only."""
+    def list(self, on_bad: Callable[[BadEntry], None] | None = None) -> list[QueueEntry]:
+        """Every committed entry; entries removed while listing are skipped. Read-only.
+
+        An unreadable envelope is passed to `on_bad` (e.g. `postier queue list` prints it),
+        else logged; either way the listing goes on.
+        """
         entries = []
         for queue_id in self.ids():
             try:
                 entries.append(self.load(queue_id))
             except EntryNotFound:
                 continue
-            except ValueError as exc:
-                log.warning("queue %s: unreadable envelope: %s", queue_id, exc)
+            except BadEntry as exc:
+                if on_bad is None:
+                    log.warning("queue %s", exc)
+                else:
+                    on_bad(exc)
         return entries
 
     def read_headers(self, entry: QueueEntry, limit: int = 256 * 1024) -> bytes:
@@ -308,6 +301,21 @@ class QueueStore:
             if not self.env_path(entry.queue_id).exists():
                 raise EntryNotFound(entry.queue_id)
             self._write_env(entry)
+
+    def add_recipients(self, queue_id: str, recipients: Iterable[object]) -> QueueEntry:
+        """Add recipients to a committed entry (those it has already are left as they are).
+
+        For a message whose remote recipients were committed before its local delivery:
+        the local recipients that did not get their copy join the same entry (one body, one
+        id) rather than a second commit under the same id. Durable on return."""
+        with self._locked(queue_id):
+            entry = self.load(queue_id)
+            known = {r.address for r in entry.recipients}
+            new = [a for a in dict.fromkeys(map(_address, recipients)) if a not in known]
+            if new:
+                entry.recipients += [RecipientState(a) for a in new]
+                self._write_env(entry)
+            return entry
 
     def remove(self, queue_id: str) -> bool:
         """Remove an entry (safe while the daemon runs); False if it was not there."""
@@ -343,7 +351,7 @@ class QueueStore:
             raise
         return fd
 
-    def recover(self) -> list[QueueEntry]:
+    def recover(self) -> builtins.list[QueueEntry]:
         """Clean up after a crash and return every committed entry, oldest first.
 
         Only at daemon start-up, before any session can commit: a commit in progress looks

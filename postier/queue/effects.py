@@ -1,0 +1,46 @@
+"""Carry out what `decide.apply_results` decided: the log, the reports, the entry's file.
+
+Blocking (one thread-pool job per attempt). The reports are committed to the queue before
+the entry is updated: a crash in between repeats a report rather than losing it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from postier.queue.bounce import queue_dsn
+from postier.queue.decide import Outcome
+from postier.queue.store import EntryNotFound, QueueStore
+
+log = logging.getLogger("postier.queue")
+
+
+def apply_outcome(
+    store: QueueStore, outcome: Outcome, *, hostname: str, now: float, retry_until: float
+) -> tuple[list[str], bool]:
+    """Log each change, queue the reports owed to the sender (never to <>), then write the
+    entry back or remove it when final. Returns (the reports' queue ids, whether the entry
+    is still there: False when `postier queue delete` removed it meanwhile)."""
+    entry = outcome.entry
+    qid = entry.queue_id
+    for c in outcome.changes:
+        log.info("event=%s qid=%s to=<%s> attempts=%d reply=%r",
+                 c.event, qid, c.address, c.attempts, c.reply)  # fmt: skip
+    notices: list[str] = []
+    for action, recipients in (("failed", outcome.failed), ("delayed", outcome.delayed)):
+        if not recipients:
+            continue
+        notice = queue_dsn(store, entry, recipients, hostname=hostname, action=action, now=now,
+                           will_retry_until=retry_until)  # fmt: skip
+        log.info("event=dsn qid=%s action=%s to=<%s> dsn_qid=%s",
+                 qid, action, entry.sender, notice or "none (null sender)")  # fmt: skip
+        notices += [notice] if notice else []
+    if outcome.final:
+        store.remove(qid)
+        log.info("event=removed qid=%s", qid)
+        return notices, True
+    try:
+        store.update(entry)
+    except EntryNotFound:
+        return notices, False
+    return notices, True
