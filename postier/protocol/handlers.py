@@ -163,8 +163,7 @@ def handle_data(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
 def handle_rset(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
     if arg.strip():
         return Reply(501, "5.5.4", "Syntax: RSET (no arguments)")
-    session.reset_transaction()
-    return R.RESET_OK
+    return R.RESET_OK  # the server ends the transaction when this reply goes out
 
 
 def handle_noop(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
