@@ -14,15 +14,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 from postier import log
 from postier.delivery.base import Recipient, RecipientResult, Status, StoredMessage
-from postier.policy import LocalTarget, RemoteTarget
+from postier.inbound.transaction import Transaction
 from postier.protocol import replies as R
 from postier.protocol.address import Address
 from postier.protocol.replies import Reply
-from postier.spool import SpoolWriter
 
 _LOG = logging.getLogger("postier.router")
 
@@ -30,24 +28,6 @@ _LOG = logging.getLogger("postier.router")
 # queue (blocking, thread pool) and return nothing, or raise OSError.
 QueueCommit = Callable[[StoredMessage, Sequence[Address]], None]
 QueueNotify = Callable[[str], None]
-
-
-@dataclass(slots=True)
-class Transaction:
-    """One mail transaction as the application sees it (the protocol keeps its own)."""
-
-    queue_id: str
-    sender: Address | None
-    smtputf8: bool = False
-    body_8bit: bool = False
-    local: list[LocalTarget] = field(default_factory=list)
-    remote: list[RemoteTarget] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted
-    writer: SpoolWriter | None = None
-
-    @property
-    def sender_text(self) -> str:
-        return str(self.sender) if self.sender else ""
 
 
 class Router:
