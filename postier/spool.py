@@ -192,4 +192,3 @@ class SpoolWriter:
         if self._state is not _State.MEMORY:
             self.path.unlink(missing_ok=True)
         self._state = _State.GONE
-

@@ -1,4 +1,8 @@
-"""What every session of one daemon process shares."""
+"""What every session of one daemon process shares.
+
+Nothing here imports the session: the sessions are known only as `LiveSession`, which is
+what shutdown needs, so `net/` has no import circle.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from postier.checks.base import CheckChain
+from postier.checks.chain import checks_for_role
+from postier.checks.disk import FreeSpace
 from postier.config import Config
 from postier.net.limits import ConnectionTracker
+from postier.net.roles import Role
 from postier.policy import Policy
 from postier.router import Router
 
@@ -19,8 +27,15 @@ if TYPE_CHECKING:
     from postier.auth.passwd import PasswordFile
     from postier.auth.throttle import FailureThrottle
     from postier.net.outbound import Outbound
-    from postier.net.session import SmtpSession
     from postier.tls import CertificateStore
+
+
+class LiveSession(Protocol):
+    """A connection being served, as shutdown sees it."""
+
+    transport: asyncio.Transport | None
+
+    def wake(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -34,11 +49,11 @@ class ServerContext:
     passwords: PasswordFile | None = None
     throttle: FailureThrottle | None = None
     shutting_down: bool = False
-    sessions: set[SmtpSession] = field(default_factory=set)
+    sessions: set[LiveSession] = field(default_factory=set)
     spool_dir: Path = Path(".")
     outbound: Outbound | None = None
-    _free_checked_at: float = -10.0
-    _free_bytes: int = -1
+    _free_space: FreeSpace | None = None
+    _chains: dict[str, CheckChain] = field(default_factory=dict)
     _rdns_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
     # a time per worker; more would only trade memory for nothing on a machine this size.
@@ -55,23 +70,21 @@ class ServerContext:
         for s in list(self.sessions):
             s.wake()
 
-    def low_on_disk(self, extra: int = 0) -> bool:
-        """True when storing `extra` more bytes would leave less than min_free_space.
-
-        The free space is read at most once a second: a statvfs per MAIL is measurable at
-        hundreds of messages a second, and a second-old figure is precise enough.
-        """
-        now = time.monotonic()
-        if now - self._free_checked_at > 1.0:
-            self._free_checked_at = now
-            try:
-                st = os.statvfs(self.config.mail_root)
-                self._free_bytes = st.f_bavail * st.f_frsize
-            except OSError:
-                self._free_bytes = -1
-        if self._free_bytes < 0:
-            return False
-        return self._free_bytes < self.config.min_free_space + extra
+    def checks(self, role: Role) -> CheckChain:
+        """The check chain of a listener role, built once per worker (checks keep no
+        per-session state)."""
+        chain = self._chains.get(role.name)
+        if chain is None:
+            if self._free_space is None:
+                self._free_space = FreeSpace(self.config.mail_root, self.config.min_free_space)
+            chain = checks_for_role(
+                role,
+                policy=self.policy,
+                free_space=self._free_space,
+                hostname=self.config.hostname,
+            )
+            self._chains[role.name] = chain
+        return chain
 
     def cached_rdns(self, ip: str) -> str | None:
         hit = self._rdns_cache.get(ip)

@@ -66,8 +66,10 @@ def ehlo_lines(session: Session, config: ServerConfig, peer_name: str) -> tuple[
     ]
     if config.starttls_available and not session.tls:
         lines.append("STARTTLS")
-    if config.auth_mechanisms and session.auth_user is None and (
-        session.tls or not config.auth_requires_tls
+    if (
+        config.auth_mechanisms
+        and session.auth_user is None
+        and (session.tls or not config.auth_requires_tls)
     ):
         lines.append("AUTH " + " ".join(config.auth_mechanisms))
     lines.append("HELP")
