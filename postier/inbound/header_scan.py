@@ -69,7 +69,6 @@ class HeaderScanner:
                 out += line
                 self.done = line == b"\n"
                 return
-            self.names.add(line.split(b":", 1)[0].strip().lower())
         self._partial = not complete
         if self._decided:
             if not self._dropping:
@@ -91,8 +90,8 @@ class HeaderScanner:
         self._decided = self._dropping = self._partial = False
 
     def _should_drop(self) -> bool:
-        if self.drop is None:
-            return False
+        """Decide the held field (complete, or the start of a huge one); note its name."""
         field = bytes(self._held).rstrip(b"\n")
         name = field.split(b":", 1)[0].strip().lower()
-        return self.drop(name, field.replace(b"\n", b""))
+        self.names.add(name)
+        return self.drop is not None and self.drop(name, field.replace(b"\n", b""))
