@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,13 @@ from postier.checks.base import CheckChain
 from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace
 from postier.config import Config
+from postier.inbound.handler import InboundHandler, InboundSettings, ProtocolState
+from postier.inbound.peer import Peer
 from postier.net.limits import ConnectionTracker
+from postier.net.rdns import ReverseNames
 from postier.net.roles import Role
 from postier.policy import Policy
+from postier.protocol.state import ServerConfig
 from postier.router import Router
 
 if TYPE_CHECKING:
@@ -54,7 +57,7 @@ class ServerContext:
     outbound: Outbound | None = None
     _free_space: FreeSpace | None = None
     _chains: dict[str, CheckChain] = field(default_factory=dict)
-    _rdns_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
+    reverse_names: ReverseNames = field(default_factory=ReverseNames)
     # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
     # a time per worker; more would only trade memory for nothing on a machine this size.
     hash_slots: asyncio.Semaphore | None = None
@@ -69,6 +72,34 @@ class ServerContext:
         self.shutting_down = True
         for s in list(self.sessions):
             s.wake()
+
+    def protocol_config(self, role: Role) -> ServerConfig:
+        """What the protocol state machine of a listener of `role` needs to know."""
+        cfg = self.config
+        return ServerConfig(
+            hostname=cfg.hostname,
+            max_message_size=cfg.max_message_size,
+            max_recipients=cfg.max_recipients,
+            max_errors=cfg.max_errors,
+            starttls_available=self.tls is not None and not role.implicit_tls,
+            implicit_tls=role.implicit_tls,
+            auth_mechanisms=("PLAIN", "LOGIN") if role.offers_auth and self.passwords else (),
+            auth_requires_tls=True,
+            auth_required_for_mail=role.requires_auth,
+            report_transaction_end=True,
+        )
+
+    def inbound_handler(self, role: Role, peer: Peer, protocol: ProtocolState) -> InboundHandler:
+        """The application side of one new connection on a listener of `role`."""
+        settings = InboundSettings(
+            hostname=self.config.hostname,
+            spool_dir=self.spool_dir,
+            relay_without_auth=role.relay_without_auth,
+            received_auth_user=self.config.received_auth_user,
+        )
+        return InboundHandler(
+            peer, protocol, settings, self.policy, self.checks(role), self.router, self.executor
+        )
 
     def checks(self, role: Role) -> CheckChain:
         """The check chain of a listener role, built once per worker (checks keep no
@@ -85,14 +116,3 @@ class ServerContext:
             )
             self._chains[role.name] = chain
         return chain
-
-    def cached_rdns(self, ip: str) -> str | None:
-        hit = self._rdns_cache.get(ip)
-        if hit is None or hit[1] < time.monotonic():
-            return None
-        return hit[0]
-
-    def remember_rdns(self, ip: str, name: str, ttl: float = 300.0) -> None:
-        if len(self._rdns_cache) >= 10000:
-            self._rdns_cache.clear()
-        self._rdns_cache[ip] = (name, time.monotonic() + ttl)

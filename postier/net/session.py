@@ -18,33 +18,16 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 import ssl
 import time
 
-from postier.inbound.handler import InboundHandler, InboundSettings
+from postier.inbound.handler import InboundHandler
 from postier.inbound.peer import Peer
 from postier.net.auth_exchange import AuthExchange
 from postier.net.context import ServerContext
 from postier.net.roles import Role
+from postier.protocol import events as ev
 from postier.protocol import replies as R
-from postier.protocol.events import (
-    NEED_DATA,
-    Auth,
-    AuthResponse,
-    ConnectionClosed,
-    Data,
-    DataChunk,
-    DataRejected,
-    EndOfData,
-    Event,
-    Hello,
-    Mail,
-    ProtocolViolation,
-    Rcpt,
-    StartTLS,
-    TransactionEnded,
-)
 from postier.protocol.replies import Reply
 from postier.protocol.server import ServerConnection
 from postier.protocol.state import Phase, ServerConfig
@@ -53,22 +36,6 @@ from postier.tls import describe, front_tls_context
 _LOG = logging.getLogger("postier.session")
 
 MAX_WRITE_BUFFER = 256 * 1024
-
-
-def server_config(ctx: ServerContext, role: Role) -> ServerConfig:
-    cfg = ctx.config
-    return ServerConfig(
-        hostname=cfg.hostname,
-        max_message_size=cfg.max_message_size,
-        max_recipients=cfg.max_recipients,
-        max_errors=cfg.max_errors,
-        starttls_available=ctx.tls is not None and not role.implicit_tls,
-        implicit_tls=role.implicit_tls,
-        auth_mechanisms=("PLAIN", "LOGIN") if role.offers_auth and ctx.passwords else (),
-        auth_requires_tls=True,
-        auth_required_for_mail=role.requires_auth,
-        report_transaction_end=True,
-    )
 
 
 class SmtpSession(asyncio.Protocol):
@@ -113,24 +80,11 @@ class SmtpSession(asyncio.Protocol):
         ctx = self.ctx
         self.conn = conn = ServerConnection(self.protocol_config, peer_name=name)
         self.auth = AuthExchange(conn, self.peer, ctx)
-        self.inbound = InboundHandler(
-            self.peer,
-            conn,
-            InboundSettings(
-                hostname=ctx.config.hostname,
-                spool_dir=ctx.spool_dir,
-                relay_without_auth=self.role.relay_without_auth,
-                received_auth_user=ctx.config.received_auth_user,
-            ),
-            ctx.policy,
-            ctx.checks(self.role),
-            ctx.router,
-            ctx.executor,
-        )
+        self.inbound = ctx.inbound_handler(self.role, self.peer, conn)
         ctx.sessions.add(self)
         loop = asyncio.get_running_loop()
         if ctx.config.reverse_dns:
-            self.peer.rdns = ctx.cached_rdns(ip)
+            self.peer.rdns = ctx.reverse_names.cached(ip)
             if self.peer.rdns is None:
                 self._rdns = loop.create_task(self._look_up_rdns())
         self._task = loop.create_task(self._run())
@@ -171,22 +125,7 @@ class SmtpSession(asyncio.Protocol):
 
     # ---- helpers -----------------------------------------------------------------------
     async def _look_up_rdns(self) -> None:
-        """Fill `peer.rdns` (cache misses only); a message sent before it is known says
-        "unknown" in its Received header rather than waiting."""
-        loop = asyncio.get_running_loop()
-        ip = self.peer.ip
-        name = "unknown"
-        try:
-            host, _ = await asyncio.wait_for(
-                loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), timeout=3.0
-            )
-            # The name goes into a header: only hostname characters are allowed through.
-            if host and all(c.isalnum() or c in "-._" for c in host):
-                name = host
-        except (OSError, TimeoutError, UnicodeError):
-            pass
-        self.ctx.remember_rdns(ip, name)
-        self.peer.rdns = name
+        self.peer.rdns = await self.ctx.reverse_names.look_up(self.peer.ip)
 
     async def _flush(self) -> None:
         assert self.conn is not None and self.transport is not None
@@ -271,7 +210,7 @@ class SmtpSession(asyncio.Protocol):
                 self.transport.write(conn.greeting())  # type: ignore[union-attr]
             while True:
                 event = conn.next_event()
-                if event is NEED_DATA:
+                if event is ev.NEED_DATA:
                     await self._flush()
                     if conn.phase is Phase.CLOSED:
                         reason = conn.close_reason or reason
@@ -303,8 +242,8 @@ class SmtpSession(asyncio.Protocol):
         if conn is not None and self.inbound is not None:
             # After an exception the loop could not hear the end: let the protocol say it.
             conn.connection_lost(reason)
-            while (event := conn.next_event()) is not NEED_DATA:
-                if isinstance(event, TransactionEnded):
+            while (event := conn.next_event()) is not ev.NEED_DATA:
+                if isinstance(event, ev.TransactionEnded):
                     await self.inbound.on_transaction_ended(event)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -321,50 +260,42 @@ class SmtpSession(asyncio.Protocol):
             seconds=f"{duration:.3f}",
         )
 
-    async def _dispatch(self, event: Event) -> None:
+    async def _dispatch(self, event: ev.Event) -> None:
         """Hand one event to whoever decides it, and apply the decision."""
         conn, inbound = self.conn, self.inbound
         assert conn is not None and inbound is not None
         match event:
-            case DataChunk():
+            case ev.DataChunk():
                 await inbound.on_chunk(event)
-            case Rcpt():
-                self._decide(await inbound.on_rcpt(event))
-            case Mail():
-                self._decide(await inbound.on_mail(event))
-            case Data():
+            case ev.Rcpt():
+                conn.decide(await inbound.on_rcpt(event))
+            case ev.Mail():
+                conn.decide(await inbound.on_mail(event))
+            case ev.Data():
                 self._data_started = time.monotonic()
                 self._bytes_in = 0
-                self._decide(inbound.on_data())
-            case EndOfData():
-                self._decide(await inbound.on_end_of_data(event))
-            case TransactionEnded():
+                conn.decide(inbound.on_data())
+            case ev.EndOfData():
+                conn.decide(await inbound.on_end_of_data(event))
+            case ev.TransactionEnded():
                 await inbound.on_transaction_ended(event)
-            case Hello():
-                self._decide(inbound.on_hello(event))
-            case DataRejected():
+            case ev.Hello():
+                conn.decide(inbound.on_hello(event))
+            case ev.DataRejected():
                 inbound.on_data_rejected(event)
-            case StartTLS():
+            case ev.StartTLS():
                 conn.accept()
                 await self._flush()
                 await self._start_tls(implicit=False)
-            case Auth() | AuthResponse():
+            case ev.Auth() | ev.AuthResponse():
                 assert self.auth is not None
                 await self.auth.handle(event)
-            case ProtocolViolation():
+            case ev.ProtocolViolation():
                 self.peer.log(
                     "protocol-violation", logging.WARNING, ip=self.peer.ip, reason=event.reason
                 )
-            case ConnectionClosed():
+            case ev.ConnectionClosed():
                 pass
-
-    def _decide(self, reply: Reply | None) -> None:
-        """Apply a decision: None or a positive reply accepts, any other reply refuses."""
-        assert self.conn is not None
-        if reply is None or reply.is_positive:
-            self.conn.accept(reply)
-        else:
-            self.conn.reject(reply)
 
     # ---- TLS ---------------------------------------------------------------------------
     async def _start_tls(self, *, implicit: bool) -> bool:

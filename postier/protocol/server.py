@@ -355,6 +355,14 @@ class ServerConnection:
         if reply.code == 421:
             self._close(f"421 after {type(event).__name__}")
 
+    def decide(self, reply: Reply | None) -> None:
+        """accept() when `reply` is None or positive, else reject(reply): for applications
+        whose decisions are a reply or nothing."""
+        if reply is None or reply.is_positive:
+            self.accept(reply)
+        else:
+            self.reject(reply)
+
     def challenge(self, b64_text: str) -> None:
         """Continue a SASL exchange: send `334 <text>` and read the client's next line raw."""
         event = self._take_pending()
