@@ -65,7 +65,10 @@ class ServerConnection:
         self.peer_name = peer_name
         self.session = Session(tls=config.implicit_tls)
         self.phase = Phase.COMMAND
-        self._lines = LineBuffer(config.max_auth_line)
+        # One receive buffer; the command-line reader and, in DATA, the content reader
+        # consume from its front (h11's shape: readers chosen by phase).
+        self._received = bytearray()
+        self._lines = LineBuffer(config.max_auth_line, self._received)
         self._reader: DataReader | None = None
         self._out = bytearray()
         self._events: deque[Event] = deque()
@@ -109,10 +112,9 @@ class ServerConnection:
         leaving = self.phase
         self.phase = phase
         if phase is Phase.DATA:
-            self._reader = DataReader(self.config.max_message_size)
-            pending = self._lines.take_all()  # content pipelined behind DATA's 354
-            if pending:
-                self._feed_data(pending)
+            self._reader = DataReader(self.config.max_message_size, self._received)
+            if self._received:  # content pipelined behind DATA (when sync is not enforced)
+                self._read_data()
         elif phase is Phase.TLS_PENDING:
             # RFC 3207 §4 / CVE-2011-0411: plaintext behind STARTTLS never becomes commands.
             self.discarded_after_starttls = self._lines.clear()
@@ -149,29 +151,25 @@ class ServerConnection:
         if not self._greeted and data:
             self._violation(R.PREGREET, "client talked before the greeting")
             return
-        if self.phase is Phase.DATA and self._reader is not None:
-            self._feed_data(data)
-        else:
-            self._lines.feed(data)
+        self._received += data
+        if self._reader is not None:
+            self._read_data()
 
-    def _feed_data(self, data: bytes) -> None:
+    def _read_data(self) -> None:
         reader = self._reader
         assert reader is not None
-        chunk = reader.feed(data)
+        chunk = reader.read()
         if chunk:
             self._events.append(DataChunk(chunk))
         if reader.done:
             self._reader = None
-            self._enter(Phase.COMMAND)
-            rest = reader.rest
+            self._enter(Phase.COMMAND)  # what follows the end stays in the buffer
             if reader.bad_line_endings:
                 self._finish_rejected(R.BAD_LINE_ENDINGS)
             elif reader.overflow:
                 self._finish_rejected(R.MESSAGE_TOO_BIG)
             else:
                 self._events.append(EndOfData(size=reader.size))
-            if rest:
-                self._lines.feed(rest)
 
     def _finish_rejected(self, reply: Reply) -> None:
         self._send(reply)
