@@ -49,7 +49,9 @@ from postier.protocol.handlers import (
     GROUP_ENDERS,
     HANDLERS,
     NOT_IMPLEMENTED,
-    ehlo_lines,
+    hello_accepted,
+    mail_accepted,
+    rcpt_accepted,
 )
 from postier.protocol.replies import Reply
 from postier.protocol.state import Envelope, Phase, ServerConfig, Session
@@ -299,48 +301,35 @@ class ServerConnection:
         """Approve the pending command; `reply` overrides the default positive reply."""
         event = self._take_pending()
         session = self.session
-        if isinstance(event, Hello):
-            session.helo = event.name
-            session.esmtp = event.extended
-            self._end_transaction(EndReason.HELLO)
-            if reply is None:
-                if event.extended:
-                    reply = Reply(250, None, ehlo_lines(session, self.config, self.peer_name))
+        match event:
+            case Hello():
+                self._end_transaction(EndReason.HELLO)  # RFC 5321 §4.1.4
+                default = hello_accepted(session, self.config, event, self.peer_name)
+            case Mail():
+                default = mail_accepted(session, event)
+            case Rcpt():
+                default = rcpt_accepted(session, event)
+            case Data():
+                self._send(reply or R.START_DATA)
+                if self.config.enforce_pipelining_sync and len(self._lines):
+                    # Message content before our 354: the client did not wait (RFC 2920 §3.1).
+                    self._violation(R.SYNC_ERROR, "message data sent before the 354 reply")
                 else:
-                    reply = Reply(250, None, f"{self.config.hostname} Hello {self.peer_name}")
-        elif isinstance(event, Mail):
-            env = session.envelope
-            env.mail_given = True
-            env.sender = event.sender
-            env.size_hint = event.size
-            env.body = event.body
-            env.smtputf8 = event.smtputf8
-            reply = reply or R.SENDER_OK
-        elif isinstance(event, Rcpt):
-            session.envelope.recipients.append(event.recipient)
-            reply = reply or R.RECIPIENT_OK
-        elif isinstance(event, Data):
-            self._send(reply or R.START_DATA)
-            if self.config.enforce_pipelining_sync and len(self._lines):
-                # Message content before our 354: the client did not wait (RFC 2920 §3.1).
-                self._violation(R.SYNC_ERROR, "message data sent before the 354 reply")
+                    self._enter(Phase.DATA)
                 return
-            self._enter(Phase.DATA)
-            return
-        elif isinstance(event, EndOfData):
-            reply = reply or R.OK
-            self._send(reply)
-            self._end_transaction(EndReason.ACCEPTED)
-            return
-        elif isinstance(event, StartTLS):
-            self._send(reply or R.READY_TLS)
-            self._enter(Phase.TLS_PENDING)
-            return
-        elif isinstance(event, (Auth, AuthResponse)):
-            raise ProtocolUsageError("use auth_succeeded() or reject() for AUTH")
-        else:  # pragma: no cover - every event type above is handled
-            raise ProtocolUsageError(f"cannot accept {event!r}")
-        self._send(reply)
+            case EndOfData():
+                self._send(reply or R.OK)
+                self._end_transaction(EndReason.ACCEPTED)
+                return
+            case StartTLS():
+                self._send(reply or R.READY_TLS)
+                self._enter(Phase.TLS_PENDING)
+                return
+            case Auth() | AuthResponse():
+                raise ProtocolUsageError("use auth_succeeded() or reject() for AUTH")
+            case _:  # pragma: no cover - every event type above is handled
+                raise ProtocolUsageError(f"cannot accept {event!r}")
+        self._send(reply or default)
 
     def reject(self, reply: Reply) -> None:
         """Refuse the pending command with `reply`; the state stays as it was."""
