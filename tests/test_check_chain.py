@@ -9,16 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from postier.checks.base import ACCEPT, CheckChain, ReceivedMessage, Verdict
+from postier.checks.base import ACCEPT, CheckChain, ReceivedMessage, Verdict, refuse
 from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace, LowDiskSpace
 from postier.checks.sender import SenderOwnership
 from postier.checks.submission import SubmissionHeaders
+from postier.inbound.handler import InboundHandler, InboundSettings
+from postier.inbound.peer import Peer
 from postier.inbound.transaction import Transaction
 from postier.net.roles import LOCAL, MX, SUBMISSION
 from postier.policy import Policy
 from postier.protocol import replies as R
 from postier.protocol.address import Address
+from postier.protocol.replies import Reply
+from postier.protocol.state import Session
 
 POLICY = Policy(["example.org"], {})
 FULL_DISK = FreeSpace(Path("."), minimum=2**62)
@@ -84,3 +88,44 @@ def test_end_of_data_headers_are_collected() -> None:
     assert not v.refused and v.fields == b"Message-ID: <Q1@mx.test>\n" and v.trace_fields == b""
     both = _Headers(b"message-id", b"date")
     assert asyncio.run(chain.at_end_of_data(txn("alice@example.org"), both)) is ACCEPT
+
+
+class _DocumentationNetwork:
+    """A connect-stage check for this test: refuses the RFC 5737 documentation network."""
+
+    name = "doc-net"
+
+    async def at_connect(self, peer: Peer) -> Verdict:
+        if peer.ip.startswith("192.0.2."):
+            return refuse(Reply(554, "5.7.1", "Not from here"), "documentation address")
+        return ACCEPT
+
+
+def test_connect_stage_refusal_is_sent_instead_of_the_greeting() -> None:
+    chain = CheckChain([_DocumentationNetwork(), LowDiskSpace(ROOMY_DISK)])
+    assert [c.name for c in chain.connect] == ["doc-net"]
+
+    async def decide(ip: str) -> Reply | None:
+        handler = InboundHandler(
+            Peer(session_id="t", ip=ip, port=1, listener="mx"),
+            _State(),
+            InboundSettings("mx.test", Path("."), False, False),
+            POLICY,
+            chain,
+            _NoStore(),
+            None,  # type: ignore[arg-type] (nothing at connect runs in the pool)
+        )
+        return await handler.on_connect()
+
+    refusal = asyncio.run(decide("192.0.2.1"))
+    assert refusal is not None and refusal.code == 554
+    assert asyncio.run(decide("127.0.0.1")) is None
+
+
+class _State:
+    session = Session()
+
+
+class _NoStore:
+    async def finish(self, txn: Transaction) -> Reply:
+        raise AssertionError("nothing is stored at connect")

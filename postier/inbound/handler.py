@@ -91,6 +91,22 @@ class InboundHandler:
         self.txn: Transaction | None = None
 
     # ---- commands ----------------------------------------------------------------------
+    async def on_connect(self) -> Decision:
+        """Before the greeting: a refusal replaces it, and the connection closes."""
+        if not self.checks.connect:
+            return None
+        verdict = await self.checks.at_connect(self.peer)
+        if verdict.reply is None:
+            return None
+        self.peer.log(
+            "connect-refused",
+            ip=self.peer.ip,
+            check=verdict.check,
+            reason=verdict.reason,
+            reply=verdict.reply,
+        )
+        return verdict.reply
+
     def on_hello(self, event: Hello) -> Decision:
         self.peer.log("helo", helo=event.name, esmtp=event.extended)
         return None

@@ -207,7 +207,9 @@ class SmtpSession(asyncio.Protocol):
             if cfg.greet_pause > 0:
                 await asyncio.sleep(cfg.greet_pause)
             if conn.phase is not Phase.CLOSED:
-                self.transport.write(conn.greeting())  # type: ignore[union-attr]
+                refusal = await self.inbound.on_connect()  # type: ignore[union-attr]
+                greeting = conn.greeting() if refusal is None else conn.refuse(refusal, "refused")
+                self.transport.write(greeting)  # type: ignore[union-attr]
             while True:
                 event = conn.next_event()
                 if event is ev.NEED_DATA:
