@@ -189,6 +189,6 @@ class SpoolWriter:
         """Forget the message (rejected, failed, or delivered everywhere). Safe to repeat."""
         self._parts.clear()
         self._close_fd()
-        if self._state is not _State.MEMORY:
+        if self.on_disk:
             self.path.unlink(missing_ok=True)
         self._state = _State.GONE
