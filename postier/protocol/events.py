@@ -3,7 +3,10 @@
 `ServerConnection.next_event()` returns these. Events that carry a command (`Hello`, `Mail`,
 `Rcpt`, `Data`, `StartTLS`, `Auth`, `AuthResponse`, `EndOfData`) wait for the application's
 decision: exactly one `accept()` or `reject(reply)` (or `challenge()` for SASL). Commands the
-protocol can answer alone (NOOP, HELP, VRFY, RSET, syntax and sequence errors) never surface.
+protocol can answer alone (NOOP, HELP, VRFY, RSET, syntax and sequence errors) never surface;
+what they change is reported where it matters to the application (`TransactionEnded` after
+RSET). `DataChunk`, `DataRejected`, `ProtocolViolation`, `TransactionEnded` and
+`ConnectionClosed` need no decision.
 """
 
 from __future__ import annotations
