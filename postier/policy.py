@@ -27,6 +27,7 @@ from postier.protocol.replies import Reply
 _LOG = logging.getLogger("postier.policy")
 
 MAX_ALIAS_DEPTH = 10
+NULL_SENDER_ON_SUBMISSION = Reply(553, "5.7.1", "Null sender not allowed for submission")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +211,26 @@ class Policy:
         if user is None:
             return None
         return [LocalTarget(f"{local}@{domain}", user)]
+
+    def check_sender(self, sender: Address | None, *, user: str) -> Rejection | None:
+        """May the authenticated `user` send as `sender`? None when it may.
+
+        A login `local@domain` owns exactly that address; a seed-style bare login `local`
+        owns `local@` every local domain. Submission never takes the null sender: bounces
+        are the server's job (RFC 6409 §4.1 leaves it to policy; we refuse it).
+        """
+        if sender is None:
+            return Rejection(NULL_SENDER_ON_SUBMISSION, "null sender on submission")
+        owner_local, at, owner_domain = user.lower().rpartition("@")
+        if not at:
+            owner_local, owner_domain = owner_domain, ""
+        if sender.local.lower() == owner_local and (
+            sender.domain == owner_domain if at else self.local_domain_of(sender) is not None
+        ):
+            return None
+        return Rejection(
+            Reply(553, "5.7.1", f"Sender address not owned by {user}"), "sender not owned"
+        )
 
     def check_recipient(self, rcpt: Address, *, may_relay: bool) -> Decision:
         if rcpt.domain == "" and rcpt.local.lower() == "postmaster":

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 from postier import log
 from postier.delivery.base import (
@@ -32,11 +31,10 @@ from postier.delivery.base import (
     Status,
     StoredMessage,
 )
-from postier.policy import LocalTarget, RemoteTarget
+from postier.inbound.transaction import Transaction
 from postier.protocol import replies as R
 from postier.protocol.address import Address
 from postier.protocol.replies import Reply
-from postier.spool import SpoolWriter
 
 _LOG = logging.getLogger("postier.router")
 
@@ -47,24 +45,6 @@ QueueCommit = Callable[[StoredMessage, Sequence[Address | str]], None]
 QueueNotify = Callable[[str], None]
 # (results for the local recipients, whether anything went to the queue)
 Finished = tuple[list[RecipientResult], bool]
-
-
-@dataclass(slots=True)
-class Transaction:
-    """One mail transaction as the application sees it (the protocol keeps its own)."""
-
-    queue_id: str
-    sender: Address | None
-    smtputf8: bool = False
-    body_8bit: bool = False
-    local: list[LocalTarget] = field(default_factory=list)
-    remote: list[RemoteTarget] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted
-    writer: SpoolWriter | None = None
-
-    @property
-    def sender_text(self) -> str:
-        return str(self.sender) if self.sender else ""
 
 
 class Router:
@@ -191,8 +171,7 @@ class Router:
 
     async def finish(self, txn: Transaction) -> Reply:
         """Store and deliver; the reply for the end of data."""
-        writer = txn.writer
-        assert writer is not None
+        assert txn.writer is not None
         try:
             results, queued = await self._store_and_deliver(txn)
         except OSError as exc:
@@ -200,7 +179,7 @@ class Router:
                 "event=store-failed %s",
                 log.fields(qid=txn.queue_id, error=exc.strerror or type(exc).__name__),
             )
-            await asyncio.get_running_loop().run_in_executor(self.executor, writer.discard)
+            # The spool file goes when the transaction ends (the inbound handler's one place).
             return R.STORAGE_FAILED
         for r in results:
             _LOG.info(

@@ -9,78 +9,124 @@ and can be undone exactly when relaying.
 Memory: chunks are kept in memory only up to `FLUSH_AT` bytes, then appended to the file by the
 thread pool. A 2 KiB message never touches the file before end of data, so it costs one open,
 one write, one fsync — done in a single thread-pool job together with the delivery.
+
+Header lines can be added at any time before the message is delivered (submission's
+Message-ID and Date, a check's Authentication-Results). They all belong to the prologue, the
+part we write before the content: `Return-Path`, trace fields added above our `Received`, our
+`Received`, then fields added below it. While nothing was flushed the prologue is only in
+memory and an addition costs nothing. Once it is on disk, `finish()` writes a new file — the
+new prologue, then the old content copied by the kernel (`copy_from`: sendfile, no pass
+through Python memory), fsync'd — and renames it over the old name. The durable copies are
+made from the finished file (hard links or copies by the deliveries, each fsync'd with its
+directory), so the rename changes nothing in the durability promise.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 
-from postier.delivery.fsutil import write_all
+from postier.delivery.fsutil import copy_from, write_all
+from postier.inbound.header_scan import DropField, HeaderScanner
 
 FLUSH_AT = 256 * 1024
+
+
+class _State(enum.Enum):
+    MEMORY = "memory"  # nothing on disk yet
+    OPEN = "open"  # the file is open for appending
+    FINISHED = "finished"  # complete and fsync'd
+    GONE = "gone"  # discarded
 
 
 class SpoolWriter:
     """Accumulates one message; blocking methods are meant for the thread pool."""
 
-    def __init__(self, directory: Path, queue_id: str, header: bytes) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        queue_id: str,
+        header: bytes,
+        *,
+        scan_headers: bool = False,
+        drop_field: DropField | None = None,
+    ) -> None:
+        """`header` is `Return-Path:` and our `Received:` (LF-terminated lines).
+
+        `scan_headers` records the message's field names (`header_names`); `drop_field`
+        removes matching fields from its header section as it streams in. With neither,
+        the content is stored as it comes at no extra cost.
+        """
         self.directory = directory
         self.queue_id = queue_id
         self.path = directory / f"{queue_id}.spool"
-        self._parts: list[bytes] = [header]
-        self._pending = len(header)
         self.content_offset = header.index(b"\n") + 1  # after the Return-Path line
-        self.size = 0
+        self._return_path = header[: self.content_offset]
+        self._received = header[self.content_offset :]
+        self._above: list[bytes] = []  # trace fields added above our Received
+        self._below: list[bytes] = []  # fields added below it
+        self._prologue_on_disk = 0  # bytes of prologue in the file; 0 while in memory
+        self._stale = False  # the prologue changed after it was written
+        self._parts: list[bytes] = []
+        self._pending = 0
+        self.size = 0  # bytes in the file
         self._fd: int | None = None
+        self._state = _State.MEMORY
         self.failed = False  # a flush failed; the end of data answers 451
-        self._watch: set[bytes] = set()
-        self.headers_seen = set()
-        self._in_headers = False
+        # None when there is nothing to scan, and again once the header section has passed.
+        self._scanner = HeaderScanner(drop_field) if scan_headers or drop_field else None
+        self._names: set[bytes] = self._scanner.names if self._scanner else set()
 
-    def watch_headers(self, names: tuple[bytes, ...]) -> None:
-        """Note which of these header names (lower-case) the message's header section has.
+    @property
+    def header_names(self) -> frozenset[bytes]:
+        """Lower-case names of the message's own header fields (with `scan_headers`)."""
+        return frozenset(self._names)
 
-        Used for submission (RFC 6409 §8): a message without Message-ID or Date gains one.
+    @property
+    def on_disk(self) -> bool:
+        """True when `discard()` has a file to remove (else it needs no thread pool)."""
+        return self._state in (_State.OPEN, _State.FINISHED)
+
+    def add_header_lines(self, lines: bytes, *, above_received: bool = False) -> None:
+        """Add LF-terminated header lines before the message's own header section.
+
+        `above_received` puts them right below Return-Path (trace-like fields such as
+        Authentication-Results, RFC 8601 §4); otherwise they go below our Received (fields
+        of the message itself, such as submission's Message-ID and Date). Allowed until
+        the message is delivered; after a flush it makes `finish()` rewrite the file.
         """
-        self._watch = set(names)
-        self.headers_seen: set[bytes] = set()
-        self._in_headers = True
+        if not lines:
+            return
+        (self._above if above_received else self._below).append(lines)
+        if self._prologue_on_disk:
+            self._stale = True
 
-    def _scan_headers(self, data: bytes) -> None:
-        for line in data.split(b"\n"):
-            if not line:
-                self._in_headers = False  # the empty line that ends the header section
-                return
-            if line[:1] in (b" ", b"\t"):
-                continue
-            name = line.split(b":", 1)[0].strip().lower()
-            if name in self._watch:
-                self.headers_seen.add(name)
-
-    def add_headers(self, lines: bytes) -> bool:
-        """Insert extra header lines after our trace headers, if nothing was written yet."""
-        if self._fd is not None:
-            return False
-        self._parts.insert(1, lines)
-        self._pending += len(lines)
-        return True
+    def _prologue(self) -> bytes:
+        return b"".join((self._return_path, *self._above, self._received, *self._below))
 
     def add(self, crlf_lines: bytes) -> bool:
         """Add CRLF content; True when enough is buffered that `flush()` should run."""
         data = crlf_lines.replace(b"\r\n", b"\n")
-        if self._in_headers:
-            self._scan_headers(data)
+        if self._scanner is not None:
+            data = self._scanner.feed(data)
+            if self._scanner.done:
+                self._scanner = None
         self._parts.append(data)
         self._pending += len(data)
         return self._pending >= FLUSH_AT
 
     def flush(self) -> None:
         """Append what is buffered to the file (thread pool)."""
-        if self._fd is None:
+        if self._state is _State.MEMORY:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._state = _State.OPEN
+            prologue = self._prologue()
+            self._parts.insert(0, prologue)
+            self._prologue_on_disk = len(prologue)
         if self._parts:
+            assert self._fd is not None
             data = b"".join(self._parts)
             write_all(self._fd, data)
             self.size += len(data)
@@ -88,20 +134,61 @@ class SpoolWriter:
             self._pending = 0
 
     def finish(self) -> None:
-        """Write the rest and fsync: after this the bytes are on stable storage (thread pool)."""
-        self.flush()
-        assert self._fd is not None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        """Make the file complete and durable (fsync'd) with every header line added so far.
+
+        May be called again (a check read the file, then added a header line): it only does
+        the work that is left. Thread pool.
+        """
+        if self._scanner is not None:  # the message ended inside its header section
+            tail = self._scanner.close()
+            self._scanner = None
+            self._parts.append(tail)
+            self._pending += len(tail)
+        if self._state is _State.FINISHED and not self._stale:
+            return
+        if self._state is not _State.FINISHED:
+            self.flush()
+        if self._stale:
+            self._rewrite()
+        else:
+            assert self._fd is not None
+            os.fsync(self._fd)
+        self._close_fd()
+        self._state = _State.FINISHED
+
+    def _rewrite(self) -> None:
+        """New prologue + the old content (kernel copy) into a new file, fsync, rename over."""
+        self._close_fd()  # the old file needs no fsync: it is replaced
+        new_path = self.path.with_name(self.path.name + ".new")
+        prologue = self._prologue()
+        src = os.open(self.path, os.O_RDONLY)
+        try:
+            dst = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                write_all(dst, prologue)
+                copied = copy_from(src, dst, self._prologue_on_disk)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+            os.replace(new_path, self.path)
+        except BaseException:
+            new_path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(src)
+        self.size = len(prologue) + copied
+        self._prologue_on_disk = len(prologue)
+        self._stale = False
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def discard(self) -> None:
         """Forget the message (rejected, failed, or delivered everywhere). Safe to repeat."""
         self._parts.clear()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._close_fd()
+        if self.on_disk:
+            self.path.unlink(missing_ok=True)
+        self._state = _State.GONE

@@ -1,26 +1,44 @@
-"""What every session of one daemon process shares."""
+"""What every session of one daemon process shares.
+
+Nothing here imports the session: the sessions are known only as `LiveSession`, which is
+what shutdown needs, so `net/` has no import circle.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from postier.checks.base import CheckChain
+from postier.checks.chain import checks_for_role
+from postier.checks.disk import FreeSpace
 from postier.config import Config
+from postier.inbound.handler import InboundHandler, InboundSettings, ProtocolState
+from postier.inbound.peer import Peer
 from postier.net.limits import ConnectionTracker
+from postier.net.rdns import ReverseNames
+from postier.net.roles import Role
 from postier.policy import Policy
+from postier.protocol.state import ServerConfig
 from postier.router import Router
 
 if TYPE_CHECKING:
     from postier.auth.passwd import PasswordFile
     from postier.auth.throttle import FailureThrottle
     from postier.net.outbound import Outbound
-    from postier.net.session import SmtpSession
     from postier.tls import CertificateStore
+
+
+class LiveSession(Protocol):
+    """A connection being served, as shutdown sees it."""
+
+    transport: asyncio.Transport | None
+
+    def wake(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -34,12 +52,12 @@ class ServerContext:
     passwords: PasswordFile | None = None
     throttle: FailureThrottle | None = None
     shutting_down: bool = False
-    sessions: set[SmtpSession] = field(default_factory=set)
+    sessions: set[LiveSession] = field(default_factory=set)
     spool_dir: Path = Path(".")
     outbound: Outbound | None = None
-    _free_checked_at: float = -10.0
-    _free_bytes: int = -1
-    _rdns_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _free_space: FreeSpace | None = None
+    _chains: dict[str, CheckChain] = field(default_factory=dict)
+    reverse_names: ReverseNames = field(default_factory=ReverseNames)
     # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
     # a time per worker; more would only trade memory for nothing on a machine this size.
     hash_slots: asyncio.Semaphore | None = None
@@ -55,31 +73,46 @@ class ServerContext:
         for s in list(self.sessions):
             s.wake()
 
-    def low_on_disk(self, extra: int = 0) -> bool:
-        """True when storing `extra` more bytes would leave less than min_free_space.
+    def protocol_config(self, role: Role) -> ServerConfig:
+        """What the protocol state machine of a listener of `role` needs to know."""
+        cfg = self.config
+        return ServerConfig(
+            hostname=cfg.hostname,
+            max_message_size=cfg.max_message_size,
+            max_recipients=cfg.max_recipients,
+            max_errors=cfg.max_errors,
+            starttls_available=self.tls is not None and not role.implicit_tls,
+            implicit_tls=role.implicit_tls,
+            auth_mechanisms=("PLAIN", "LOGIN") if role.offers_auth and self.passwords else (),
+            auth_requires_tls=True,
+            auth_required_for_mail=role.requires_auth,
+            report_transaction_end=True,
+        )
 
-        The free space is read at most once a second: a statvfs per MAIL is measurable at
-        hundreds of messages a second, and a second-old figure is precise enough.
-        """
-        now = time.monotonic()
-        if now - self._free_checked_at > 1.0:
-            self._free_checked_at = now
-            try:
-                st = os.statvfs(self.config.mail_root)
-                self._free_bytes = st.f_bavail * st.f_frsize
-            except OSError:
-                self._free_bytes = -1
-        if self._free_bytes < 0:
-            return False
-        return self._free_bytes < self.config.min_free_space + extra
+    def inbound_handler(self, role: Role, peer: Peer, protocol: ProtocolState) -> InboundHandler:
+        """The application side of one new connection on a listener of `role`."""
+        settings = InboundSettings(
+            hostname=self.config.hostname,
+            spool_dir=self.spool_dir,
+            relay_without_auth=role.relay_without_auth,
+            received_auth_user=self.config.received_auth_user,
+        )
+        return InboundHandler(
+            peer, protocol, settings, self.policy, self.checks(role), self.router, self.executor
+        )
 
-    def cached_rdns(self, ip: str) -> str | None:
-        hit = self._rdns_cache.get(ip)
-        if hit is None or hit[1] < time.monotonic():
-            return None
-        return hit[0]
-
-    def remember_rdns(self, ip: str, name: str, ttl: float = 300.0) -> None:
-        if len(self._rdns_cache) >= 10000:
-            self._rdns_cache.clear()
-        self._rdns_cache[ip] = (name, time.monotonic() + ttl)
+    def checks(self, role: Role) -> CheckChain:
+        """The check chain of a listener role, built once per worker (checks keep no
+        per-session state)."""
+        chain = self._chains.get(role.name)
+        if chain is None:
+            if self._free_space is None:
+                self._free_space = FreeSpace(self.config.mail_root, self.config.min_free_space)
+            chain = checks_for_role(
+                role,
+                policy=self.policy,
+                free_space=self._free_space,
+                hostname=self.config.hostname,
+            )
+            self._chains[role.name] = chain
+        return chain

@@ -29,7 +29,7 @@ from postier.errors import ConfigError
 from postier.net.context import ServerContext
 from postier.net.limits import ConnectionTracker
 from postier.net.roles import ROLES
-from postier.net.session import SmtpSession, server_config
+from postier.net.session import SmtpSession
 from postier.netaddr import ListenSpec, resolve_bind_addresses
 from postier.policy import Policy, load_aliases, load_users
 from postier.router import Router
@@ -191,7 +191,7 @@ async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) ->
                 other.close()  # another worker's socket: only the parent keeps them all
     for role_name, sock in mine:
         role = ROLES[role_name]
-        pcfg = server_config(ctx, role)
+        pcfg = ctx.protocol_config(role)
 
         def factory(role=role, pcfg=pcfg) -> SmtpSession:  # type: ignore[no-untyped-def]
             return SmtpSession(ctx, role, pcfg)

@@ -18,66 +18,34 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 import ssl
 import time
-from email.utils import formatdate
-from typing import TYPE_CHECKING
 
-from postier import log
+from postier.inbound.handler import InboundHandler
+from postier.inbound.peer import Peer
 from postier.net.auth_exchange import AuthExchange
 from postier.net.context import ServerContext
-from postier.net.received import trace_headers, with_protocol
 from postier.net.roles import Role
-from postier.policy import LocalTarget, Rejection
+from postier.protocol import events as ev
 from postier.protocol import replies as R
-from postier.protocol.events import (
-    NEED_DATA,
-    Auth,
-    AuthResponse,
-    ConnectionClosed,
-    Data,
-    DataChunk,
-    DataRejected,
-    EndOfData,
-    Hello,
-    Mail,
-    ProtocolViolation,
-    Rcpt,
-    StartTLS,
-)
 from postier.protocol.replies import Reply
 from postier.protocol.server import ServerConnection
 from postier.protocol.state import Phase, ServerConfig
-from postier.queue.ids import new_queue_id
-from postier.router import Transaction
-from postier.spool import SpoolWriter
-from postier.tls import front_tls_context
-
-if TYPE_CHECKING:
-    pass
+from postier.tls import describe, front_tls_context
 
 _LOG = logging.getLogger("postier.session")
 
 MAX_WRITE_BUFFER = 256 * 1024
 
 
-def server_config(ctx: ServerContext, role: Role) -> ServerConfig:
-    cfg = ctx.config
-    return ServerConfig(
-        hostname=cfg.hostname,
-        max_message_size=cfg.max_message_size,
-        max_recipients=cfg.max_recipients,
-        max_errors=cfg.max_errors,
-        starttls_available=ctx.tls is not None and not role.implicit_tls,
-        implicit_tls=role.implicit_tls,
-        auth_mechanisms=("PLAIN", "LOGIN") if role.offers_auth and ctx.passwords else (),
-        auth_requires_tls=True,
-        auth_required_for_mail=role.requires_auth,
-    )
-
-
 class SmtpSession(asyncio.Protocol):
+    """The transport side of one connection: bytes, back-pressure, timeouts, TLS, shutdown.
+
+    What the mail means is the inbound handler's business (`postier.inbound.handler`) and
+    AUTH is `AuthExchange`'s; this class hands them the protocol's events and applies their
+    decisions.
+    """
+
     def __init__(self, ctx: ServerContext, role: Role, protocol_config: ServerConfig) -> None:
         self.ctx = ctx
         self.role = role
@@ -85,8 +53,9 @@ class SmtpSession(asyncio.Protocol):
         self.sid = next_session_id()
         self.transport: asyncio.Transport | None = None
         self.conn: ServerConnection | None = None
-        self.ip = "?"
-        self.port = 0
+        self.peer = Peer(session_id=self.sid, ip="?", port=0, listener=role.name)
+        self.inbound: InboundHandler | None = None
+        self.auth: AuthExchange | None = None
         self._waiter: asyncio.Future[bool] | None = None
         self._paused = False
         self._lost = False
@@ -94,10 +63,6 @@ class SmtpSession(asyncio.Protocol):
         self._admitted = False
         self._write_paused: asyncio.Future[None] | None = None
         self._rdns: asyncio.Task[None] | None = None
-        self.rdns_name: str | None = None
-        self.txn: Transaction | None = None
-        self.tls_info = ""
-        self.auth = AuthExchange(self)
         self._data_started = 0.0
         self._bytes_in = 0
         self._task: asyncio.Task[None] | None = None
@@ -106,17 +71,21 @@ class SmtpSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        self.ip, self.port = str(peer[0]), int(peer[1])
-        if self.ip.startswith("::ffff:"):
-            self.ip = self.ip[7:]
-        name = f"[{'IPv6:' if ':' in self.ip else ''}{self.ip}]"
-        self.conn = ServerConnection(self.protocol_config, peer_name=name)
-        self.ctx.sessions.add(self)
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        ip, port = str(peername[0]), int(peername[1])
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+        self.peer.ip, self.peer.port = ip, port
+        name = f"[{'IPv6:' if ':' in ip else ''}{ip}]"
+        ctx = self.ctx
+        self.conn = conn = ServerConnection(self.protocol_config, peer_name=name)
+        self.auth = AuthExchange(conn, self.peer, ctx)
+        self.inbound = ctx.inbound_handler(self.role, self.peer, conn)
+        ctx.sessions.add(self)
         loop = asyncio.get_running_loop()
-        if self.ctx.config.reverse_dns:
-            self.rdns_name = self.ctx.cached_rdns(self.ip)
-            if self.rdns_name is None:
+        if ctx.config.reverse_dns:
+            self.peer.rdns = ctx.reverse_names.cached(ip)
+            if self.peer.rdns is None:
                 self._rdns = loop.create_task(self._look_up_rdns())
         self._task = loop.create_task(self._run())
 
@@ -155,25 +124,8 @@ class SmtpSession(asyncio.Protocol):
             w.set_result(False)
 
     # ---- helpers -----------------------------------------------------------------------
-    def _log(self, name: str, level: int = logging.INFO, **kv: object) -> None:
-        log.event(name, level, _LOG, session=self.sid, **kv)
-
     async def _look_up_rdns(self) -> None:
-        """Fill `rdns_name` (cache misses only); a message sent before it is known says
-        "unknown" in its Received header rather than waiting."""
-        loop = asyncio.get_running_loop()
-        name = "unknown"
-        try:
-            host, _ = await asyncio.wait_for(
-                loop.getnameinfo((self.ip, 0), socket.NI_NAMEREQD), timeout=3.0
-            )
-            # The name goes into a header: only hostname characters are allowed through.
-            if host and all(c.isalnum() or c in "-._" for c in host):
-                name = host
-        except (OSError, TimeoutError, UnicodeError):
-            pass
-        self.ctx.remember_rdns(self.ip, name)
-        self.rdns_name = name
+        self.peer.rdns = await self.ctx.reverse_names.look_up(self.peer.ip)
 
     async def _flush(self) -> None:
         assert self.conn is not None and self.transport is not None
@@ -235,17 +187,18 @@ class SmtpSession(asyncio.Protocol):
         assert conn is not None and transport is not None
         loop = asyncio.get_running_loop()
         cfg = self.ctx.config
+        peer = self.peer
         started = loop.time()
         deadline = started + cfg.session_timeout
-        refusal = self.ctx.connections.admit(self.ip)
+        refusal = self.ctx.connections.admit(peer.ip)
         self._admitted = refusal is None
-        self._log("connect", peer=f"{self.ip}:{self.port}", listener=self.role.name)
+        peer.log("connect", peer=f"{peer.ip}:{peer.port}", listener=self.role.name)
         reason = "closed"
         try:
             if refusal is not None or self.ctx.shutting_down:
                 refusal = refusal or R.SHUTTING_DOWN
                 transport.write(conn.refuse(refusal, "refused"))
-                self._log("refused", logging.WARNING, ip=self.ip, reply=refusal)
+                peer.log("refused", logging.WARNING, ip=peer.ip, reply=refusal)
                 reason = "refused"
                 return
             if self.role.implicit_tls and not await self._start_tls(implicit=True):
@@ -254,24 +207,25 @@ class SmtpSession(asyncio.Protocol):
             if cfg.greet_pause > 0:
                 await asyncio.sleep(cfg.greet_pause)
             if conn.phase is not Phase.CLOSED:
-                self.transport.write(conn.greeting())  # type: ignore[union-attr]
+                refusal = await self.inbound.on_connect()  # type: ignore[union-attr]
+                greeting = conn.greeting() if refusal is None else conn.refuse(refusal, "refused")
+                self.transport.write(greeting)  # type: ignore[union-attr]
             while True:
                 event = conn.next_event()
-                if event is NEED_DATA:
+                if event is ev.NEED_DATA:
                     await self._flush()
                     if conn.phase is Phase.CLOSED:
                         reason = conn.close_reason or reason
                         break
                     if self.ctx.shutting_down and self._idle():
                         conn.close(R.SHUTTING_DOWN, "shutdown")
-                        continue
-                    if self._lost or self._eof:
-                        reason = "peer closed" if not self.txn else "peer closed mid-transaction"
-                        break
-                    closing = await self._wait_input(deadline)
-                    if closing is not None:
-                        self._log("timeout", logging.WARNING, ip=self.ip, reply=closing)
-                        conn.close(closing, "timeout")
+                    elif self._lost or self._eof:
+                        conn.connection_lost("peer closed")
+                    else:
+                        closing = await self._wait_input(deadline)
+                        if closing is not None:
+                            peer.log("timeout", logging.WARNING, ip=peer.ip, reply=closing)
+                            conn.close(closing, "timeout")
                     continue
                 await self._dispatch(event)
         except (ConnectionError, ssl.SSLError) as exc:
@@ -286,215 +240,74 @@ class SmtpSession(asyncio.Protocol):
             await self._cleanup(reason, loop.time() - started)
 
     async def _cleanup(self, reason: str, duration: float) -> None:
-        if self.txn is not None and self.txn.writer is not None:
-            writer = self.txn.writer
-            await asyncio.get_running_loop().run_in_executor(self.ctx.executor, writer.discard)
-            self.txn = None
+        conn = self.conn
+        if conn is not None and self.inbound is not None:
+            # After an exception the loop could not hear the end: let the protocol say it.
+            conn.connection_lost(reason)
+            while (event := conn.next_event()) is not ev.NEED_DATA:
+                if isinstance(event, ev.TransactionEnded):
+                    await self.inbound.on_transaction_ended(event)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         if self._rdns is not None and not self._rdns.done():
             self._rdns.cancel()
         if self._admitted:
-            self.ctx.connections.release(self.ip)
+            self.ctx.connections.release(self.peer.ip)
         self.ctx.sessions.discard(self)
-        conn = self.conn
-        self._log(
+        self.peer.log(
             "disconnect",
-            ip=self.ip,
+            ip=self.peer.ip,
             reason=reason,
             transactions=conn.session.transactions if conn else 0,
             seconds=f"{duration:.3f}",
         )
 
-    async def _dispatch(self, event: object) -> None:
-        conn = self.conn
-        assert conn is not None
-        if isinstance(event, DataChunk):
-            await self._on_chunk(event)
-        elif isinstance(event, Rcpt):
-            self._on_rcpt(event)
-        elif isinstance(event, Mail):
-            self._on_mail(event)
-        elif isinstance(event, Data):
-            self._on_data()
-        elif isinstance(event, EndOfData):
-            await self._on_end_of_data(event)
-        elif isinstance(event, Hello):
-            self._log("helo", helo=event.name, esmtp=event.extended)
-            conn.accept()
-        elif isinstance(event, DataRejected):
-            await self._on_data_rejected(event)
-        elif isinstance(event, StartTLS):
-            conn.accept()
-            await self._flush()
-            await self._start_tls(implicit=False)
-        elif isinstance(event, Auth | AuthResponse):
-            await self.auth.handle(event)
-        elif isinstance(event, ProtocolViolation):
-            self._log("protocol-violation", logging.WARNING, ip=self.ip, reason=event.reason)
-        elif isinstance(event, ConnectionClosed):
-            pass
-
-    # ---- MAIL / RCPT / DATA ------------------------------------------------------------
-    def _on_mail(self, event: Mail) -> None:
-        conn = self.conn
-        assert conn is not None
-        session = conn.session
-        sender = event.sender
-        if session.auth_user is not None:
-            if sender is None:
-                conn.reject(Reply(553, "5.7.1", "Null sender not allowed for submission"))
-                self._log("mail-rejected", sender="<>", reason="null sender on submission")
-                return
-            owner_local, at, owner_domain = session.auth_user.lower().rpartition("@")
-            if not at:  # a seed-style bare login owns login@<any local domain>
-                owner_local, owner_domain = owner_domain, ""
-            owned = sender.local.lower() == owner_local and (
-                sender.domain == owner_domain
-                if at
-                else self.ctx.policy.local_domain_of(sender) is not None
-            )
-            if not owned:
-                conn.reject(Reply(553, "5.7.1", f"Sender address not owned by {session.auth_user}"))
-                self._log("mail-rejected", sender=str(sender), user=session.auth_user)
-                return
-        if self.ctx.low_on_disk(event.size or 0):
-            conn.reject(R.LOW_DISK)
-            self._log("mail-rejected", logging.WARNING, reason="low disk space")
-            return
-        self.txn = Transaction(
-            queue_id=new_queue_id(),
-            sender=sender,
-            smtputf8=event.smtputf8,
-            body_8bit=event.body == "8BITMIME",
-        )
-        conn.accept()
-        self._log("mail", qid=self.txn.queue_id, sender=f"<{sender or ''}>", size=event.size)
-
-    def _on_rcpt(self, event: Rcpt) -> None:
-        conn = self.conn
-        txn = self.txn
-        assert conn is not None and txn is not None
-        may_relay = self.role.relay_without_auth or conn.session.auth_user is not None
-        decision = self.ctx.policy.check_recipient(event.recipient, may_relay=may_relay)
-        rcpt = str(event.recipient)
-        if isinstance(decision, Rejection):
-            conn.reject(decision.reply)
-            self._log("rcpt-rejected", qid=txn.queue_id, to=f"<{rcpt}>", reply=decision.reply)
-            return
-        for target in decision:
-            if isinstance(target, LocalTarget):
-                if all(t.user.mailbox != target.user.mailbox for t in txn.local):
-                    txn.local.append(target)
-            elif all(t.address != target.address for t in txn.remote):
-                txn.remote.append(target)
-        txn.accepted.append(rcpt)
-        conn.accept()
-        self._log("rcpt", qid=txn.queue_id, to=f"<{rcpt}>")
-
-    def _on_data(self) -> None:
-        conn = self.conn
-        txn = self.txn
-        assert conn is not None and txn is not None
-        session = conn.session
-        header = trace_headers(
-            sender=txn.sender_text,
-            helo=session.helo or "unknown",
-            rdns=self.rdns_name or "unknown",
-            ip=self.ip,
-            hostname=self.ctx.config.hostname,
-            protocol=with_protocol(
-                esmtp=session.esmtp,
-                tls=session.tls,
-                auth=session.auth_user is not None,
-                smtputf8=txn.smtputf8,
-            ),
-            queue_id=txn.queue_id,
-            recipients=txn.accepted,
-            tls_info=self.tls_info,
-            auth_user=(session.auth_user or "") if self.ctx.config.received_auth_user else "",
-        )
-        txn.writer = SpoolWriter(self.ctx.spool_dir, txn.queue_id, header)
-        if session.auth_user is not None:
-            txn.writer.watch_headers((b"message-id", b"date"))
-        self._data_started = time.monotonic()
-        self._bytes_in = 0
-        conn.accept()
-
-    async def _on_chunk(self, event: DataChunk) -> None:
-        txn = self.txn
-        if txn is None or txn.writer is None or txn.writer.failed:
-            return  # after a failed write the rest is read and dropped; the end answers 451
-        if txn.writer.add(event.data):
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self.ctx.executor, txn.writer.flush)
-            except OSError as exc:
-                # Keep reading to the end of data; the failure is reported there.
-                self._log("spool-write-failed", logging.ERROR, qid=txn.queue_id, error=exc)
-                txn.writer.failed = True
-
-    async def _on_end_of_data(self, event: EndOfData) -> None:
-        conn = self.conn
-        txn = self.txn
-        assert conn is not None and txn is not None and txn.writer is not None
-        self.txn = None
-        if conn.session.auth_user is not None:
-            self._complete_submission_headers(txn)
-        if txn.writer.failed:
-            await asyncio.get_running_loop().run_in_executor(self.ctx.executor, txn.writer.discard)
-            reply = R.STORAGE_FAILED
-        else:
-            reply = await self.ctx.router.finish(txn)
-        self._log(
-            "message",
-            qid=txn.queue_id,
-            sender=f"<{txn.sender_text}>",
-            nrcpt=len(txn.accepted),
-            size=event.size,
-            result=reply.code,
-            reply=reply,
-        )
-        if reply.is_positive:
-            conn.accept(reply)
-        else:
-            conn.reject(reply)
-
-    def _complete_submission_headers(self, txn: Transaction) -> None:
-        """RFC 6409 §8.2/8.3: a submission server adds Message-ID and Date when missing."""
-        writer = txn.writer
-        assert writer is not None
-        missing = b""
-        if b"message-id" not in writer.headers_seen:
-            missing += f"Message-ID: <{txn.queue_id}@{self.ctx.config.hostname}>\n".encode()
-        if b"date" not in writer.headers_seen:
-            missing += f"Date: {formatdate(localtime=True)}\n".encode()
-        if missing and writer.add_headers(missing):
-            self._log("headers-added", qid=txn.queue_id, added=missing.decode().count("\n"))
-
-    async def _on_data_rejected(self, event: DataRejected) -> None:
-        txn = self.txn
-        self.txn = None
-        if txn is not None and txn.writer is not None:
-            await asyncio.get_running_loop().run_in_executor(self.ctx.executor, txn.writer.discard)
-        self._log(
-            "message-rejected",
-            logging.WARNING,
-            qid=txn.queue_id if txn else None,
-            ip=self.ip,
-            reply=event.reply,
-        )
+    async def _dispatch(self, event: ev.Event) -> None:
+        """Hand one event to whoever decides it, and apply the decision."""
+        conn, inbound = self.conn, self.inbound
+        assert conn is not None and inbound is not None
+        match event:
+            case ev.DataChunk():
+                await inbound.on_chunk(event)
+            case ev.Rcpt():
+                conn.decide(await inbound.on_rcpt(event))
+            case ev.Mail():
+                conn.decide(await inbound.on_mail(event))
+            case ev.Data():
+                self._data_started = time.monotonic()
+                self._bytes_in = 0
+                conn.decide(inbound.on_data())
+            case ev.EndOfData():
+                conn.decide(await inbound.on_end_of_data(event))
+            case ev.TransactionEnded():
+                await inbound.on_transaction_ended(event)
+            case ev.Hello():
+                conn.decide(inbound.on_hello(event))
+            case ev.DataRejected():
+                inbound.on_data_rejected(event)
+            case ev.StartTLS():
+                conn.accept()
+                await self._flush()
+                await self._start_tls(implicit=False)
+            case ev.Auth() | ev.AuthResponse():
+                assert self.auth is not None
+                await self.auth.handle(event)
+            case ev.ProtocolViolation():
+                self.peer.log(
+                    "protocol-violation", logging.WARNING, ip=self.peer.ip, reason=event.reason
+                )
+            case ev.ConnectionClosed():
+                pass
 
     # ---- TLS ---------------------------------------------------------------------------
     async def _start_tls(self, *, implicit: bool) -> bool:
         conn = self.conn
+        peer = self.peer
         assert conn is not None and self.transport is not None and self.ctx.tls is not None
         if implicit and self.transport.get_extra_info("ssl_object") is not None:
             # The listener did the handshake, with front_tls_context (see the daemon).
-            from postier.tls import describe
-
-            self.tls_info = describe(self.transport.get_extra_info("ssl_object"))
-            self._log("tls", ip=self.ip, tls=self.tls_info, implicit=True)
+            peer.tls_info = describe(self.transport.get_extra_info("ssl_object"))
+            peer.log("tls", ip=peer.ip, tls=peer.tls_info, implicit=True)
             return True
         loop = asyncio.get_running_loop()
         if not implicit:
@@ -514,8 +327,8 @@ class SmtpSession(asyncio.Protocol):
                 ssl_handshake_timeout=min(60.0, self.ctx.config.command_timeout),
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            self._log(
-                "tls-failed", logging.WARNING, ip=self.ip, error=str(exc) or type(exc).__name__
+            peer.log(
+                "tls-failed", logging.WARNING, ip=peer.ip, error=str(exc) or type(exc).__name__
             )
             if not implicit:
                 conn.close(Reply(421, "4.7.0", "TLS handshake failed"), "tls handshake failed")
@@ -531,20 +344,16 @@ class SmtpSession(asyncio.Protocol):
             plain_transport.resume_reading()
             new_transport.pause_reading()
         ssl_object = new_transport.get_extra_info("ssl_object")
-        from postier.tls import describe
-
-        self.tls_info = describe(ssl_object) if ssl_object is not None else ""
+        peer.tls_info = describe(ssl_object) if ssl_object is not None else ""
         if not implicit and conn.discarded_after_starttls:
-            self._log(
+            peer.log(
                 "starttls-injection",
                 logging.WARNING,
-                ip=self.ip,
+                ip=peer.ip,
                 discarded=conn.discarded_after_starttls,
             )
-        self._log("tls", ip=self.ip, tls=self.tls_info, implicit=implicit)
+        peer.log("tls", ip=peer.ip, tls=peer.tls_info, implicit=implicit)
         return True
-
-    # ---- AUTH --------------------------------------------------------------------------
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

@@ -6,6 +6,10 @@ Why a class of our own: a peer controls how bytes are split across reads, so the
 memory), and (3) report an over-long line once, then resynchronise on the next CRLF so the
 session can go on (RFC 5321 §4.5.3.1.4 gives 512 octets for a command line).
 
+The bytes live in one receive buffer (a bytearray) that the DATA reader (`dot.DataReader`)
+may share: the connection appends what arrives, and the reader of the current phase consumes
+from the front. Nothing is copied from one reader to the other when DATA starts or ends.
+
 Only CRLF ends a command line. A bare LF is kept inside the line, so the command parser sees it
 and rejects the command; it never splits one line into two commands.
 """
@@ -30,10 +34,10 @@ class LineTooLong:
 class LineBuffer:
     __slots__ = ("_buf", "_discarded", "_overflow", "_scan_from", "max_line")
 
-    def __init__(self, max_line: int) -> None:
+    def __init__(self, max_line: int, buffer: bytearray | None = None) -> None:
         # max_line counts the line without its CRLF.
         self.max_line: int = max_line
-        self._buf = bytearray()
+        self._buf = bytearray() if buffer is None else buffer  # the receive buffer
         self._scan_from = 0  # bytes before this index hold no CRLF (never rescan them)
         self._overflow = False  # inside a too-long line: discard until CRLF
         self._discarded = 0

@@ -13,8 +13,14 @@ Security rules, the reason this module exists:
 Speed: the content is processed a block of whole lines at a time with `bytes.find`, `count` and
 `replace`, which run in C; the buffer never rescans what it already passed.
 
-Output: `feed()` returns the unstuffed content of complete lines (CRLF endings kept), so a
-consumer can convert line endings without worrying about a CRLF split between two chunks. The
+Input: the reader consumes from a receive buffer (a bytearray) it may share with the command
+line reader (`buffer.LineBuffer`): the connection appends what arrives and calls `read()`;
+bytes behind the terminator stay in the buffer for the next commands (h11's shape: one
+buffer, one reader per phase). Standalone, `feed()` appends and reads in one call.
+
+Output: `read()` and `feed()` return the unstuffed content of complete lines (CRLF endings
+kept), so a consumer can convert line endings without worrying about a CRLF split between two
+chunks. The
 one exception is a line longer than 64 KiB, which is passed on in pieces so that memory stays
 bounded; a piece never ends with CR and never contains a bare CR or LF.
 """
@@ -39,37 +45,46 @@ class DataReader:
         "bad_line_endings",
         "max_size",
         "overflow",
-        "rest",
         "size",
     )
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, buffer: bytearray | None = None) -> None:
         self.max_size = max_size
-        self._buf = bytearray()  # a partial line: no CRLF inside
+        # The receive buffer; while reading, what is left in it is a partial line (no CRLF).
+        self._buf = bytearray() if buffer is None else buffer
         self._line_start = True  # _buf starts at the beginning of a line
         self._scanned = 0  # bytes of _buf already searched (never search them again)
         self.size = 0  # unstuffed content bytes seen (counted even past the limit)
         self.overflow = False
         self.bad_line_endings = False
         self._done = False
-        self.rest = b""  # bytes after CRLF.CRLF: the next commands (pipelined)
 
     @property
     def done(self) -> bool:
         return self._done
 
-    def feed(self, data: bytes) -> bytes:
-        """Consume bytes; return unstuffed content of the complete lines found (may be b"").
+    @property
+    def rest(self) -> bytes:
+        """After the end: the bytes behind CRLF.CRLF still in the buffer (pipelined commands)."""
+        return bytes(self._buf) if self._done else b""
 
-        A line longer than _MAX_TAIL comes out in pieces (none ends with CR).
+    def feed(self, data: bytes) -> bytes:
+        """Append `data` to the buffer and `read()`."""
+        self._buf += data
+        return self.read()
+
+    def read(self) -> bytes:
+        """Consume from the buffer; return unstuffed content of the complete lines (may be b"").
+
+        A line longer than _MAX_TAIL comes out in pieces (none ends with CR). After the end
+        nothing more is consumed.
         """
         if self._done:
-            self.rest += data
             return b""
         buf = self._buf
-        # The old bytes hold no CRLF; only their last byte (a CR) may pair with new bytes.
+        # The bytes scanned before hold no CRLF; only their last byte (a CR) may pair with
+        # the new ones.
         start = self._scanned - 1 if self._scanned else 0
-        buf += data
         # The terminator at the very start of the buffer ("." line right after a CRLF).
         if self._line_start and buf[:3] == b".\r\n":
             self._finish(3)
@@ -92,8 +107,7 @@ class DataReader:
         return out + piece if piece else out
 
     def _finish(self, consumed: int) -> None:
-        self.rest = bytes(self._buf[consumed:])
-        self._buf = bytearray()
+        del self._buf[:consumed]  # the rest belongs to whoever reads the buffer next
         self._done = True
 
     def _accept_block(self, block: bytes) -> bytes:

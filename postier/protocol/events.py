@@ -3,11 +3,15 @@
 `ServerConnection.next_event()` returns these. Events that carry a command (`Hello`, `Mail`,
 `Rcpt`, `Data`, `StartTLS`, `Auth`, `AuthResponse`, `EndOfData`) wait for the application's
 decision: exactly one `accept()` or `reject(reply)` (or `challenge()` for SASL). Commands the
-protocol can answer alone (NOOP, HELP, VRFY, RSET, syntax and sequence errors) never surface.
+protocol can answer alone (NOOP, HELP, VRFY, RSET, syntax and sequence errors) never surface;
+what they change is reported where it matters to the application (`TransactionEnded` after
+RSET). `DataChunk`, `DataRejected`, `ProtocolViolation`, `TransactionEnded` and
+`ConnectionClosed` need no decision.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from postier.protocol.address import Address
@@ -99,6 +103,31 @@ class ConnectionClosed:
     reason: str
 
 
+class EndReason(enum.Enum):
+    """Why a mail transaction ended; the value is what the log says."""
+
+    ACCEPTED = "accepted"  # end of data answered positively: the message is stored
+    REJECTED = "rejected"  # end of data refused, by the application or the protocol
+    RSET = "rset"
+    HELLO = "helo"  # EHLO or HELO inside a transaction (RFC 5321 §4.1.4)
+    STARTTLS = "starttls"  # the TLS reset forgets everything (RFC 3207 §4.2)
+    CLOSED = "closed"  # QUIT, timeout, error, or the peer went away
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEnded:
+    """The mail transaction that MAIL opened is over; no decision is needed.
+
+    Reported only when `ServerConfig.report_transaction_end` is set. It is the one signal an
+    application needs to drop what it keeps per transaction (queue id, spool file): the
+    protocol owns the envelope and knows every way it ends. `detail` is the close reason
+    when `reason` is CLOSED.
+    """
+
+    reason: EndReason
+    detail: str = ""
+
+
 class NeedData:
     """Sentinel: no event until more bytes arrive. Flush pending output now."""
 
@@ -121,4 +150,5 @@ Event = (
     | AuthResponse
     | ProtocolViolation
     | ConnectionClosed
+    | TransactionEnded
 )

@@ -2,8 +2,10 @@
 
 Each handler takes the session state, the listener's configuration and the argument text, and
 returns either a `Reply` (the protocol can answer alone) or an event (the application must
-decide: accept or reject). Handlers never mutate state for events; the decision does, in
-`ServerConnection`, so a rejected command leaves the session exactly as it was.
+decide: accept or reject). Handlers never mutate state; the command's effect is the
+`*_accepted` function right below its handler, which `ServerConnection.accept()` calls, so
+a rejected command leaves the session exactly as it was. (Effects that change the phase —
+DATA, STARTTLS, the end of data — are `ServerConnection._enter()`'s.)
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ def _hello(arg: str, *, extended: bool) -> Reply | Event:
     return Hello(name=name, extended=extended)
 
 
+def hello_accepted(session: Session, config: ServerConfig, event: Hello, peer: str) -> Reply:
+    """Remember the peer's name and dialect; the default reply lists our extensions."""
+    session.helo = event.name
+    session.esmtp = event.extended
+    if event.extended:
+        return Reply(250, None, ehlo_lines(session, config, peer))
+    return Reply(250, None, f"{config.hostname} Hello {peer}")
+
+
 def ehlo_lines(session: Session, config: ServerConfig, peer_name: str) -> tuple[str, ...]:
     """The EHLO reply: greeting line, then one extension keyword per line (RFC 5321 §4.1.1.1)."""
     lines = [f"{config.hostname} Hello {peer_name}"]
@@ -66,8 +77,10 @@ def ehlo_lines(session: Session, config: ServerConfig, peer_name: str) -> tuple[
     ]
     if config.starttls_available and not session.tls:
         lines.append("STARTTLS")
-    if config.auth_mechanisms and session.auth_user is None and (
-        session.tls or not config.auth_requires_tls
+    if (
+        config.auth_mechanisms
+        and session.auth_user is None
+        and (session.tls or not config.auth_requires_tls)
     ):
         lines.append("AUTH " + " ".join(config.auth_mechanisms))
     lines.append("HELP")
@@ -121,6 +134,17 @@ def handle_mail(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
     return Mail(sender=sender, size=size, body=body, smtputf8=smtputf8, params=params)
 
 
+def mail_accepted(session: Session, event: Mail) -> Reply:
+    """The transaction is open: the envelope takes the sender and its parameters."""
+    env = session.envelope
+    env.mail_given = True
+    env.sender = event.sender
+    env.size_hint = event.size
+    env.body = event.body
+    env.smtputf8 = event.smtputf8
+    return R.SENDER_OK
+
+
 def handle_rcpt(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
     envelope = session.envelope
     if not envelope.mail_given:
@@ -150,6 +174,11 @@ def handle_rcpt(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
     return Rcpt(recipient=recipient, params=params)
 
 
+def rcpt_accepted(session: Session, event: Rcpt) -> Reply:
+    session.envelope.recipients.append(event.recipient)
+    return R.RECIPIENT_OK
+
+
 def handle_data(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
     if arg.strip():
         return Reply(501, "5.5.4", "Syntax: DATA (no arguments)")
@@ -163,8 +192,7 @@ def handle_data(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
 def handle_rset(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
     if arg.strip():
         return Reply(501, "5.5.4", "Syntax: RSET (no arguments)")
-    session.reset_transaction()
-    return R.RESET_OK
+    return R.RESET_OK  # the server ends the transaction when this reply goes out
 
 
 def handle_noop(session: Session, config: ServerConfig, arg: str) -> Reply | Event:

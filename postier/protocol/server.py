@@ -12,6 +12,10 @@ Replies are queued in order and only flushed by the caller when `next_event()` s
 (or before closing), so pipelined commands get all their replies in one write (RFC 2920).
 An event that carries a command blocks further parsing until the application decides, which
 keeps replies in command order even when a decision is slow (disk, DNS, password hashing).
+
+Two rules keep the state easy to follow: the phase changes only in `_enter()`, and the
+envelope is reset only in `_end_transaction()`, which also tells the application (a
+`TransactionEnded` event) that whatever it keeps for the transaction can go.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from postier.protocol.events import (
     DataChunk,
     DataRejected,
     EndOfData,
+    EndReason,
     Event,
     Hello,
     Mail,
@@ -37,16 +42,19 @@ from postier.protocol.events import (
     ProtocolViolation,
     Rcpt,
     StartTLS,
+    TransactionEnded,
 )
 from postier.protocol.handlers import (
     CROSS_PROTOCOL,
     GROUP_ENDERS,
     HANDLERS,
     NOT_IMPLEMENTED,
-    ehlo_lines,
+    hello_accepted,
+    mail_accepted,
+    rcpt_accepted,
 )
 from postier.protocol.replies import Reply
-from postier.protocol.state import Phase, ServerConfig, Session
+from postier.protocol.state import Envelope, Phase, ServerConfig, Session
 
 
 class ProtocolUsageError(RuntimeError):
@@ -59,7 +67,10 @@ class ServerConnection:
         self.peer_name = peer_name
         self.session = Session(tls=config.implicit_tls)
         self.phase = Phase.COMMAND
-        self._lines = LineBuffer(config.max_auth_line)
+        # One receive buffer; the command-line reader and, in DATA, the content reader
+        # consume from its front (h11's shape: readers chosen by phase).
+        self._received = bytearray()
+        self._lines = LineBuffer(config.max_auth_line, self._received)
         self._reader: DataReader | None = None
         self._out = bytearray()
         self._events: deque[Event] = deque()
@@ -94,9 +105,42 @@ class ServerConnection:
         return self.data_to_send()
 
     def _close(self, reason: str) -> None:
-        self.phase = Phase.CLOSED
         self.close_reason = reason
-        self._events.append(ConnectionClosed(reason))
+        self._enter(Phase.CLOSED)
+
+    # ---- the two state-transition points ----------------------------------------------
+    def _enter(self, phase: Phase) -> None:
+        """Change the phase, with what entering each phase implies; nowhere else changes it."""
+        leaving = self.phase
+        self.phase = phase
+        if phase is Phase.DATA:
+            self._reader = DataReader(self.config.max_message_size, self._received)
+            if self._received:  # content pipelined behind DATA (when sync is not enforced)
+                self._read_data()
+        elif phase is Phase.TLS_PENDING:
+            # RFC 3207 §4 / CVE-2011-0411: plaintext behind STARTTLS never becomes commands.
+            self.discarded_after_starttls = self._lines.clear()
+        elif phase is Phase.COMMAND and leaving is Phase.TLS_PENDING:
+            # RFC 3207 §4.2: forget everything but the error count; EHLO is needed again.
+            self._end_transaction(EndReason.STARTTLS)
+            self.session = Session(tls=True, errors=self.session.errors)
+            self._lines.clear()
+        elif phase is Phase.CLOSED:
+            self._reader = None
+            self._pending = None
+            self._end_transaction(EndReason.CLOSED, self.close_reason)
+            self._events.append(ConnectionClosed(self.close_reason))
+
+    def _end_transaction(self, reason: EndReason, detail: str = "") -> None:
+        """The one place the envelope is reset; says so when a transaction was open."""
+        session = self.session
+        if not session.envelope.mail_given:
+            return
+        session.envelope = Envelope()
+        if reason is EndReason.ACCEPTED:
+            session.transactions += 1
+        if self.config.report_transaction_end:
+            self._events.append(TransactionEnded(reason, detail))
 
     # ---- input -------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -109,34 +153,30 @@ class ServerConnection:
         if not self._greeted and data:
             self._violation(R.PREGREET, "client talked before the greeting")
             return
-        if self.phase is Phase.DATA and self._reader is not None:
-            self._feed_data(data)
-        else:
-            self._lines.feed(data)
+        self._received += data
+        if self._reader is not None:
+            self._read_data()
 
-    def _feed_data(self, data: bytes) -> None:
+    def _read_data(self) -> None:
         reader = self._reader
         assert reader is not None
-        chunk = reader.feed(data)
+        chunk = reader.read()
         if chunk:
             self._events.append(DataChunk(chunk))
         if reader.done:
             self._reader = None
-            self.phase = Phase.COMMAND
-            rest = reader.rest
+            self._enter(Phase.COMMAND)  # what follows the end stays in the buffer
             if reader.bad_line_endings:
                 self._finish_rejected(R.BAD_LINE_ENDINGS)
             elif reader.overflow:
                 self._finish_rejected(R.MESSAGE_TOO_BIG)
             else:
                 self._events.append(EndOfData(size=reader.size))
-            if rest:
-                self._lines.feed(rest)
 
     def _finish_rejected(self, reply: Reply) -> None:
         self._send(reply)
-        self.session.reset_transaction()
         self._events.append(DataRejected(reply))
+        self._end_transaction(EndReason.REJECTED)
 
     def next_event(self) -> Event | NeedData:
         if self._pending is not None:
@@ -149,7 +189,9 @@ class ServerConnection:
                         return NEED_DATA
                     self._closed_reported = True
                     return event
-                if isinstance(event, (DataChunk, DataRejected, ProtocolViolation)):
+                if isinstance(
+                    event, (DataChunk, DataRejected, ProtocolViolation, TransactionEnded)
+                ):
                     return event
                 self._pending = event
                 return event
@@ -230,12 +272,14 @@ class ServerConnection:
             return None
         if isinstance(result, Reply):
             self._send(result)
+            if verb == "RSET" and result.is_positive:
+                self._end_transaction(EndReason.RSET)
             return None
         return result
 
     def _auth_line(self, line: bytes | LineTooLong) -> Event | None:
         if isinstance(line, LineTooLong):
-            self.phase = Phase.COMMAND
+            self._enter(Phase.COMMAND)
             self._send(R.LINE_TOO_LONG)
             return None
         return AuthResponse(line.decode("ascii", "replace"))
@@ -257,63 +301,54 @@ class ServerConnection:
         """Approve the pending command; `reply` overrides the default positive reply."""
         event = self._take_pending()
         session = self.session
-        if isinstance(event, Hello):
-            session.helo = event.name
-            session.esmtp = event.extended
-            session.reset_transaction()
-            if reply is None:
-                if event.extended:
-                    reply = Reply(250, None, ehlo_lines(session, self.config, self.peer_name))
+        match event:
+            case Hello():
+                self._end_transaction(EndReason.HELLO)  # RFC 5321 §4.1.4
+                default = hello_accepted(session, self.config, event, self.peer_name)
+            case Mail():
+                default = mail_accepted(session, event)
+            case Rcpt():
+                default = rcpt_accepted(session, event)
+            case Data():
+                self._send(reply or R.START_DATA)
+                if self.config.enforce_pipelining_sync and len(self._lines):
+                    # Message content before our 354: the client did not wait (RFC 2920 §3.1).
+                    self._violation(R.SYNC_ERROR, "message data sent before the 354 reply")
                 else:
-                    reply = Reply(250, None, f"{self.config.hostname} Hello {self.peer_name}")
-        elif isinstance(event, Mail):
-            env = session.envelope
-            env.mail_given = True
-            env.sender = event.sender
-            env.size_hint = event.size
-            env.body = event.body
-            env.smtputf8 = event.smtputf8
-            reply = reply or R.SENDER_OK
-        elif isinstance(event, Rcpt):
-            session.envelope.recipients.append(event.recipient)
-            reply = reply or R.RECIPIENT_OK
-        elif isinstance(event, Data):
-            self._send(reply or R.START_DATA)
-            if self.config.enforce_pipelining_sync and len(self._lines):
-                # Message content before our 354: the client did not wait (RFC 2920 §3.1).
-                self._violation(R.SYNC_ERROR, "message data sent before the 354 reply")
+                    self._enter(Phase.DATA)
                 return
-            self.phase = Phase.DATA
-            self._reader = DataReader(self.config.max_message_size)
-            pending = self._lines.take_all()
-            if pending:
-                self._feed_data(pending)
-            return
-        elif isinstance(event, EndOfData):
-            session.reset_transaction()
-            session.transactions += 1
-            reply = reply or R.OK
-        elif isinstance(event, StartTLS):
-            self._send(reply or R.READY_TLS)
-            self.discarded_after_starttls = self._lines.clear()
-            self.phase = Phase.TLS_PENDING
-            return
-        elif isinstance(event, (Auth, AuthResponse)):
-            raise ProtocolUsageError("use auth_succeeded() or reject() for AUTH")
-        else:  # pragma: no cover - every event type above is handled
-            raise ProtocolUsageError(f"cannot accept {event!r}")
-        self._send(reply)
+            case EndOfData():
+                self._send(reply or R.OK)
+                self._end_transaction(EndReason.ACCEPTED)
+                return
+            case StartTLS():
+                self._send(reply or R.READY_TLS)
+                self._enter(Phase.TLS_PENDING)
+                return
+            case Auth() | AuthResponse():
+                raise ProtocolUsageError("use auth_succeeded() or reject() for AUTH")
+            case _:  # pragma: no cover - every event type above is handled
+                raise ProtocolUsageError(f"cannot accept {event!r}")
+        self._send(reply or default)
 
     def reject(self, reply: Reply) -> None:
         """Refuse the pending command with `reply`; the state stays as it was."""
         event = self._take_pending()
         if isinstance(event, (Auth, AuthResponse)):
-            self.phase = Phase.COMMAND
-        elif isinstance(event, EndOfData):
-            self.session.reset_transaction()
+            self._enter(Phase.COMMAND)
         self._send(reply)
+        if isinstance(event, EndOfData):
+            self._end_transaction(EndReason.REJECTED)
         if reply.code == 421:
             self._close(f"421 after {type(event).__name__}")
+
+    def decide(self, reply: Reply | None) -> None:
+        """accept() when `reply` is None or positive, else reject(reply): for applications
+        whose decisions are a reply or nothing."""
+        if reply is None or reply.is_positive:
+            self.accept(reply)
+        else:
+            self.reject(reply)
 
     def challenge(self, b64_text: str) -> None:
         """Continue a SASL exchange: send `334 <text>` and read the client's next line raw."""
@@ -321,24 +356,21 @@ class ServerConnection:
         if not isinstance(event, (Auth, AuthResponse)):
             raise ProtocolUsageError("challenge() outside AUTH")
         self._out += f"334 {b64_text}\r\n".encode("ascii")
-        self.phase = Phase.AUTH
+        self._enter(Phase.AUTH)
 
     def auth_succeeded(self, user: str) -> None:
         event = self._take_pending()
         if not isinstance(event, (Auth, AuthResponse)):
             raise ProtocolUsageError("auth_succeeded() outside AUTH")
         self.session.auth_user = user
-        self.phase = Phase.COMMAND
+        self._enter(Phase.COMMAND)
         self._send(R.AUTH_OK)
 
     def tls_started(self) -> None:
         """The handshake finished: forget everything (RFC 3207 §4.2); EHLO is needed again."""
         if self.phase is not Phase.TLS_PENDING:
             raise ProtocolUsageError("tls_started() without STARTTLS")
-        helo_errors = self.session.errors
-        self.session = Session(tls=True, errors=helo_errors)
-        self._lines.clear()
-        self.phase = Phase.COMMAND
+        self._enter(Phase.COMMAND)
 
     def close(self, reply: Reply, reason: str) -> None:
         """Send a final reply (421 timeout, shutdown) and close."""
@@ -346,6 +378,17 @@ class ServerConnection:
             return
         self._pending = None
         self._send(reply)
+        self._close(reason)
+
+    def connection_lost(self, reason: str = "peer closed") -> None:
+        """The transport is gone (EOF, reset, failure): close without a reply.
+
+        What was open ends here like anywhere else (`TransactionEnded`, `ConnectionClosed`);
+        events still queued from earlier bytes are dropped, nobody is left to answer them.
+        """
+        if self.phase is Phase.CLOSED:
+            return
+        self._events.clear()
         self._close(reason)
 
     @property

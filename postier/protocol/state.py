@@ -35,6 +35,9 @@ class ServerConfig:
     auth_requires_tls: bool = True
     auth_required_for_mail: bool = False
     enforce_pipelining_sync: bool = True
+    # Report `TransactionEnded` events. An application that keeps data per transaction sets
+    # it; a consumer that only needs the commands leaves it off and sees no extra events.
+    report_transaction_end: bool = False
 
 
 @dataclass(slots=True)
@@ -56,6 +59,3 @@ class Session:
     errors: int = 0
     transactions: int = 0
     envelope: Envelope = field(default_factory=Envelope)
-
-    def reset_transaction(self) -> None:
-        self.envelope = Envelope()

@@ -1,0 +1,27 @@
+"""Which checks each listener runs, in order. The order is this data, nothing else."""
+
+from __future__ import annotations
+
+from postier.checks.base import Check, CheckChain
+from postier.checks.disk import FreeSpace, LowDiskSpace
+from postier.checks.sender import SenderOwnership
+from postier.checks.submission import SubmissionHeaders
+from postier.net.roles import Role
+from postier.policy import Policy
+
+
+def checks_for_role(
+    role: Role, *, policy: Policy, free_space: FreeSpace, hostname: str
+) -> CheckChain:
+    """The chain of one listener role.
+
+    Sender ownership comes before the disk check: a sender that may never send is told so
+    (553) rather than asked to retry (452).
+    """
+    checks: list[Check] = []
+    if role.offers_auth:
+        checks.append(SenderOwnership(policy))
+    checks.append(LowDiskSpace(free_space))
+    if role.offers_auth:
+        checks.append(SubmissionHeaders(hostname))
+    return CheckChain(checks)
