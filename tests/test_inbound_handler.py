@@ -18,6 +18,7 @@ import pytest
 
 from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace
+from postier.delivery.base import FileDelivery
 from postier.delivery.maildir import MaildirBackend
 from postier.inbound.handler import InboundHandler, InboundSettings
 from postier.inbound.peer import Peer
@@ -67,7 +68,7 @@ def make(
         ),
         policy,
         checks_for_role(role, policy=policy, free_space=FreeSpace(tmp_path, 0), hostname="mx.test"),
-        Router(MaildirBackend(tmp_path / "mail", "mx.test"), executor),
+        Router(FileDelivery(MaildirBackend(tmp_path / "mail", "mx.test")), executor),
         executor,
     )
 
