@@ -162,19 +162,39 @@ def load_keys(directory: Path) -> dict[str, list[DkimKey]]:
             raise ConfigError(f"{entry}: directory name: {exc}") from None
         if domain in keys:
             raise ConfigError(f"{entry}: a second directory for domain {domain}")
-        found = [
-            read_key(path, domain)
-            for path in sorted(entry.iterdir())
-            if path.name.endswith(KEY_SUFFIX) and not path.name.startswith(".") and path.is_file()
-        ]
+        found = _read_domain_dir(entry, domain)
         if found:
             keys[domain] = found
     return keys
 
 
+def _read_domain_dir(entry: Path, domain: str) -> list[DkimKey]:
+    try:
+        paths = sorted(entry.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"{entry}: cannot read: {exc.strerror}") from None
+    return [
+        read_key(path, domain)
+        for path in paths
+        if path.name.endswith(KEY_SUFFIX) and not path.name.startswith(".") and path.is_file()
+    ]
+
+
 def keys_of(directory: Path, domain: str) -> list[DkimKey]:
-    """The keys of one domain (any spelling), or [] when it has none."""
-    return load_keys(directory).get(a_label(domain), [])
+    """The keys of one domain (directory spelled as A-label or U-label), or [] when it has
+    none; a broken key of another domain does not stand in the way."""
+    wanted = a_label(domain)
+    if not directory.is_dir():
+        raise ConfigError(f"dkim_keys: {directory}: no such directory")
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            if a_label(entry.name) == wanted:
+                return _read_domain_dir(entry, wanted)
+        except ValueError:
+            continue
+    return []
 
 
 def _new_private(kind: str, bits: int) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
