@@ -24,10 +24,11 @@ from __future__ import annotations
 import email.utils
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,6 +38,8 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
 
 from postier import log
+from postier.delivery.base import StoredMessage
+from postier.delivery.fsutil import copy_from, write_all
 from postier.dkim.bodyhash import hash_stream
 from postier.dkim.keys import ED25519_SHA256, DkimKey, a_label, load_keys
 from postier.errors import ConfigError
@@ -231,6 +234,35 @@ class DkimSigner:
         with open(path, "rb") as source:
             source.seek(content_offset)
             return self.signature(source, own=own, queue_id=queue_id)
+
+    def signed_copy(self, message: StoredMessage, directory: Path) -> StoredMessage | None:
+        """A signed copy of a spool file, fsync'd in `directory`, or None when unsigned.
+
+        Blocking (thread pool). The queue hard-links a spool file it is given, and the session
+        still delivers the unsigned original to local recipients, so the signature cannot be
+        written into that file: the copy costs one more pass over the message, made by the
+        kernel (copy_from), never through Python memory. The caller removes the copy once it
+        is committed; the queue's start-up clears `directory` after a crash.
+        """
+        fields = self.signature_for_file(
+            message.path, message.content_offset, queue_id=message.queue_id
+        )
+        if not fields:
+            return None
+        path = directory / f"{message.queue_id}.dkim"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(message.path, "rb") as source:
+                write_all(fd, os.pread(source.fileno(), message.content_offset, 0))
+                write_all(fd, fields)
+                copy_from(source, fd, message.content_offset)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return replace(message, path=path, size=os.stat(path).st_size)
 
     def sign_bytes(
         self, data: bytes, content_offset: int, *, own: bool = False, queue_id: str = ""
