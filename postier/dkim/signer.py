@@ -182,7 +182,7 @@ class DkimSigner:
             raw = read_header_section(source)
             try:
                 headers, _ = dkim.rfc822_parse(raw)
-            except dkim.MessageFormatError as exc:
+            except (dkim.MessageFormatError, IndexError) as exc:  # IndexError: leading fold
                 raise Unsignable(f"malformed header section: {exc}") from None
             domain = from_domain(headers)
             keys = self._signing_keys(domain, own)
@@ -205,7 +205,7 @@ class DkimSigner:
         for signing in keys:
             try:
                 fields.append(_sign_headers(signing, headers, names, body_hash))
-            except dkim.DKIMException as exc:  # a key dkimpy refuses: the others still sign
+            except Exception as exc:  # never fail the commit for it: the others still sign
                 log.event(
                     "dkim-error",
                     logging.ERROR,
