@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import dkim
+import idna
 from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
@@ -161,10 +162,22 @@ class DkimSigner:
     def keys_for(self, domain: str) -> list[DkimKey]:
         return [s.key for s in self._keys.get(domain, [])]
 
+    def _is_local(self, domain: str) -> bool:
+        """Local domains may be configured in either IDNA spelling; keys are by A-label."""
+        if self.is_local(domain):
+            return True
+        if "xn--" not in domain:
+            return False
+        try:
+            return self.is_local(idna.decode(domain))
+        except idna.IDNAError:
+            return False
+
     def _signing_keys(self, domain: str, own: bool) -> list[_Signing]:
         keys = self._keys  # one read: a concurrent reload never mixes two sets
         if not own:
-            return keys.get(domain, []) if self.is_local(domain) else []
+            found = keys.get(domain, [])
+            return found if found and self._is_local(domain) else []
         labels = domain.split(".")
         for i in range(len(labels) - 1):
             found = keys.get(".".join(labels[i:]))
