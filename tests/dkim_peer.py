@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,28 @@ def opendkim_verify(message: bytes, zone: dict[str, Any]) -> subprocess.Complete
             env=env,
             cwd=ROOT,
         )
+
+
+def crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def fields_of(message: bytes) -> list[bytes]:
+    """The header fields (with their folds) of a message with LF line ends."""
+    return re.split(rb"\n(?=[^ \t])", message.split(b"\n\n", 1)[0])
+
+
+def only_signature(message: bytes, algorithm: bytes) -> bytes:
+    """The message keeping only the DKIM signature of `algorithm`: OpenDKIM's tool reports
+    on one signature, and each signature verifies alone (none signs another)."""
+    _, body = message.split(b"\n\n", 1)
+    kept = [
+        f
+        for f in fields_of(message)
+        if not f.startswith(b"DKIM-Signature:") or b"a=" + algorithm + b";" in f
+    ]
+    assert sum(f.startswith(b"DKIM-Signature:") for f in kept) == 1, "no such signature"
+    return b"\n".join(kept) + b"\n\n" + body
 
 
 def _inside_namespace(tmp: Path) -> int:

@@ -20,7 +20,14 @@ import pytest
 from postier.dkim.keys import DkimKey, generate_key
 from postier.dkim.signer import OVERSIGNED, DkimSigner, include_headers
 from postier.errors import ConfigError
-from tests.dkim_peer import available, key_zone, opendkim_verify
+from tests.dkim_peer import (
+    available,
+    crlf,
+    fields_of,
+    key_zone,
+    only_signature,
+    opendkim_verify,
+)
 
 needs_opendkim = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -70,22 +77,6 @@ def sign(signer: DkimSigner, data: bytes, **kw: object) -> bytes:
     return signed[len(RETURN_PATH) :]
 
 
-def fields_of(wire: bytes) -> list[bytes]:
-    return re.split(rb"\n(?=[^ \t])", wire.split(b"\n\n", 1)[0])
-
-
-def only_signature(wire: bytes, algorithm: bytes) -> bytes:
-    """The message with just the one signature of `algorithm` (each is independent)."""
-    _, body = wire.split(b"\n\n", 1)
-    kept = [
-        f
-        for f in fields_of(wire)
-        if not f.startswith(b"DKIM-Signature:") or b"a=" + algorithm + b";" in f
-    ]
-    assert sum(f.startswith(b"DKIM-Signature:") for f in kept) == 1
-    return b"\n".join(kept) + b"\n\n" + body
-
-
 def tags(wire: bytes, algorithm: bytes) -> dict[bytes, bytes]:
     (field,) = [f for f in fields_of(wire) if b"a=" + algorithm + b";" in f]
     value = re.sub(rb"\s+", b"", field.split(b":", 1)[1])
@@ -95,10 +86,6 @@ def tags(wire: bytes, algorithm: bytes) -> dict[bytes, bytes]:
 def dnsfunc_for(keys: dict[str, DkimKey]):  # type: ignore[no-untyped-def]
     records = {f"{k.dns_name()}.".encode(): k.dns_value().encode() for k in keys.values()}
     return lambda name, timeout=5: records.get(name)
-
-
-def crlf(data: bytes) -> bytes:
-    return data.replace(b"\n", b"\r\n")
 
 
 # -- what is signed, and how ------------------------------------------------------------
