@@ -79,6 +79,7 @@ class Router:
             received_at=time.time(),
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit,
+            dkim_sign=txn.dkim_sign,
         )
 
     @staticmethod

@@ -65,6 +65,10 @@ class StoredMessage:
     received_at: float  # time.time() at end of data
     smtputf8: bool = False
     body_8bit: bool = False
+    # From a sender we vouch for (local listener, AUTH, sendmail): DKIM-signed at queue commit.
+    # Mail received on mx never is, even when an alias forwards it: a forged From of our
+    # domain must not leave with a valid signature of ours.
+    dkim_sign: bool = False
 
 
 @dataclass(frozen=True, slots=True)

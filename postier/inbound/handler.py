@@ -120,6 +120,7 @@ class InboundHandler:
             size_hint=event.size,
             auth_user=self.protocol.session.auth_user,
         )
+        txn.dkim_sign = self.settings.relay_without_auth or txn.auth_user is not None
         if self.checks.mail:
             verdict = await self.checks.at_mail(txn)
             if verdict.reply is not None:

@@ -8,6 +8,7 @@ the store and leave a flush request that the scheduler polls.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -24,6 +25,7 @@ from postier.delivery.base import (
     StoredMessage,
     permanent,
 )
+from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
 from postier.policy import LocalTarget, Policy
 from postier.protocol.address import Address
@@ -73,6 +75,10 @@ class Outbound:
         self.backend = backend
         self.executor = executor
         self.store = QueueStore(config.queue_dir)
+        # Loaded here, before privileges drop and workers fork (a refused key: exit 2).
+        self.dkim: DkimSigner | None = None
+        if config.dkim_keys is not None:
+            self.dkim = DkimSigner(config.dkim_keys, policy.is_local_domain)
         self.relay = make_relay(config)
         self.scheduler: Scheduler | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
@@ -98,11 +104,18 @@ class Outbound:
             self.store.add_recipients(message.queue_id, recipients)
 
     def headers_at_commit(self, message: StoredMessage) -> bytes:
-        """Header lines to put on top of the message as it is queued (spool format, LF).
+        """Header lines to put on top of the message as it is queued (spool format, LF): the
+        DKIM-Signature fields of the From domain's keys, for mail from a trusted sender,
+        computed from the spool file before `QueueStore.commit`'s fsync."""
+        if not message.dkim_sign or self.dkim is None:
+            return b""
+        return self.dkim.signature_for_file(
+            message.path, message.content_offset, queue_id=message.queue_id
+        )
 
-        None yet; a DKIM-Signature for the sender's domain is the first: computed from the
-        spool file (from `message.content_offset`), before `QueueStore.commit`'s fsync."""
-        return b""
+    def sign_own(self, data: bytes, content_offset: int) -> bytes:
+        """Our own bounces and delay warnings, signed for the hostname's domain."""
+        return self.dkim.sign_bytes(data, content_offset, own=True) if self.dkim else data
 
     def notify(self, queue_id: str) -> None:
         """A committed entry is ready: wake the scheduler, here or in another worker."""
@@ -137,7 +150,9 @@ class Outbound:
     async def _accept_dropped(self, message: StoredMessage, recipients: list[str]) -> None:
         loop = asyncio.get_running_loop()
         # Picked up twice (a crash after the commit): the entry is there, nothing changes.
-        await loop.run_in_executor(self.executor, self.commit, message, recipients)
+        # `postier sendmail` runs as a local user: vouched for, as the local listener is.
+        signed = dataclasses.replace(message, dkim_sign=True)
+        await loop.run_in_executor(self.executor, self.commit, signed, recipients)
         self.notify(message.queue_id)
 
     # ---- life cycle ----------------------------------------------------------------------
@@ -159,6 +174,7 @@ class Outbound:
             executor=self.executor,
             local_deliver=self.local_deliver,
             is_local=lambda d: self.policy.is_local_domain(d),
+            sign_own=self.sign_own,
         )
         self.scheduler = scheduler
         found = await scheduler.start()

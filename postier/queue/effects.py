@@ -7,6 +7,7 @@ the entry is updated: a crash in between repeats a report rather than losing it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from postier.queue.bounce import queue_dsn
 from postier.queue.decide import Outcome
@@ -16,7 +17,13 @@ log = logging.getLogger("postier.queue")
 
 
 def apply_outcome(
-    store: QueueStore, outcome: Outcome, *, hostname: str, now: float, retry_until: float
+    store: QueueStore,
+    outcome: Outcome,
+    *,
+    hostname: str,
+    now: float,
+    retry_until: float,
+    sign: Callable[[bytes, int], bytes] | None = None,
 ) -> tuple[list[str], bool]:
     """Log each change, queue the reports owed to the sender (never to <>), then write the
     entry back or remove it when final. Returns (the reports' queue ids, whether the entry
@@ -31,7 +38,7 @@ def apply_outcome(
         if not recipients:
             continue
         notice = queue_dsn(store, entry, recipients, hostname=hostname, action=action, now=now,
-                           will_retry_until=retry_until)  # fmt: skip
+                           will_retry_until=retry_until, sign=sign)  # fmt: skip
         log.info("event=dsn qid=%s action=%s to=<%s> dsn_qid=%s",
                  qid, action, entry.sender, notice or "none (null sender)")  # fmt: skip
         notices += [notice] if notice else []

@@ -91,6 +91,7 @@ class Scheduler:
         rng: random.Random | None = None,
         executor: Executor | None = None,
         poll_interval: float = 1.0,
+        sign_own: Callable[[bytes, int], bytes] | None = None,
     ) -> None:
         self.policy = RetryPolicy(
             schedule=tuple(float(s) for s in schedule),
@@ -102,6 +103,7 @@ class Scheduler:
         self.store = store
         self.backend_for_domain = backend_for_domain
         self.hostname = hostname
+        self.sign_own = sign_own  # DKIM for our own DSNs: (bytes, content_offset) -> bytes
         self.per_destination_limit = max(1, per_destination_limit)
         self.messages_per_connection = max(1, messages_per_connection)
         first_step = self.policy.schedule[0]
@@ -361,7 +363,7 @@ class Scheduler:
             outcome = apply_results(entry, results, now, self.policy, remote_mta=remote)
             notices, kept = await self._io(functools.partial(
                 apply_outcome, self.store, outcome, hostname=self.hostname, now=now,
-                retry_until=self.policy.expires_at(entry)))  # fmt: skip
+                retry_until=self.policy.expires_at(entry), sign=self.sign_own))  # fmt: skip
         for notice in notices:
             self.enqueue(notice)
         if not kept:  # `postier queue delete` won the race
