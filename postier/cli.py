@@ -25,6 +25,7 @@ _MODULE_COMMANDS = {
     "gen-cert": ("postier.gencert", "write a self-signed certificate and key"),
     "queue": ("postier.queue.cli", "list, show, flush or delete queued messages"),
     "sendmail": ("postier.sendmail", "submit a message from stdin, like /usr/sbin/sendmail"),
+    "doctor": ("postier.ops.doctor", "check the DNS records, PTR and certificate of this server"),
 }
 
 
@@ -67,6 +68,9 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         "--tls-cert-dir", dest="tls_cert_dir", help="certbot-style directory of certs for SNI"
     )
     p.add_argument("--dns-server", dest="dns_server", help="resolver IP[:PORT] for MX look-ups")
+    p.add_argument(
+        "--public-ip", dest="public_ip", action="append", help="our public address (repeatable)"
+    )
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
     p.add_argument("--workers", help="worker processes (default 1)")
@@ -99,6 +103,7 @@ _CONFIG_FLAGS = [
     "tls_key",
     "tls_cert_dir",
     "dns_server",
+    "public_ip",
     "remote_port",
     "smarthost",
     "workers",
