@@ -149,7 +149,7 @@ async def check_spf(ctx: DomainContext, lookup: Lookup, domain: str) -> list[Pro
             "spf",
             domain,
             f'our address {address} gets "{result}" from "{record}", so mail sent from it '
-            "fails SPF",
+            "does not pass SPF",
             f"publish: {domain}. IN TXT {txt_rdata(fixed)}",
         )
         for address, result in failing
