@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.dnsserver import Zone
-from tests.doctorenv import DOMAIN, HOST, DoctorWorld, doctor_world
+from tests.doctorenv import DOMAIN, HOST, DoctorWorld, doctor_world, run_doctor
 
 V6_PTR = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa"
 V4_PTR = "1.0.0.127.in-addr.arpa"
@@ -146,6 +146,21 @@ def test_authorised_external_rua_and_consistent_mta_sts_are_fine(world: DoctorWo
     zone[f"mta-sts.{DOMAIN}"] = {"A": ["127.0.0.1"]}
     code, problems, out = world.check(zone)
     assert (code, problems) == (0, []), out
+
+
+def test_unknown_public_address_is_one_config_problem(world: DoctorWorld) -> None:
+    """Without public_ip and with only a loopback mx listener, doctor says what to set."""
+    world.dns.zone = dict(world.good_zone)
+    args = [a for a in world.config_args() if a not in ("--public-ip", "127.0.0.1", "::1")]
+    code, out, err = run_doctor(*args, "--dns-server", f"127.0.0.1:{world.dns.port}",
+                                "--tls-ca-file", str(world.ca_file))  # fmt: skip
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert code == 1, err
+    assert problems == [
+        "PROBLEM config public_ip: public_ip is not set and no mx listener binds a public "
+        'address, so doctor cannot tell our addresses. Fix: set public_ip = ["ADDRESS", ...] '
+        "in the config or pass --public-ip ADDRESS"
+    ], out
 
 
 def test_fix_of_a_problem_is_accepted(world: DoctorWorld) -> None:

@@ -102,7 +102,8 @@ async def diagnose(
             Problem(
                 "config",
                 "public_ip",
-                "doctor cannot tell our public addresses (the mx listener binds all of them)",
+                "public_ip is not set and no mx listener binds a public address, so doctor "
+                "cannot tell our addresses",
                 'set public_ip = ["ADDRESS", ...] in the config or pass --public-ip ADDRESS',
             )
         )

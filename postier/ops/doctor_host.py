@@ -175,7 +175,7 @@ def _verify_problem(host: HostContext, subject: str, exc: ssl.SSLCertVerificatio
         return Problem(
             "certificate",
             subject,
-            f"the certificate is not valid for {host.hostname} ({message})",
+            f"the certificate is not valid for the name {host.hostname}",
             f"get a certificate that names {host.hostname} (certbot certonly -d "
             f"{host.hostname}) and point tls_cert/tls_key at it",
         )
