@@ -73,6 +73,9 @@ PROBLEMS = [
     ("spf-not-v6", _set(DOMAIN, "TXT", '"v=spf1 ip4:127.0.0.1 ~all"'), f"PROBLEM spf {DOMAIN}:",
      'our address ::1 gets "softfail"'),
     ("spf-lookups", _many_includes, f"PROBLEM spf {DOMAIN}:", "more than 10 DNS look-ups"),
+    ("spf-void", _set(DOMAIN, "TXT", f'"v=spf1 {OURS} a:nx1.{DOMAIN} a:nx2.{DOMAIN} '
+                                     f'a:nx3.{DOMAIN} ~all"'),
+     f"PROBLEM spf {DOMAIN}:", "refers to names that do not exist"),
     ("spf-syntax", _set(DOMAIN, "TXT", f'"v=spf1 {OURS} bogus:thing ~all"'),
      f"PROBLEM spf {DOMAIN}:", "is broken"),
     ("dkim-missing", _drop(f"s1._domainkey.{DOMAIN}"), f"PROBLEM dkim s1._domainkey.{DOMAIN}:",

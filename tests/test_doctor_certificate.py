@@ -25,7 +25,7 @@ def test_certificate_for_another_name() -> None:
     assert code == 1
     assert len(problems) == 1, out
     assert problems[0].startswith(f"PROBLEM certificate {HOST}:{port}: "), out
-    assert f"not valid for {HOST}" in problems[0]
+    assert f"not valid for the name {HOST}" in problems[0]
     assert f"certbot certonly -d {HOST}" in problems[0]
 
 

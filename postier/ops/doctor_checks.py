@@ -127,11 +127,17 @@ async def check_spf(ctx: DomainContext, lookup: Lookup, domain: str) -> list[Pro
             fix = f"make sure every name the record of {domain} refers to answers, then retry"
             return [Problem("dns", f"{domain} SPF", what, fix)]
         if result == "permerror":
-            if "lookup" in why.lower():
+            if "too many dns lookups" in why.lower():
                 what = (
                     f'"{record}" needs more than 10 DNS look-ups ({why}); receivers say permerror'
                 )
                 fix = f"replace include:/a/mx terms by ip4:/ip6: terms, e.g. {suggested}"
+            elif "void lookup" in why.lower():
+                what = (
+                    f'"{record}" refers to names that do not exist ({why}); receivers answer '
+                    "permerror"
+                )
+                fix = f"remove the terms naming domains without records, e.g. {suggested}"
             else:
                 what = f'"{record}" is broken ({why}); receivers answer permerror'
                 fix = suggested
@@ -223,7 +229,11 @@ async def check_dmarc(ctx: DomainContext, lookup: Lookup, domain: str) -> list[P
             continue
         address = uri[len("mailto:") :].split("!", 1)[0]
         rua_domain = address.rpartition("@")[2].lower().rstrip(".")
-        if not rua_domain or organizational_domain(rua_domain) == organizational_domain(domain):
+        if (
+            "@" not in address
+            or not rua_domain
+            or organizational_domain(rua_domain) == organizational_domain(domain)
+        ):
             continue
         auth = f"{domain}._report._dmarc.{rua_domain}"
         if any(t.startswith("v=DMARC1") for t in await lookup.txt(auth)):

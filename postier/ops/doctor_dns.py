@@ -9,7 +9,8 @@ raises `DnsFailure`, which the checks turn into one DNS problem. The resolver is
 
 pyspf evaluates SPF itself and asks DNS through a module-level function; `spf_lookup()` gives
 it one that goes through this same resolver (doctor is a one-shot command, so the swap is
-scoped to the SPF evaluation with a context manager).
+scoped to the SPF evaluation with a context manager, and evaluations of several domains take
+turns under a lock).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +28,8 @@ import dns.name
 import dns.resolver
 import dns.reversename
 import spf
+
+_SPF_SWAP = threading.Lock()
 
 
 class DnsFailure(Exception):
@@ -134,9 +138,10 @@ class Lookup:
                     out.append(((name, qtype), rdata.strings))
             return out
 
-        saved = spf.DNSLookup
-        spf.DNSLookup = lookup
-        try:
-            yield
-        finally:
-            spf.DNSLookup = saved
+        with _SPF_SWAP:  # one evaluation at a time: the hook is process-wide
+            saved = spf.DNSLookup
+            spf.DNSLookup = lookup
+            try:
+                yield
+            finally:
+                spf.DNSLookup = saved

@@ -156,6 +156,10 @@ async def _starttls(host: HostContext, address: str) -> _Probe:
             await writer.start_tls(_verifying_context(host.ca_file), server_hostname=host.hostname)
         except ssl.SSLCertVerificationError as exc:
             return _Probe([_verify_problem(host, subject, exc)])
+        except ssl.SSLError as exc:
+            what = f"the TLS handshake with {address} failed ({exc.reason or exc})"
+            fix = "see postier's log for the TLS error and check tls_cert/tls_key"
+            return _Probe([Problem("certificate", subject, what, fix)])
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True)
         leaf = x509.load_der_x509_certificate(der)

@@ -35,7 +35,11 @@ TTL = 3600
 
 
 def our_addresses(config: Config) -> list[str]:
-    """Our public addresses: `public_ip`, else what the mx listeners bind (loopback left out)."""
+    """Our public addresses: `public_ip`, else the global addresses the mx listeners bind.
+
+    Private and loopback addresses are left out: receivers never see them, and a server
+    behind NAT has to say which address the world sees (`public_ip`).
+    """
     if config.public_ip:
         return list(config.public_ip)
     found: list[str] = []
@@ -48,7 +52,7 @@ def our_addresses(config: Config) -> list[str]:
             candidates = []
         for addr in candidates:
             ip = ipaddress.ip_address(addr)
-            if not (ip.is_loopback or ip.is_unspecified) and str(ip) not in found:
+            if ip.is_global and str(ip) not in found:
                 found.append(str(ip))
     return found
 
