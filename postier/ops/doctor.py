@@ -18,27 +18,12 @@ it trusts: the system's, or `--tls-ca-file` (tests use a private CA).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from collections.abc import Awaitable
 from pathlib import Path
 
-from postier.config import Config
-from postier.dns import parse_dns_server, to_ascii_domain
 from postier.errors import ConfigError
-from postier.ops.doctor_checks import DOMAIN_CHECKS, DomainContext
-from postier.ops.doctor_dns import DnsFailure, Lookup
-from postier.ops.doctor_host import (
-    HostContext,
-    check_addresses,
-    check_certificate,
-    check_ptr,
-    check_tlsa,
-)
-from postier.ops.doctor_problem import Problem, dns_problem
-from postier.ops.records import certificate_path, dkim_keys_dir, our_addresses, zone_snippet
 
-__all__ = ["add_arguments", "diagnose", "run"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,67 +49,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             pass
 
 
-def _mx_port(config: Config) -> int:
-    ports = [spec.port for spec in config.mx]
-    return 25 if not ports or 25 in ports else ports[0]
-
-
-async def _guarded(check: Awaitable[list[Problem]], lookup: Lookup) -> list[Problem]:
-    try:
-        return await check
-    except DnsFailure as failure:
-        return [dns_problem(failure, lookup.describe_server())]
-
-
-async def _certificate_and_tlsa(host: HostContext, lookup: Lookup) -> list[Problem]:
-    problems, leaf = await check_certificate(host, lookup)
-    return problems + await _guarded(check_tlsa(host, lookup, leaf), lookup)
-
-
-async def diagnose(
-    config: Config,
-    domains: list[str],
-    lookup: Lookup,
-    ca_file: Path | None = None,
-    dkim_keys: Path | None = None,
-) -> list[Problem]:
-    """Every problem found, in a stable order (host first, then each domain), each once."""
-    hostname = config.hostname.rstrip(".").lower()
-    addresses = tuple(our_addresses(config))
-    host = HostContext(hostname, addresses, _mx_port(config), ca_file, certificate_path(config))
-    checks: list[Awaitable[list[Problem]]] = []
-    early: list[Problem] = []
-    if addresses:
-        checks.append(check_addresses(host, lookup))
-        checks.extend(check_ptr(host, lookup, address) for address in addresses)
-    else:
-        early.append(
-            Problem(
-                "config",
-                "public_ip",
-                "public_ip is not set and no mx listener binds a public address, so doctor "
-                "cannot tell our addresses",
-                'set public_ip = ["ADDRESS", ...] in the config or pass --public-ip ADDRESS',
-            )
-        )
-    checks.append(_certificate_and_tlsa(host, lookup))
-    domain_ctx = DomainContext(config, hostname, addresses, dkim_keys_dir(config, dkim_keys))
-    for domain in domains:
-        checks.extend(check(domain_ctx, lookup, domain) for check in DOMAIN_CHECKS)
-    results = await asyncio.gather(*(_guarded(c, lookup) for c in checks))
-    seen: dict[str, Problem] = {}
-    for problem in [*early, *(p for result in results for p in result)]:
-        seen.setdefault(problem.line(), problem)
-    return list(seen.values())
-
-
 def _fail(message: str) -> int:
     print(f"postier doctor: {message}", file=sys.stderr)
     return 2
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: every `postier` command (sendmail too) imports this module
+    # to build its parser, and the checks pull in asyncio, dnspython, pyspf and cryptography.
+    import asyncio
+
     from postier.cli import load_config
+    from postier.dns import parse_dns_server, to_ascii_domain
+    from postier.ops.doctor_diagnose import diagnose
+    from postier.ops.doctor_dns import Lookup
+    from postier.ops.records import our_addresses, zone_snippet
 
     try:
         config = load_config(args)
