@@ -10,6 +10,7 @@ import datetime as dt
 import ipaddress
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dns.name
@@ -126,3 +127,21 @@ def test_bad_public_ip_is_a_usage_error() -> None:
     assert code == 2
     assert err.startswith("postier doctor: --public-ip: ")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_config_file_public_ip_and_check_config(setup: dict[str, Path], tmp_path: Path) -> None:
+    """public_ip from TOML (a list), as `serve` and `check-config` read it too."""
+    config = tmp_path / "postier.toml"
+    config.write_text(
+        f'hostname = "{HOST}"\ndomain = ["{DOMAIN}"]\n'
+        'public_ip = ["192.0.2.25", "2001:DB8::25"]\nmx = ["127.0.0.1:2525"]\n'
+    )
+    code, out, err = run_doctor("-c", str(config), "--records")
+    assert code == 0, err
+    assert "v=spf1 ip4:192.0.2.25 ip6:2001:db8::25 ~all" in out  # normalised spelling
+    checked = subprocess.run(
+        [sys.executable, "-m", "postier", "check-config", "-c", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert 'public_ip = ["192.0.2.25", "2001:db8::25"]' in checked.stdout
