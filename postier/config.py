@@ -8,6 +8,7 @@ the operator reading them is usually in the middle of an outage.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -42,6 +43,7 @@ class Config:
     tls_cert_dir: Path | None = None
     tls_self_signed: bool = False  # create a self-signed pair at tls_cert/tls_key if missing
     dns_server: str = ""
+    public_ip: tuple[str, ...] = ()  # our public addresses, for `doctor`; empty: the listeners'
     remote_port: int = 25
     smarthost: str = ""
     smarthost_user: str = ""
@@ -122,6 +124,12 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
                 raise ConfigError(f"{where}: {v!r} is not a domain name")
             out.append(v.strip().lower().rstrip("."))
         return tuple(dict.fromkeys(out))
+    if key == "public_ip":
+        items = value if isinstance(value, list | tuple) else [value]
+        try:
+            return tuple(dict.fromkeys(str(ipaddress.ip_address(str(v).strip())) for v in items))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if key == "retry_schedule":
         if not isinstance(value, list | tuple) or not value:
             raise ConfigError(f"{where}: expected a non-empty list of seconds")
