@@ -29,7 +29,7 @@ from postier.net.context import ServerContext
 from postier.net.limits import ConnectionTracker
 from postier.net.roles import ROLES
 from postier.net.session import SmtpSession, server_config
-from postier.netaddr import ListenSpec, resolve_bind_addresses
+from postier.netaddr import ListenSpec, parse_networks, resolve_bind_addresses
 from postier.policy import Policy, load_aliases, load_users
 from postier.router import Router
 from postier.tls import front_tls_context
@@ -119,6 +119,7 @@ def build_context(config: Config) -> ServerContext:
         connections=ConnectionTracker(
             max(1, config.max_connections // config.workers),
             max(1, config.max_connections_per_ip // config.workers),
+            parse_networks(config.exempt_networks, "exempt_networks"),
         ),
         spool_dir=Path(config.mail_root) / SPOOL_SUBDIR,
         outbound=outbound,
