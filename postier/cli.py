@@ -69,7 +69,7 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns-server", dest="dns_server", help="resolver IP[:PORT] for MX look-ups")
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
-    p.add_argument("--workers", help="worker processes (default 1)")
+    p.add_argument("--workers", help="worker processes: N or auto (default auto, one per core)")
     p.add_argument("--user", help="drop privileges to this user after binding")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
     p.add_argument("--max-message-size", dest="max_message_size", help="bytes (default 35 MB)")

@@ -8,6 +8,7 @@ the operator reading them is usually in the middle of an outage.
 
 from __future__ import annotations
 
+import os
 import socket
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from postier.errors import ConfigError
-from postier.netaddr import ListenSpec, is_loopback, parse_listen
+from postier.netaddr import ListenSpec, is_loopback, parse_listen, parse_networks
 
 MAILBOX_FORMATS = ("maildir", "mbox", "spool", "lmtp")
 DEFAULT_QUEUE_DIR = "/var/spool/postier"
@@ -46,7 +47,7 @@ class Config:
     smarthost: str = ""
     smarthost_user: str = ""
     smarthost_password: str = ""
-    workers: int = 1
+    workers: int = 1  # build() makes the default "auto": one per core the process may use
     user: str = ""  # drop privileges to this user after binding; default "postier" if it exists
     recipient_delimiter: str = ""
     reverse_dns: bool = True
@@ -58,6 +59,8 @@ class Config:
     max_errors: int = 10
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    # Clients here skip the per-IP caps (like Postfix's $mynetworks); never a relay permission.
+    exempt_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     min_free_space: int = 100 * 1024 * 1024
     # timeouts, seconds (RFC 5321 §4.5.3.2: the server waits 5 minutes for a command)
     command_timeout: float = 300.0
@@ -120,6 +123,11 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
                 raise ConfigError(f"{where}: {v!r} is not a domain name")
             out.append(v.strip().lower().rstrip("."))
         return tuple(dict.fromkeys(out))
+    if key == "workers" and str(value).strip().lower() == "auto":
+        return auto_workers()
+    if key == "exempt_networks":
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(str(n) for n in parse_networks(items, where))
     if key == "retry_schedule":
         if not isinstance(value, list | tuple) or not value:
             raise ConfigError(f"{where}: expected a non-empty list of seconds")
@@ -155,6 +163,15 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def auto_workers() -> int:
+    """One worker per core this process may run on (its CPU affinity, as in a container)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 64))
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -194,6 +211,8 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Config:
             continue
         merged[key] = _coerce(key, value, f"--{key.replace('_', '-')}", None)
     cfg = Config(**merged)
+    if "workers" not in merged:
+        cfg = replace(cfg, workers=auto_workers())
     if not cfg.hostname:
         cfg = replace(cfg, hostname=socket.getfqdn() or "localhost")
     if "mx" not in merged:
