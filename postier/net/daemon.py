@@ -273,7 +273,7 @@ def _run_worker(ctx: ServerContext, bound: Bound, worker: int | None) -> int:
 
 
 def serve(config: Config) -> int:
-    log.setup(config.log_level)
+    log.setup(config.log_level, fmt=config.log_format)
     # Everything is read here, in the parent, before dropping privileges (a TLS key or a
     # password file may be readable by root only) and before forking (workers inherit it;
     # the thread pool starts its threads lazily, so none exist yet at fork time).
@@ -350,7 +350,7 @@ def _supervise(ctx: ServerContext, bound: Bound) -> int:
         if pid == 0:
             code = 1
             try:
-                log.setup(config.log_level, worker=index)
+                log.setup(config.log_level, worker=index, fmt=config.log_format)
                 code = _run_worker(ctx, bound, index)
             except BaseException:
                 _LOG.exception("event=worker-crash worker=%s", index)
