@@ -53,6 +53,7 @@ class Config:
     reverse_dns: bool = True
     received_auth_user: bool = False  # name the AUTH user in Received: (off: privacy)
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object a line, the same keys
     # limits
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
@@ -228,6 +229,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"mailbox_format: {cfg.mailbox_format!r} is not one of {', '.join(MAILBOX_FORMATS)}"
         )
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: {cfg.log_format!r} is not one of text, json")
     if cfg.mailbox_format == "lmtp" and not cfg.lmtp:
         raise ConfigError("lmtp: mailbox_format = lmtp needs an lmtp target (HOST:PORT or path)")
     for spec in cfg.local:
