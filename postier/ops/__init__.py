@@ -1,0 +1,1 @@
+"""Operations: systemd, metrics, status, setup, doctor."""
