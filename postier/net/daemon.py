@@ -30,6 +30,13 @@ from postier.net.limits import ConnectionTracker
 from postier.net.roles import ROLES
 from postier.net.session import SmtpSession, server_config
 from postier.netaddr import ListenSpec, parse_networks, resolve_bind_addresses
+from postier.ops.sd_notify import (
+    Notifier,
+    listen_fds,
+    start_watchdog_timer,
+    stop_watchdog_timer,
+    watchdog_interval,
+)
 from postier.policy import Policy, load_aliases, load_users
 from postier.router import Router
 from postier.tls import front_tls_context
@@ -40,6 +47,10 @@ SPOOL_SUBDIR = ".postier-tmp"
 
 
 Bound = list[tuple[str, list[socket.socket]]]  # (role, one listening socket per worker)
+
+# Blocked in a worker from fork until its own handlers exist: a signal forwarded by the
+# supervisor in that window would otherwise run the handler inherited from the supervisor.
+CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _listen_socket(family: int, addr: tuple, reuse_port: bool) -> socket.socket:  # type: ignore[type-arg]
@@ -91,7 +102,14 @@ def bind_sockets(spec: ListenSpec, copies: int = 1) -> list[list[socket.socket]]
     return groups
 
 
-def bind_all(config: Config) -> Bound:
+def bind_all(config: Config, activated: list[tuple[str, socket.socket]] | None = None) -> Bound:
+    """Our own sockets, or those systemd passed (socket activation: they replace the
+    configured listeners; each worker gets a duplicate of the descriptor)."""
+    if activated:
+        return [
+            (role, [sock] + [sock.dup() for _ in range(config.workers - 1)])
+            for role, sock in activated
+        ]
     bound: Bound = []
     for role, specs in config.listeners.items():
         for spec in specs:
@@ -197,7 +215,15 @@ def _install_uvloop() -> str:
     return "uvloop"
 
 
-async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) -> int:
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def _serve_worker(
+    ctx: ServerContext, bound: Bound, worker: int | None, notifier: Notifier | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     config = ctx.config
     ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -232,16 +258,34 @@ async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watch_task = None
+    reload_tls = ctx.tls.reload if ctx.tls is not None else (lambda: None)
     if ctx.tls is not None:
-        loop.add_signal_handler(signal.SIGHUP, ctx.tls.reload)
         watch_task = loop.create_task(ctx.tls.watch())
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    def on_sighup() -> None:
+        if notifier is not None:
+            notifier.reloading()
+        reload_tls()
+        if notifier is not None:
+            notifier.ready()
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     for role_name, sock in mine:
         name = sock.getsockname()
         log.event("listening", logger=_LOG, role=role_name, address=f"{name[0]}:{name[1]}")
     log.event("ready", logger=_LOG, pid=os.getpid(), worker=worker)
+    watchdog_task = None
+    if notifier is not None:
+        notifier.ready()
+        interval = watchdog_interval()
+        if interval is not None:
+            watchdog_task = loop.create_task(_watchdog(notifier, interval))
     await stop.wait()
+    if notifier is not None:
+        notifier.stopping()
+    if watchdog_task is not None:
+        watchdog_task.cancel()
     log.event("shutdown", logger=_LOG, sessions=len(ctx.sessions))
     for srv in servers:
         srv.close()
@@ -267,9 +311,11 @@ async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) ->
     return 0
 
 
-def _run_worker(ctx: ServerContext, bound: Bound, worker: int | None) -> int:
+def _run_worker(
+    ctx: ServerContext, bound: Bound, worker: int | None, notifier: Notifier | None = None
+) -> int:
     _install_uvloop()
-    return asyncio.run(_serve_worker(ctx, bound, worker))
+    return asyncio.run(_serve_worker(ctx, bound, worker, notifier))
 
 
 def serve(config: Config) -> int:
@@ -280,7 +326,8 @@ def serve(config: Config) -> int:
     ctx = build_context(config)
     remove_stale_spool_files(ctx.spool_dir)
     loop_name = _preload_modules()
-    bound = bind_all(config)
+    notifier = Notifier.from_environ()
+    bound = bind_all(config, listen_fds())
     account = privileges.target_user(config.user)
     if account is not None and not config.user and "{user}" in config.mailbox_template:
         # Mailboxes in users' homes must be created as those users: like Postfix's local,
@@ -314,8 +361,8 @@ def serve(config: Config) -> int:
         loop=loop_name,
     )
     if config.workers == 1:
-        return _run_worker(ctx, bound, None)
-    return _supervise(ctx, bound)
+        return _run_worker(ctx, bound, None, notifier)
+    return _supervise(ctx, bound, notifier)
 
 
 def _preload_modules() -> str:
@@ -340,14 +387,20 @@ def _preload_modules() -> str:
     return "uvloop"
 
 
-def _supervise(ctx: ServerContext, bound: Bound) -> int:
-    """Fork the workers and wait; forward SIGTERM/SIGINT; exit 0 when they all stopped."""
+def _supervise(ctx: ServerContext, bound: Bound, notifier: Notifier) -> int:
+    """Fork the workers and wait; forward SIGTERM/SIGINT/SIGHUP; exit 0 when they all stopped.
+
+    This process is the service's main pid: it alone talks to systemd (the workers' sockets
+    are bound before the fork, so READY=1 follows right after spawning them)."""
     config = ctx.config
     children: dict[int, int] = {}
 
     def spawn(index: int) -> None:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         pid = os.fork()
-        if pid == 0:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:
             code = 1
             try:
                 log.setup(config.log_level, worker=index, fmt=config.log_format)
@@ -362,15 +415,24 @@ def _supervise(ctx: ServerContext, bound: Bound) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
+        if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
+            stopping = True
+            notifier.stopping()
+            stop_watchdog_timer()
+        if signum == signal.SIGHUP:
+            notifier.reloading()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+        if signum == signal.SIGHUP:
+            notifier.ready()  # the workers reload on their own; none stops serving meanwhile
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for i in range(config.workers):
         spawn(i)
+    notifier.ready()
+    start_watchdog_timer(notifier)
     status = 0
     while children:
         try:
