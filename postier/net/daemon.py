@@ -21,6 +21,7 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postier import log, privileges
 from postier.config import Config
@@ -40,6 +41,9 @@ from postier.ops.sd_notify import (
 from postier.policy import Policy, load_aliases, load_users
 from postier.router import Router
 from postier.tls import front_tls_context
+
+if TYPE_CHECKING:
+    from postier.ops.metrics_runtime import MetricsRuntime
 
 _LOG = logging.getLogger("postier.daemon")
 
@@ -222,7 +226,11 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
 
 
 async def _serve_worker(
-    ctx: ServerContext, bound: Bound, worker: int | None, notifier: Notifier | None = None
+    ctx: ServerContext,
+    bound: Bound,
+    worker: int | None,
+    notifier: Notifier | None = None,
+    metrics: MetricsRuntime | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     config = ctx.config
@@ -254,6 +262,8 @@ async def _serve_worker(
         servers.append(await loop.create_server(factory, sock=sock, backlog=1024, **tls_args))
     if worker in (None, 0) and ctx.outbound is not None:
         await ctx.outbound.start()
+    if metrics is not None:
+        await metrics.start_worker(serve_http=worker in (None, 0))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -289,6 +299,8 @@ async def _serve_worker(
     log.event("shutdown", logger=_LOG, sessions=len(ctx.sessions))
     for srv in servers:
         srv.close()
+    if metrics is not None:
+        await metrics.stop_worker()
     ctx.begin_shutdown()
     deadline = loop.time() + config.shutdown_grace
     while ctx.sessions and loop.time() < deadline:
@@ -312,10 +324,14 @@ async def _serve_worker(
 
 
 def _run_worker(
-    ctx: ServerContext, bound: Bound, worker: int | None, notifier: Notifier | None = None
+    ctx: ServerContext,
+    bound: Bound,
+    worker: int | None,
+    notifier: Notifier | None = None,
+    metrics: MetricsRuntime | None = None,
 ) -> int:
     _install_uvloop()
-    return asyncio.run(_serve_worker(ctx, bound, worker, notifier))
+    return asyncio.run(_serve_worker(ctx, bound, worker, notifier, metrics))
 
 
 def serve(config: Config) -> int:
@@ -327,7 +343,27 @@ def serve(config: Config) -> int:
     remove_stale_spool_files(ctx.spool_dir)
     loop_name = _preload_modules()
     notifier = Notifier.from_environ()
-    bound = bind_all(config, listen_fds())
+    metrics = None
+    if config.metrics:
+        from postier.ops.metrics_runtime import MetricsRuntime
+
+        metrics = MetricsRuntime(config)  # before anything imports prometheus_client
+    try:
+        bound = bind_all(config, listen_fds())
+        return _serve_bound(config, ctx, bound, loop_name, notifier, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _serve_bound(
+    config: Config,
+    ctx: ServerContext,
+    bound: Bound,
+    loop_name: str,
+    notifier: Notifier,
+    metrics: MetricsRuntime | None,
+) -> int:
     account = privileges.target_user(config.user)
     if account is not None and not config.user and "{user}" in config.mailbox_template:
         # Mailboxes in users' homes must be created as those users: like Postfix's local,
@@ -347,6 +383,8 @@ def serve(config: Config) -> int:
         from postier.queue.maildrop import ensure_maildrop_dir as ensure_maildrop
 
         ensure_maildrop(config.queue_dir, uid=account.pw_uid, gid=account.pw_gid)
+        if metrics is not None:
+            metrics.chown(account.pw_uid, account.pw_gid)
         privileges.drop(account)
     else:
         privileges.warn_if_root()
@@ -361,8 +399,8 @@ def serve(config: Config) -> int:
         loop=loop_name,
     )
     if config.workers == 1:
-        return _run_worker(ctx, bound, None, notifier)
-    return _supervise(ctx, bound, notifier)
+        return _run_worker(ctx, bound, None, notifier, metrics)
+    return _supervise(ctx, bound, notifier, metrics)
 
 
 def _preload_modules() -> str:
@@ -387,7 +425,9 @@ def _preload_modules() -> str:
     return "uvloop"
 
 
-def _supervise(ctx: ServerContext, bound: Bound, notifier: Notifier) -> int:
+def _supervise(
+    ctx: ServerContext, bound: Bound, notifier: Notifier, metrics: MetricsRuntime | None
+) -> int:
     """Fork the workers and wait; forward SIGTERM/SIGINT/SIGHUP; exit 0 when they all stopped.
 
     This process is the service's main pid: it alone talks to systemd (the workers' sockets
@@ -404,7 +444,7 @@ def _supervise(ctx: ServerContext, bound: Bound, notifier: Notifier) -> int:
             code = 1
             try:
                 log.setup(config.log_level, worker=index, fmt=config.log_format)
-                code = _run_worker(ctx, bound, index)
+                code = _run_worker(ctx, bound, index, None, metrics)
             except BaseException:
                 _LOG.exception("event=worker-crash worker=%s", index)
             finally:
@@ -442,6 +482,8 @@ def _supervise(ctx: ServerContext, bound: Bound, notifier: Notifier) -> int:
         except InterruptedError:
             continue
         index = children.pop(pid, None)
+        if metrics is not None:
+            metrics.worker_died(pid)
         code = os.waitstatus_to_exitcode(wstatus)
         if code != 0:
             status = 1
