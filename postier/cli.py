@@ -73,6 +73,7 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", help="drop privileges to this user after binding")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
     p.add_argument("--log-format", dest="log_format", help="text (default) or json")
+    p.add_argument("--metrics", metavar="ADDR:PORT", help="Prometheus endpoint (/metrics)")
     p.add_argument("--max-message-size", dest="max_message_size", help="bytes (default 35 MB)")
     p.add_argument("--max-recipients", dest="max_recipients", help="per message (default 100)")
     p.add_argument("--max-connections", dest="max_connections", help="in total (default 1000)")
@@ -106,6 +107,7 @@ _CONFIG_FLAGS = [
     "user",
     "log_level",
     "log_format",
+    "metrics",
     "max_message_size",
     "max_recipients",
     "max_connections",

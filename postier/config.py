@@ -54,6 +54,7 @@ class Config:
     received_auth_user: bool = False  # name the AUTH user in Received: (off: privacy)
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object a line, the same keys
+    metrics: str = ""  # ADDR:PORT of the Prometheus endpoint (/metrics, /healthz); empty: off
     # limits
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
@@ -231,6 +232,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: {cfg.log_format!r} is not one of text, json")
+    if cfg.metrics:
+        parse_listen(cfg.metrics, "metrics")
     if cfg.mailbox_format == "lmtp" and not cfg.lmtp:
         raise ConfigError("lmtp: mailbox_format = lmtp needs an lmtp target (HOST:PORT or path)")
     for spec in cfg.local:
