@@ -154,3 +154,23 @@ def test_a_busy_metrics_port_is_exit_2(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="postier exited 2") as exc:
             srv.start()
     assert "metrics: cannot listen on 127.0.0.1:" in str(exc.value)
+
+
+def test_grafana_dashboard_uses_only_exposed_names() -> None:
+    import json
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    dashboard = json.loads((root / "contrib" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\bpostier_[a-z_]+", e)}
+    from postier.ops.metrics import MetricsObserver, QueueCollector
+
+    observer = MetricsObserver()
+    exposed = {
+        m._name + ("_total" if m._type == "counter" else "")
+        for m in vars(observer).values()
+        if hasattr(m, "_type")
+    }
+    exposed |= {f.name for f in QueueCollector(root / "no-queue").collect()}
+    assert names == exposed
