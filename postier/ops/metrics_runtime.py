@@ -37,7 +37,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class MetricsRuntime:
     def __init__(self, config: Config) -> None:
-        from postier.net.daemon import bind_sockets
+        from postier.net.listeners import bind_sockets
 
         spec = parse_listen(config.metrics, "metrics")
         try:
