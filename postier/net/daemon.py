@@ -31,6 +31,7 @@ from postier.net.listeners import Bound, bind_all
 from postier.net.roles import ROLES
 from postier.net.session import SmtpSession, server_config
 from postier.netaddr import parse_networks
+from postier.ops.reload import Reloader
 from postier.ops.sd_notify import (
     Notifier,
     listen_fds,
@@ -206,12 +207,21 @@ async def _serve_worker(
     if ctx.tls is not None:
         watch_task = loop.create_task(ctx.tls.watch())
 
-    def on_sighup() -> None:
+    reloader = Reloader(ctx, config.reload_interval)
+    reload_tasks = {loop.create_task(reloader.watch())}
+
+    async def reload_all() -> None:
         if notifier is not None:
             notifier.reloading()
         reload_tls()
+        await reloader.reload()
         if notifier is not None:
             notifier.ready()
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload_all())
+        reload_tasks.add(task)
+        task.add_done_callback(reload_tasks.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
@@ -247,6 +257,8 @@ async def _serve_worker(
         await asyncio.sleep(0.1)
     if watch_task is not None:
         watch_task.cancel()
+    for task in reload_tasks:
+        task.cancel()
     if ctx.outbound is not None:
         await ctx.outbound.stop(config.shutdown_grace)
     backend_close = getattr(ctx.router.backend, "close", None)
