@@ -55,6 +55,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object a line, the same keys
     metrics: str = ""  # ADDR:PORT of the Prometheus endpoint (/metrics, /healthz); empty: off
+    reload_interval: float = 30.0  # seconds between checks of the users/aliases/pass files
     # limits
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
@@ -253,7 +254,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be at least 1")
     if cfg.workers < 1 or cfg.workers > 64:
         raise ConfigError("workers: must be between 1 and 64")
-    for name in ("command_timeout", "data_timeout", "session_timeout"):
+    for name in ("command_timeout", "data_timeout", "session_timeout", "reload_interval"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
     if len(cfg.recipient_delimiter) > 1:
