@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "postier"
+RECENT_BUCKET = 10.0  # seconds per bucket of the recent-messages window
+RECENT_WINDOWS = {"1m": 60.0, "1h": 3600.0}
 
 
 class MetricsObserver:
@@ -63,6 +66,16 @@ class MetricsObserver:
         self.auth_failures = counter("auth_failures", "Failed SMTP AUTH attempts", ("listener",))
         self.tls = counter("tls_sessions", "Inbound TLS handshakes, by version", ("version",))
         self.reloads = counter("reloads", "Reloads of a file, by result", ("result",))
+        # For `postier status`: accepted messages in the last minute and hour (a counter's
+        # rate needs two scrapes; this gauge needs one). Refreshed by refresh_recent().
+        self.recent = Gauge(
+            f"{PREFIX}_messages_recent",
+            "Messages accepted in the last minute or hour, by window",
+            ("window",),
+            registry=None,
+            multiprocess_mode="livesum",
+        )
+        self._buckets: deque[list[float]] = deque()  # [bucket start, count], oldest first
         self._listener: dict[object, str] = {}  # session id -> listener, while it is open
 
     def __call__(self, name: str, kv: dict[str, object]) -> None:
@@ -90,9 +103,27 @@ class MetricsObserver:
         code = str(kv.get("result", ""))
         result = {"2": "accepted", "4": "tempfail", "5": "rejected"}.get(code[:1], "unknown")
         self.messages.labels(listener, result).inc()
+        if result == "accepted":
+            start = time.monotonic() // RECENT_BUCKET * RECENT_BUCKET
+            if self._buckets and self._buckets[-1][0] == start:
+                self._buckets[-1][1] += 1
+            else:
+                self._buckets.append([start, 1])
+            for window in RECENT_WINDOWS:  # at once; refresh_recent() lets them decay
+                self.recent.labels(window).inc()
         size = kv.get("size")
         if result == "accepted" and isinstance(size, int) and size > 0:
             self.message_bytes.labels(listener).inc(size)
+
+    def refresh_recent(self) -> None:
+        """Set the recent-messages gauges from the buckets; drop buckets older than an hour."""
+        now = time.monotonic()
+        horizon = max(RECENT_WINDOWS.values())
+        while self._buckets and self._buckets[0][0] < now - horizon - RECENT_BUCKET:
+            self._buckets.popleft()
+        for window, seconds in RECENT_WINDOWS.items():
+            count = sum(c for start, c in self._buckets if start + RECENT_BUCKET > now - seconds)
+            self.recent.labels(window).set(count)
 
     def _on_message_rejected(self, kv: dict[str, object]) -> None:
         self.messages.labels(self._listener_of(kv), "rejected").inc()

@@ -22,16 +22,21 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postier import log
 from postier.config import Config
 from postier.errors import ConfigError
 from postier.netaddr import parse_listen
 
+if TYPE_CHECKING:
+    from postier.ops.metrics import MetricsObserver
+
 _LOG = logging.getLogger("postier.metrics")
 
 MAX_REQUEST = 8192  # request line and headers together
 REQUEST_TIMEOUT = 10.0
+RECENT_REFRESH = 5.0  # seconds between updates of the recent-messages gauges
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -52,6 +57,7 @@ class MetricsRuntime:
         import postier.ops.metrics  # noqa: F401
 
         self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     def chown(self, uid: int, gid: int) -> None:
         """Before the privilege drop: the workers write their value files here."""
@@ -60,7 +66,9 @@ class MetricsRuntime:
     async def start_worker(self, serve_http: bool) -> None:
         from postier.ops.metrics import MetricsObserver
 
-        log.add_observer(MetricsObserver())
+        observer = MetricsObserver()
+        log.add_observer(observer)
+        self._tasks.append(asyncio.get_running_loop().create_task(_refresh(observer)))
         if not serve_http:
             return
         for sock in self.sockets:
@@ -74,6 +82,9 @@ class MetricsRuntime:
         for server in self._servers:
             server.close()
         self._servers.clear()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
 
     def worker_died(self, pid: int) -> None:
         from prometheus_client import multiprocess
@@ -122,6 +133,12 @@ class MetricsRuntime:
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(None, exposition, self.directory, self.queue_dir)
         return "200 OK", text, method == "HEAD"
+
+
+async def _refresh(observer: MetricsObserver) -> None:
+    while True:
+        observer.refresh_recent()
+        await asyncio.sleep(RECENT_REFRESH)
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes:
