@@ -25,6 +25,7 @@ _MODULE_COMMANDS = {
     "gen-cert": ("postier.gencert", "write a self-signed certificate and key"),
     "queue": ("postier.queue.cli", "list, show, flush or delete queued messages"),
     "sendmail": ("postier.sendmail", "submit a message from stdin, like /usr/sbin/sendmail"),
+    "status": ("postier.ops.status", "sessions, messages, queue and TLS of the running server"),
 }
 
 
