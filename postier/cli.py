@@ -26,6 +26,7 @@ _MODULE_COMMANDS = {
     "queue": ("postier.queue.cli", "list, show, flush or delete queued messages"),
     "sendmail": ("postier.sendmail", "submit a message from stdin, like /usr/sbin/sendmail"),
     "status": ("postier.ops.status", "sessions, messages, queue and TLS of the running server"),
+    "dkim": ("postier.dkim.cli", "make DKIM keys and print their DNS records"),
 }
 
 
@@ -70,6 +71,7 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns-server", dest="dns_server", help="resolver IP[:PORT] for MX look-ups")
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
+    p.add_argument("--dkim-keys", dest="dkim_keys", help="DKIM keys: DIR/<domain>/<selector>.pem")
     p.add_argument("--workers", help="worker processes: N or auto (default auto, one per core)")
     p.add_argument("--user", help="drop privileges to this user after binding")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
@@ -104,6 +106,7 @@ _CONFIG_FLAGS = [
     "dns_server",
     "remote_port",
     "smarthost",
+    "dkim_keys",
     "workers",
     "user",
     "log_level",

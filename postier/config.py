@@ -47,6 +47,7 @@ class Config:
     smarthost: str = ""
     smarthost_user: str = ""
     smarthost_password: str = ""
+    dkim_keys: Path | None = None  # DIR/<domain>/<selector>.pem, loaded by the daemon
     workers: int = 1  # build() makes the default "auto": one per core the process may use
     user: str = ""  # drop privileges to this user after binding; default "postier" if it exists
     recipient_delimiter: str = ""
@@ -103,6 +104,7 @@ _PATH_KEYS = {
     "tls_cert",
     "tls_key",
     "tls_cert_dir",
+    "dkim_keys",
 }
 
 
@@ -267,6 +269,8 @@ def validate(cfg: Config) -> None:
         if p is not None and not Path(p).is_file():
             flag = "pass" if path_key == "passwords" else path_key
             raise ConfigError(f"{flag}: {p}: no such file")
+    if cfg.dkim_keys is not None and not Path(cfg.dkim_keys).is_dir():
+        raise ConfigError(f"dkim_keys: {cfg.dkim_keys}: no such directory")
 
 
 def describe(cfg: Config) -> str:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from postier import log
 from postier.delivery.base import Recipient, RecipientResult, Status, StoredMessage
@@ -26,9 +27,16 @@ from postier.spool import SpoolWriter
 
 _LOG = logging.getLogger("postier.router")
 
-# Called with the finished spool message and remote recipients; must make them durable in the
-# queue (blocking, thread pool) and return nothing, or raise OSError.
-QueueCommit = Callable[[StoredMessage, Sequence[Address]], None]
+
+class QueueCommit(Protocol):
+    """Make the message durable in the queue for `addresses` (blocking, thread pool), or raise
+    OSError; `sign=True` asks for the DKIM signature (trusted senders only)."""
+
+    def __call__(
+        self, message: StoredMessage, addresses: Sequence[Address], *, sign: bool = False
+    ) -> None: ...
+
+
 QueueNotify = Callable[[str], None]
 
 
@@ -44,6 +52,9 @@ class Transaction:
     remote: list[RemoteTarget] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted
     writer: SpoolWriter | None = None
+    # From a sender we vouch for (local listener, AUTH): DKIM-signed when queued. Never mail
+    # from the mx listener, or a forged From of our domain would leave with our signature.
+    dkim_sign: bool = False
 
     @property
     def sender_text(self) -> str:
@@ -94,7 +105,7 @@ class Router:
         queued = bool(txn.remote)
         if txn.remote:
             assert self.queue_commit is not None
-            self.queue_commit(message, [t.address for t in txn.remote])
+            self.queue_commit(message, [t.address for t in txn.remote], sign=txn.dkim_sign)
         if txn.local and not self._async_backend:
             results = self.backend.deliver(message, self._recipients(txn))  # type: ignore[attr-defined]
             results, requeued = self._queue_failures(message, results, bool(txn.remote))

@@ -21,6 +21,7 @@ from postier.delivery.base import (
     StoredMessage,
     permanent,
 )
+from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
 from postier.policy import LocalTarget, Policy
 from postier.protocol.address import Address
@@ -65,15 +66,31 @@ class Outbound:
         self.backend = backend
         self.executor = executor
         self.store = QueueStore(config.queue_dir)
+        # Loaded here, before privileges drop and workers fork; reload() on SIGHUP.
+        self.dkim: DkimSigner | None = None
+        if config.dkim_keys is not None:
+            self.dkim = DkimSigner(config.dkim_keys, policy.is_local_domain)
         self.relay = make_relay(config)
         self.scheduler: object | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None  # created on the loop in start()
 
     # ---- used by sessions (Router) -------------------------------------------------------
-    def commit(self, message: StoredMessage, addresses: Sequence[Address | str]) -> None:
-        """Blocking (thread pool): make the message durable in the queue."""
-        self.store.commit(message, message.sender, [str(a) for a in addresses])
+    def commit(
+        self, message: StoredMessage, addresses: Sequence[Address | str], *, sign: bool = False
+    ) -> None:
+        """Blocking (thread pool): make the message durable in the queue, DKIM-signed once
+        here when `sign` (mail from a trusted sender) and its From domain has keys."""
+        signed = self.dkim.signed_copy(message, self.store.tmp_dir) if sign and self.dkim else None
+        try:
+            self.store.commit(signed or message, message.sender, [str(a) for a in addresses])
+        finally:
+            if signed is not None:
+                signed.path.unlink(missing_ok=True)
+
+    def sign_own(self, data: bytes, content_offset: int) -> bytes:
+        """Our own bounces and delay warnings, signed for the hostname's domain."""
+        return self.dkim.sign_bytes(data, content_offset, own=True) if self.dkim else data
 
     def notify(self, queue_id: str) -> None:
         """A committed entry is ready: wake the scheduler, here or in another worker."""
@@ -114,7 +131,7 @@ class Outbound:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(
-                self.executor, self.store.commit, message, message.sender, recipients
+                self.executor, lambda: self.commit(message, recipients, sign=True)
             )
         except EntryExists:
             pass
@@ -139,6 +156,7 @@ class Outbound:
             executor=self.executor,
             local_deliver=self.local_deliver,
             is_local=lambda d: self.policy.is_local_domain(d),
+            sign_own=self.sign_own,
         )
         self.scheduler = scheduler
         found = await scheduler.start()

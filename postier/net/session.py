@@ -367,6 +367,7 @@ class SmtpSession(asyncio.Protocol):
             sender=sender,
             smtputf8=event.smtputf8,
             body_8bit=event.body == "8BITMIME",
+            dkim_sign=self.role.relay_without_auth or session.auth_user is not None,
         )
         conn.accept()
         self._log("mail", qid=self.txn.queue_id, sender=f"<{sender or ''}>", size=event.size)

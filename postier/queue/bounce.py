@@ -17,7 +17,7 @@ loops between two mail systems.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy as email_policy
@@ -214,6 +214,7 @@ def dsn_recipient(state: RecipientState, status: str) -> DsnRecipient:
 def queue_dsn(
     store: QueueStore, entry: QueueEntry, recipients: Sequence[DsnRecipient], *,
     hostname: str, action: str, now: float, will_retry_until: float | None = None,
+    sign: Callable[[bytes, int], bytes] | None = None,
 ) -> str | None:
     """Blocking (thread pool): build a DSN about `entry` and commit it to the queue as a new
     entry from <> to the sender. Returns its id, or None when the sender is <>."""
@@ -224,7 +225,8 @@ def queue_dsn(
         recipients=recipients, original_headers=store.read_headers(entry), now=now,
         action=action, will_retry_until=will_retry_until,
     )
-    notice = store.commit_bytes(dsn.data, "", [entry.sender], arrival=now,
+    data = sign(dsn.data, dsn.content_offset) if sign is not None else dsn.data
+    notice = store.commit_bytes(data, "", [entry.sender], arrival=now,
                                 content_offset=dsn.content_offset, smtputf8=dsn.smtputf8,
                                 body_8bit=dsn.smtputf8)
     return notice.queue_id

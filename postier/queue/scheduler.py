@@ -107,6 +107,7 @@ class Scheduler:
         rng: random.Random | None = None,
         executor: Executor | None = None,
         poll_interval: float = 1.0,
+        sign_own: Callable[[bytes, int], bytes] | None = None,
     ) -> None:
         if not schedule or any(s <= 0 for s in schedule):
             raise ValueError("retry schedule must be a non-empty list of positive delays")
@@ -126,6 +127,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.executor = executor
         self.poll_interval = poll_interval
+        self.sign_own = sign_own  # DKIM for our own DSNs (bytes, content_offset) -> bytes
         self._heap: list[tuple[float, str]] = []
         self._when: dict[str, float] = {}
         self._forced: set[str] = set()
@@ -471,7 +473,7 @@ class Scheduler:
         crash in between repeats the report rather than losing it."""
         notice = await self._io(lambda: queue_dsn(
             self.store, entry, recipients, hostname=self.hostname, action=action, now=now,
-            will_retry_until=entry.arrival + self.max_age))
+            will_retry_until=entry.arrival + self.max_age, sign=self.sign_own))
         log.info("event=dsn qid=%s action=%s to=<%s> dsn_qid=%s", entry.queue_id, action,
                  entry.sender, notice or "none (null sender)")
         return [notice] if notice else []
