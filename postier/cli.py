@@ -27,6 +27,7 @@ _MODULE_COMMANDS = {
     "sendmail": ("postier.sendmail", "submit a message from stdin, like /usr/sbin/sendmail"),
     "status": ("postier.ops.status", "sessions, messages, queue and TLS of the running server"),
     "dkim": ("postier.dkim.cli", "make DKIM keys and print their DNS records"),
+    "doctor": ("postier.ops.doctor", "check the DNS records, PTR and certificate of this server"),
 }
 
 
@@ -69,6 +70,9 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         "--tls-cert-dir", dest="tls_cert_dir", help="certbot-style directory of certs for SNI"
     )
     p.add_argument("--dns-server", dest="dns_server", help="resolver IP[:PORT] for MX look-ups")
+    p.add_argument(
+        "--public-ip", dest="public_ip", action="append", help="our public address (repeatable)"
+    )
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
     p.add_argument("--dkim-keys", dest="dkim_keys", help="DKIM keys: DIR/<domain>/<selector>.pem")
@@ -104,6 +108,7 @@ _CONFIG_FLAGS = [
     "tls_key",
     "tls_cert_dir",
     "dns_server",
+    "public_ip",
     "remote_port",
     "smarthost",
     "dkim_keys",

@@ -8,6 +8,7 @@ the operator reading them is usually in the middle of an outage.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -43,6 +44,7 @@ class Config:
     tls_cert_dir: Path | None = None
     tls_self_signed: bool = False  # create a self-signed pair at tls_cert/tls_key if missing
     dns_server: str = ""
+    public_ip: tuple[str, ...] = ()  # our public addresses, for `doctor`; empty: the listeners'
     remote_port: int = 25
     smarthost: str = ""
     smarthost_user: str = ""
@@ -133,6 +135,12 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
     if key == "exempt_networks":
         items = value if isinstance(value, list | tuple) else [value]
         return tuple(str(n) for n in parse_networks(items, where))
+    if key == "public_ip":
+        items = value if isinstance(value, list | tuple) else [value]
+        try:
+            return tuple(dict.fromkeys(str(ipaddress.ip_address(str(v).strip())) for v in items))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if key == "retry_schedule":
         if not isinstance(value, list | tuple) or not value:
             raise ConfigError(f"{where}: expected a non-empty list of seconds")

@@ -1,1 +1,1 @@
-"""Operations: systemd, metrics, status, setup, doctor."""
+"""Operating postier: the self-check (`doctor`), the DNS records to publish, and friends."""
