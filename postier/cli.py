@@ -28,6 +28,7 @@ _MODULE_COMMANDS = {
     "status": ("postier.ops.status", "sessions, messages, queue and TLS of the running server"),
     "dkim": ("postier.dkim.cli", "make DKIM keys and print their DNS records"),
     "doctor": ("postier.ops.doctor", "check the DNS records, PTR and certificate of this server"),
+    "setup": ("postier.ops.setup", "write a working deployment for a domain, print DNS records"),
 }
 
 
