@@ -128,3 +128,33 @@ def test_reload_under_load(tmp_path: Path) -> None:
         assert "event=worker-died" not in t.server.log()
     finally:
         assert t.server.stop() == 0
+
+
+def test_dkim_keys_reload_and_a_bad_key_keeps_the_old_ones(tmp_path: Path) -> None:
+    from postier.dkim.keys import generate_key
+    from tests.server import make_server
+
+    keys = tmp_path / "dkim"
+    generate_key(keys, "example.org", "one", "ed25519")
+    conf = tmp_path / "reload.toml"
+    conf.write_text("reload_interval = 0.2\n")
+    srv = make_server(tmp_path / "srv", extra=["--dkim-keys", str(keys), "-c", str(conf)])
+    srv.start()
+    try:
+        assert "selectors=one:ed25519" in srv.log()
+        generate_key(keys, "example.org", "two", "ed25519")
+        deadline = time.monotonic() + SAFETY
+        while "event=reload what=dkim" not in srv.log():
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
+        assert "result=ok reason=changed" in srv.log()
+        assert "selectors=one:ed25519,two:ed25519" in srv.log()
+
+        (keys / "example.org" / "three.pem").write_text("not a key\n")
+        while "what=dkim" not in "".join(x for x in srv.log().splitlines() if "result=failed" in x):
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
+        failed = next(x for x in srv.log().splitlines() if "result=failed" in x)
+        assert "three.pem" in failed
+    finally:
+        assert srv.stop() == 0

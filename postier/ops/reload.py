@@ -1,4 +1,4 @@
-"""Live reload of the users, aliases and password files (and whatever registers a hook).
+"""Live reload of the users, aliases, password file and DKIM keys (and any registered hook).
 
 Each worker reloads on its own: on SIGHUP (the supervisor forwards it to every worker) and
 when a file's modification stamp changes (checked every `reload_interval` seconds, 30 by
@@ -8,10 +8,11 @@ default). Nothing is shared between workers and nothing is restarted:
 - a file that does not validate keeps the old version, logs `event=reload result=failed`
   with the file and line, and counts in the metrics (`postier_reloads_total{result}`).
 
-Other concerns (DKIM keys once signing lands) add a hook: `register_hook(name, load, swap)`
-where `load(ctx)` reads and validates off the loop (ConfigError names the file and line)
-and `swap(ctx, value)` installs the result on the loop. Certificates reload through
-`postier.tls.CertificateStore` on the same SIGHUP.
+DKIM keys reload through `DkimSigner.reload()`, which validates every key before it swaps.
+Other concerns add a hook: `register_hook(Hook(name, paths, load, swap))`, where `paths(ctx)`
+lists the files to watch, `load(ctx)` reads and validates off the loop (a ConfigError names
+the file and line) and `swap(ctx, value)` installs the result on the loop. Certificates
+reload through `postier.tls.CertificateStore` on the same SIGHUP.
 """
 
 from __future__ import annotations
@@ -102,6 +103,31 @@ def _swap_passwords(ctx: ServerContext, passwords: Any) -> None:
     ctx.passwords = passwords
 
 
+def _dkim_paths(ctx: ServerContext) -> list[Path]:
+    """The key directory, its domain directories and their keys: adding, replacing or
+    removing a key changes one of their stamps."""
+    signer = ctx.outbound.dkim if ctx.outbound is not None else None
+    if signer is None or signer.directory is None:
+        return []
+    top = Path(signer.directory)
+    found = [top]
+    try:
+        for domain_dir in sorted(top.iterdir()):
+            if domain_dir.is_dir():
+                found.append(domain_dir)
+                found.extend(sorted(domain_dir.glob("*.pem")))
+    except OSError:
+        pass  # reload() then reports the directory with its reason
+    return found
+
+
+def _load_dkim(ctx: ServerContext) -> None:
+    """DkimSigner.reload() validates every key and swaps them itself (thread-safe); on a
+    ConfigError the keys in force stay."""
+    assert ctx.outbound is not None and ctx.outbound.dkim is not None
+    ctx.outbound.dkim.reload()
+
+
 BUILT_IN = (
     Hook("users", _users_paths, _load_users, lambda ctx, v: _swap_policy(ctx, v, None)),
     Hook("aliases", _aliases_paths, _load_aliases, lambda ctx, v: _swap_policy(ctx, None, v)),
@@ -111,6 +137,7 @@ BUILT_IN = (
         _load_passwords,
         _swap_passwords,
     ),
+    Hook("dkim", _dkim_paths, _load_dkim, lambda ctx, _value: None),
 )
 
 
