@@ -170,6 +170,8 @@ async def _serve_worker(
     loop = asyncio.get_running_loop()
     config = ctx.config
     ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if metrics is not None:  # before the first session, so that every event is counted
+        await metrics.start_worker(serve_http=worker in (None, 0))
     servers: list[asyncio.Server] = []
     mine: list[tuple[str, socket.socket]] = []
     for role_name, group in bound:
@@ -197,8 +199,6 @@ async def _serve_worker(
         servers.append(await loop.create_server(factory, sock=sock, backlog=1024, **tls_args))
     if worker in (None, 0) and ctx.outbound is not None:
         await ctx.outbound.start()
-    if metrics is not None:
-        await metrics.start_worker(serve_http=worker in (None, 0))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
