@@ -25,8 +25,10 @@ _MODULE_COMMANDS = {
     "gen-cert": ("postier.gencert", "write a self-signed certificate and key"),
     "queue": ("postier.queue.cli", "list, show, flush or delete queued messages"),
     "sendmail": ("postier.sendmail", "submit a message from stdin, like /usr/sbin/sendmail"),
+    "status": ("postier.ops.status", "sessions, messages, queue and TLS of the running server"),
     "dkim": ("postier.dkim.cli", "make DKIM keys and print their DNS records"),
     "doctor": ("postier.ops.doctor", "check the DNS records, PTR and certificate of this server"),
+    "setup": ("postier.ops.setup", "write a working deployment for a domain, print DNS records"),
 }
 
 
@@ -75,9 +77,11 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
     p.add_argument("--dkim-keys", dest="dkim_keys", help="DKIM keys: DIR/<domain>/<selector>.pem")
-    p.add_argument("--workers", help="worker processes (default 1)")
+    p.add_argument("--workers", help="worker processes: N or auto (default auto, one per core)")
     p.add_argument("--user", help="drop privileges to this user after binding")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
+    p.add_argument("--log-format", dest="log_format", help="text (default) or json")
+    p.add_argument("--metrics", metavar="ADDR:PORT", help="Prometheus endpoint (/metrics)")
     p.add_argument("--max-message-size", dest="max_message_size", help="bytes (default 35 MB)")
     p.add_argument("--max-recipients", dest="max_recipients", help="per message (default 100)")
     p.add_argument("--max-connections", dest="max_connections", help="in total (default 1000)")
@@ -112,6 +116,8 @@ _CONFIG_FLAGS = [
     "workers",
     "user",
     "log_level",
+    "log_format",
+    "metrics",
     "max_message_size",
     "max_recipients",
     "max_connections",

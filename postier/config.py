@@ -9,6 +9,7 @@ the operator reading them is usually in the middle of an outage.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from postier.errors import ConfigError
-from postier.netaddr import ListenSpec, is_loopback, parse_listen
+from postier.netaddr import ListenSpec, is_loopback, parse_listen, parse_networks
 
 MAILBOX_FORMATS = ("maildir", "mbox", "spool", "lmtp")
 DEFAULT_QUEUE_DIR = "/var/spool/postier"
@@ -49,18 +50,23 @@ class Config:
     smarthost_user: str = ""
     smarthost_password: str = ""
     dkim_keys: Path | None = None  # DIR/<domain>/<selector>.pem, loaded by the daemon
-    workers: int = 1
+    workers: int = 1  # build() makes the default "auto": one per core the process may use
     user: str = ""  # drop privileges to this user after binding; default "postier" if it exists
     recipient_delimiter: str = ""
     reverse_dns: bool = True
     received_auth_user: bool = False  # name the AUTH user in Received: (off: privacy)
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object a line, the same keys
+    metrics: str = ""  # ADDR:PORT of the Prometheus endpoint (/metrics, /healthz); empty: off
+    reload_interval: float = 30.0  # seconds between checks of the users/aliases/pass files
     # limits
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
     max_errors: int = 10
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    # Clients here skip the per-IP caps (like Postfix's $mynetworks); never a relay permission.
+    exempt_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     min_free_space: int = 100 * 1024 * 1024
     # timeouts, seconds (RFC 5321 §4.5.3.2: the server waits 5 minutes for a command)
     command_timeout: float = 300.0
@@ -124,6 +130,11 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
                 raise ConfigError(f"{where}: {v!r} is not a domain name")
             out.append(v.strip().lower().rstrip("."))
         return tuple(dict.fromkeys(out))
+    if key == "workers" and str(value).strip().lower() == "auto":
+        return auto_workers()
+    if key == "exempt_networks":
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(str(n) for n in parse_networks(items, where))
     if key == "public_ip":
         items = value if isinstance(value, list | tuple) else [value]
         try:
@@ -167,6 +178,15 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
     return value
 
 
+def auto_workers() -> int:
+    """One worker per core this process may run on (its CPU affinity, as in a container)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 64))
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file into field values (relative paths are relative to the file)."""
     try:
@@ -204,6 +224,8 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Config:
             continue
         merged[key] = _coerce(key, value, f"--{key.replace('_', '-')}", None)
     cfg = Config(**merged)
+    if "workers" not in merged:
+        cfg = replace(cfg, workers=auto_workers())
     if not cfg.hostname:
         cfg = replace(cfg, hostname=socket.getfqdn() or "localhost")
     if "mx" not in merged:
@@ -219,6 +241,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"mailbox_format: {cfg.mailbox_format!r} is not one of {', '.join(MAILBOX_FORMATS)}"
         )
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: {cfg.log_format!r} is not one of text, json")
+    if cfg.metrics:
+        parse_listen(cfg.metrics, "metrics")
     if cfg.mailbox_format == "lmtp" and not cfg.lmtp:
         raise ConfigError("lmtp: mailbox_format = lmtp needs an lmtp target (HOST:PORT or path)")
     for spec in cfg.local:
@@ -238,7 +264,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be at least 1")
     if cfg.workers < 1 or cfg.workers > 64:
         raise ConfigError("workers: must be between 1 and 64")
-    for name in ("command_timeout", "data_timeout", "session_timeout"):
+    for name in ("command_timeout", "data_timeout", "session_timeout", "reload_interval"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
     if len(cfg.recipient_delimiter) > 1:

@@ -10,6 +10,7 @@ import fcntl
 import ipaddress
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from postier.errors import ConfigError
@@ -57,6 +58,35 @@ def parse_listen(text: str, what: str) -> ListenSpec:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what}: {text!r}: port must be a number from 0 to 65535")
     return ListenSpec(host, int(port_text), kind)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[object], what: str) -> tuple[Network, ...]:
+    """CIDRs (`192.0.2.0/24`, `2001:db8::/32`; a bare address is a /32 or /128)."""
+    out: list[Network] = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{what}: {value!r} is not a network (CIDR, e.g. 10.0.0.0/8)"
+            ) from None
+    return tuple(out)
+
+
+def in_networks(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Whether a peer address falls in one of `networks`; IPv4-mapped IPv6 counts as IPv4."""
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
 
 
 def is_loopback(spec: ListenSpec) -> bool:

@@ -100,8 +100,11 @@ def test_connection_cap(start: Callable[..., PostierServer]) -> None:
         c.close()
 
 
-def test_per_ip_cap(start: Callable[..., PostierServer]) -> None:
-    srv = start("--max-connections-per-ip", "3")
+def test_per_ip_cap(start: Callable[..., PostierServer], tmp_path: Path) -> None:
+    # Loopback is exempt from the per-IP cap by default; this test's clients stand in for
+    # one remote address, so nothing is exempt here.
+    (tmp_path / "no-exempt.toml").write_text("exempt_networks = []\n")
+    srv = start("--max-connections-per-ip", "3", "-c", str(tmp_path / "no-exempt.toml"))
     held = [greet(srv, "127.0.0.1") for _ in range(3)]
     for c in held:
         assert c.reply()[0] == 220

@@ -101,6 +101,15 @@ class ServerContext:
             peer, protocol, settings, self.policy, self.checks(role), self.router, self.executor
         )
 
+    def replace_policy(self, policy: Policy) -> None:
+        """Swap in a reloaded policy everywhere it is held: new sessions, the queue's local
+        delivery, and the check chains (rebuilt on next use, since checks hold the policy).
+        Sessions already open keep the policy they started with."""
+        self.policy = policy
+        self._chains.clear()
+        if self.outbound is not None:
+            self.outbound.policy = policy
+
     def checks(self, role: Role) -> CheckChain:
         """The check chain of a listener role, built once per worker (checks keep no
         per-session state)."""

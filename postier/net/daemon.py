@@ -21,83 +21,40 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postier import log, privileges
 from postier.config import Config
 from postier.delivery.factory import make_backend
-from postier.errors import ConfigError
 from postier.net.context import ServerContext
 from postier.net.limits import ConnectionTracker
+from postier.net.listeners import Bound, bind_all
 from postier.net.roles import ROLES
 from postier.net.session import SmtpSession
-from postier.netaddr import ListenSpec, resolve_bind_addresses
+from postier.netaddr import parse_networks
+from postier.ops.reload import Reloader
+from postier.ops.sd_notify import (
+    Notifier,
+    listen_fds,
+    start_watchdog_timer,
+    stop_watchdog_timer,
+    watchdog_interval,
+)
 from postier.policy import Policy, load_aliases, load_users
 from postier.router import Router
 from postier.tls import front_tls_context
+
+if TYPE_CHECKING:
+    from postier.ops.metrics_runtime import MetricsRuntime
 
 _LOG = logging.getLogger("postier.daemon")
 
 SPOOL_SUBDIR = ".postier-tmp"
 
 
-Bound = list[tuple[str, list[socket.socket]]]  # (role, one listening socket per worker)
-
-
-def _listen_socket(family: int, addr: tuple, reuse_port: bool) -> socket.socket:  # type: ignore[type-arg]
-    s = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind(addr)
-        s.listen(1024)
-        s.setblocking(False)
-    except OSError:
-        s.close()
-        raise
-    return s
-
-
-def bind_sockets(spec: ListenSpec, copies: int = 1) -> list[list[socket.socket]]:
-    """Create, bind and listen; IPv6 sockets are IPv6-only so both families can share a port.
-
-    With several workers each gets its own socket on the same address (SO_REUSEPORT): the
-    kernel spreads new connections among them, instead of waking every worker for each
-    connection on one shared socket. All are bound here, before privileges are dropped.
-    """
-    groups: list[list[socket.socket]] = []
-    try:
-        for host in resolve_bind_addresses(spec):
-            infos = socket.getaddrinfo(
-                host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-            )
-            seen = set()
-            for family, _, _, _, addr in infos:
-                if (family, addr) in seen:
-                    continue
-                seen.add((family, addr))
-                first = _listen_socket(family, addr, copies > 1)
-                group = [first]
-                groups.append(group)
-                actual = first.getsockname()  # port 0 becomes a real port: copies share it
-                for _ in range(copies - 1):
-                    group.append(_listen_socket(family, actual, True))
-    except OSError as exc:
-        for group in groups:
-            for s in group:
-                s.close()
-        raise ConfigError(f"cannot listen on {spec}: {exc.strerror}") from None
-    return groups
-
-
-def bind_all(config: Config) -> Bound:
-    bound: Bound = []
-    for role, specs in config.listeners.items():
-        for spec in specs:
-            bound += [(role, group) for group in bind_sockets(spec, config.workers)]
-    return bound
+# Blocked in a worker from fork until its own handlers exist: a signal forwarded by the
+# supervisor in that window would otherwise run the handler inherited from the supervisor.
+CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def build_context(config: Config) -> ServerContext:
@@ -120,6 +77,7 @@ def build_context(config: Config) -> ServerContext:
         connections=ConnectionTracker(
             max(1, config.max_connections // config.workers),
             max(1, config.max_connections_per_ip // config.workers),
+            parse_networks(config.exempt_networks, "exempt_networks"),
         ),
         spool_dir=Path(config.mail_root) / SPOOL_SUBDIR,
         outbound=outbound,
@@ -177,10 +135,24 @@ def _install_uvloop() -> str:
     return "uvloop"
 
 
-async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) -> int:
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def _serve_worker(
+    ctx: ServerContext,
+    bound: Bound,
+    worker: int | None,
+    notifier: Notifier | None = None,
+    metrics: MetricsRuntime | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     config = ctx.config
     ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if metrics is not None:  # before the first session, so that every event is counted
+        await metrics.start_worker(serve_http=worker in (None, 0))
     servers: list[asyncio.Server] = []
     mine: list[tuple[str, socket.socket]] = []
     for role_name, group in bound:
@@ -212,19 +184,48 @@ async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watch_task = None
+    reload_tls = ctx.tls.reload if ctx.tls is not None else (lambda: None)
     if ctx.tls is not None:
-        loop.add_signal_handler(signal.SIGHUP, ctx.tls.reload)
         watch_task = loop.create_task(ctx.tls.watch())
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    reloader = Reloader(ctx, config.reload_interval)
+    reload_tasks = {loop.create_task(reloader.watch())}
+
+    async def reload_all() -> None:
+        if notifier is not None:
+            notifier.reloading()
+        reload_tls()
+        await reloader.reload()
+        if notifier is not None:
+            notifier.ready()
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload_all())
+        reload_tasks.add(task)
+        task.add_done_callback(reload_tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     for role_name, sock in mine:
         name = sock.getsockname()
         log.event("listening", logger=_LOG, role=role_name, address=f"{name[0]}:{name[1]}")
     log.event("ready", logger=_LOG, pid=os.getpid(), worker=worker)
+    watchdog_task = None
+    if notifier is not None:
+        notifier.ready()
+        interval = watchdog_interval()
+        if interval is not None:
+            watchdog_task = loop.create_task(_watchdog(notifier, interval))
     await stop.wait()
+    if notifier is not None:
+        notifier.stopping()
+    if watchdog_task is not None:
+        watchdog_task.cancel()
     log.event("shutdown", logger=_LOG, sessions=len(ctx.sessions))
     for srv in servers:
         srv.close()
+    if metrics is not None:
+        await metrics.stop_worker()
     ctx.begin_shutdown()
     deadline = loop.time() + config.shutdown_grace
     while ctx.sessions and loop.time() < deadline:
@@ -237,6 +238,8 @@ async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) ->
         await asyncio.sleep(0.1)
     if watch_task is not None:
         watch_task.cancel()
+    for task in reload_tasks:
+        task.cancel()
     if ctx.outbound is not None:
         await ctx.outbound.stop(config.shutdown_grace)
     backend_close = getattr(ctx.router.backend, "close", None)
@@ -247,20 +250,47 @@ async def _serve_worker(ctx: ServerContext, bound: Bound, worker: int | None) ->
     return 0
 
 
-def _run_worker(ctx: ServerContext, bound: Bound, worker: int | None) -> int:
+def _run_worker(
+    ctx: ServerContext,
+    bound: Bound,
+    worker: int | None,
+    notifier: Notifier | None = None,
+    metrics: MetricsRuntime | None = None,
+) -> int:
     _install_uvloop()
-    return asyncio.run(_serve_worker(ctx, bound, worker))
+    return asyncio.run(_serve_worker(ctx, bound, worker, notifier, metrics))
 
 
 def serve(config: Config) -> int:
-    log.setup(config.log_level)
+    log.setup(config.log_level, fmt=config.log_format)
     # Everything is read here, in the parent, before dropping privileges (a TLS key or a
     # password file may be readable by root only) and before forking (workers inherit it;
     # the thread pool starts its threads lazily, so none exist yet at fork time).
     ctx = build_context(config)
     remove_stale_spool_files(ctx.spool_dir)
     loop_name = _preload_modules()
-    bound = bind_all(config)
+    notifier = Notifier.from_environ()
+    metrics = None
+    if config.metrics:
+        from postier.ops.metrics_runtime import MetricsRuntime
+
+        metrics = MetricsRuntime(config)  # before anything imports prometheus_client
+    try:
+        bound = bind_all(config, listen_fds())
+        return _serve_bound(config, ctx, bound, loop_name, notifier, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _serve_bound(
+    config: Config,
+    ctx: ServerContext,
+    bound: Bound,
+    loop_name: str,
+    notifier: Notifier,
+    metrics: MetricsRuntime | None,
+) -> int:
     account = privileges.target_user(config.user)
     if account is not None and not config.user and "{user}" in config.mailbox_template:
         # Mailboxes in users' homes must be created as those users: like Postfix's local,
@@ -280,6 +310,8 @@ def serve(config: Config) -> int:
         from postier.queue.maildrop import ensure_maildrop_dir as ensure_maildrop
 
         ensure_maildrop(config.queue_dir, uid=account.pw_uid, gid=account.pw_gid)
+        if metrics is not None:
+            metrics.chown(account.pw_uid, account.pw_gid)
         privileges.drop(account)
     else:
         privileges.warn_if_root()
@@ -294,8 +326,8 @@ def serve(config: Config) -> int:
         loop=loop_name,
     )
     if config.workers == 1:
-        return _run_worker(ctx, bound, None)
-    return _supervise(ctx, bound)
+        return _run_worker(ctx, bound, None, notifier, metrics)
+    return _supervise(ctx, bound, notifier, metrics)
 
 
 def _preload_modules() -> str:
@@ -320,18 +352,26 @@ def _preload_modules() -> str:
     return "uvloop"
 
 
-def _supervise(ctx: ServerContext, bound: Bound) -> int:
-    """Fork the workers and wait; forward SIGTERM/SIGINT; exit 0 when they all stopped."""
+def _supervise(
+    ctx: ServerContext, bound: Bound, notifier: Notifier, metrics: MetricsRuntime | None
+) -> int:
+    """Fork the workers and wait; forward SIGTERM/SIGINT/SIGHUP; exit 0 when they all stopped.
+
+    This process is the service's main pid: it alone talks to systemd (the workers' sockets
+    are bound before the fork, so READY=1 follows right after spawning them)."""
     config = ctx.config
     children: dict[int, int] = {}
 
     def spawn(index: int) -> None:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         pid = os.fork()
-        if pid == 0:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:
             code = 1
             try:
-                log.setup(config.log_level, worker=index)
-                code = _run_worker(ctx, bound, index)
+                log.setup(config.log_level, worker=index, fmt=config.log_format)
+                code = _run_worker(ctx, bound, index, None, metrics)
             except BaseException:
                 _LOG.exception("event=worker-crash worker=%s", index)
             finally:
@@ -342,15 +382,24 @@ def _supervise(ctx: ServerContext, bound: Bound) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = stopping or signum in (signal.SIGTERM, signal.SIGINT)
+        if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
+            stopping = True
+            notifier.stopping()
+            stop_watchdog_timer()
+        if signum == signal.SIGHUP:
+            notifier.reloading()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+        if signum == signal.SIGHUP:
+            notifier.ready()  # the workers reload on their own; none stops serving meanwhile
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for i in range(config.workers):
         spawn(i)
+    notifier.ready()
+    start_watchdog_timer(notifier)
     status = 0
     while children:
         try:
@@ -360,6 +409,8 @@ def _supervise(ctx: ServerContext, bound: Bound) -> int:
         except InterruptedError:
             continue
         index = children.pop(pid, None)
+        if metrics is not None:
+            metrics.worker_died(pid)
         code = os.waitstatus_to_exitcode(wstatus)
         if code != 0:
             status = 1
