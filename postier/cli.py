@@ -69,6 +69,26 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns-server", dest="dns_server", help="resolver IP[:PORT] for MX look-ups")
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
+    p.add_argument(
+        "--tls-ca-file",
+        dest="tls_ca_file",
+        help="CA bundle for verifying remote MX and MTA-STS policy hosts",
+    )
+    p.add_argument("--mta-sts-port", dest="mta_sts_port", help="port for MTA-STS policy fetches")
+    p.add_argument(
+        "--no-mta-sts",
+        dest="mta_sts",
+        action="store_const",
+        const=False,
+        help="do not apply MTA-STS policies to outbound mail",
+    )
+    p.add_argument(
+        "--no-dane",
+        dest="dane",
+        action="store_const",
+        const=False,
+        help="do not apply DANE TLSA records to outbound mail",
+    )
     p.add_argument("--workers", help="worker processes (default 1)")
     p.add_argument("--user", help="drop privileges to this user after binding")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
@@ -101,6 +121,10 @@ _CONFIG_FLAGS = [
     "dns_server",
     "remote_port",
     "smarthost",
+    "tls_ca_file",
+    "mta_sts_port",
+    "mta_sts",
+    "dane",
     "workers",
     "user",
     "log_level",
