@@ -10,6 +10,7 @@ certificates it has and logs what is wrong with the new ones.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
 import datetime as dt
@@ -36,6 +37,7 @@ __all__ = [
     "client_context",
     "describe",
     "front_tls_context",
+    "peer_chain",
 ]
 
 log = logging.getLogger("postier.tls")
@@ -394,3 +396,22 @@ def front_tls_context(store: CertificateStore) -> ssl.SSLContext:
 
     front.sni_callback = select  # type: ignore[assignment]
     return front
+
+
+def peer_chain(stream: object) -> list[bytes]:
+    """The certificates the peer sent (DER, leaf first), unverified, for DANE matching.
+
+    The public `get_unverified_chain()` arrived in Python 3.13; since 3.10 the C object has
+    offered it privately. Without either, only the leaf is known (enough for DANE-EE).
+    """
+    ssl_object = stream.writer.get_extra_info("ssl_object")  # type: ignore[attr-defined]
+    if ssl_object is None:
+        return []
+    for owner in (ssl_object, getattr(ssl_object, "_sslobj", None)):
+        getter = getattr(owner, "get_unverified_chain", None)
+        if getter is not None:
+            chain = getter() or []
+            return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER)
+                    for c in chain]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
