@@ -103,6 +103,7 @@ DOMAINS = (
     "daneinsecure.test",
     "daneunusable.test",
     "static.test",
+    "bad.test",
 )
 
 

@@ -339,6 +339,9 @@ class RelaySession:
             return await domain_tls.for_host(host)
         except TlsFailure as failure:
             self.tls_failure = f"{failure.result_type}: {failure}"
+            if failure.host_tls is not None:
+                self.host_tls = failure.host_tls
+                self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
             event("tls_refused", logging.WARNING, log, qid=qid, domain=self.domain, host=host,
                   policy=failure.source, result=failure.result_type, reason=str(failure))
             raise _host_failure(str(failure), failure.enhanced) from None

@@ -130,10 +130,17 @@ class TlsFailure(Exception):
     }
 
     def __init__(
-        self, result_type: str, text: str, *, enhanced: str = "", source: str = ""
+        self,
+        result_type: str,
+        text: str,
+        *,
+        enhanced: str = "",
+        source: str = "",
+        host_tls: HostTls | None = None,
     ) -> None:
         super().__init__(text)
         self.result_type = result_type
+        self.host_tls = host_tls  # set when refused before connecting: what to report under
         self.enhanced = enhanced or (
             "4.7.10" if result_type == "starttls-not-supported" else "4.7.5"
         )
