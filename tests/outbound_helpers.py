@@ -18,6 +18,7 @@ import datetime as dt
 import http.server
 import itertools
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ class Pki:
         target = into or self.dir / names[0]
         target.mkdir(parents=True, exist_ok=True)
         chain, key = target / "fullchain.pem", target / "privkey.pem"
-        chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        # The CA goes along (RFC 7671 §5.2.2 asks for the trust anchor in the chain: DANE-TA).
+        pems = [blob.bytes() for blob in leaf.cert_chain_pems] + [self.ca.cert_pem.bytes()]
+        chain.write_bytes(b"".join(pems))
         leaf.private_key_pem.write_to_path(str(key))
         return chain, key
 
@@ -74,8 +77,24 @@ class SecureDnsServer(DnsServer):
     def __init__(self, zone: dict[str, Any], secure: set[str] | None = None, **kwargs: Any) -> None:
         super().__init__(zone, **kwargs)
         self.secure = {name.lower().rstrip(".") for name in secure or set()}
+        # name -> TLSA RDATA as raw bytes, for records dnspython refuses to write (wrong length)
+        self.raw_tlsa: dict[str, list[bytes]] = {}
+
+    def _raw_tlsa(self, query: dns.message.Message, rdatas: list[bytes]) -> bytes:
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA | dns.flags.AD
+        response.use_edns(False)  # no OPT record, so what we append is the answer section
+        wire = bytearray(response.to_wire())
+        wire[6:8] = struct.pack("!H", len(rdatas))  # ANCOUNT
+        for rdata in rdatas:  # owner: a pointer to the question name at offset 12
+            wire += b"\xc0\x0c" + struct.pack("!HHIH", 52, 1, 60, len(rdata)) + rdata
+        return bytes(wire)
 
     def answer(self, wire: bytes, *, tcp: bool = False) -> bytes | None:
+        query = dns.message.from_wire(wire)
+        name = query.question[0].name.to_text(omit_final_dot=True).lower()
+        if name in self.raw_tlsa:
+            return self._raw_tlsa(query, self.raw_tlsa[name])
         out = super().answer(wire, tcp=tcp)
         if out is None:
             return None
@@ -104,6 +123,9 @@ DOMAINS = (
     "daneunusable.test",
     "static.test",
     "bad.test",
+    "daneexp.test",
+    "danetabad.test",
+    "danemalformed.test",
 )
 
 

@@ -161,8 +161,9 @@ def parse_txt(records: list[str]) -> str | None:
     return policy_id if _ID.fullmatch(policy_id) else None
 
 
-def _fetch_blocking(name: str, address: str, port: int, context: ssl.SSLContext,
-                    timeout: float) -> str:
+def _fetch_blocking(
+    name: str, address: str, port: int, context: ssl.SSLContext, timeout: float
+) -> str:
     """GET the policy from `address` as `name` (SNI, certificate name and Host header)."""
     import http.client
 
@@ -209,9 +210,16 @@ class MtaSts:
     delivery), and every failure is logged (and reported to TLS-RPT through `reports`).
     """
 
-    def __init__(self, lookups: SecureLookups, cache_dir: Path, *,
-                 context: ssl.SSLContext, port: int = 443, timeout: float = 30.0,
-                 reports: object = None) -> None:
+    def __init__(
+        self,
+        lookups: SecureLookups,
+        cache_dir: Path,
+        *,
+        context: ssl.SSLContext,
+        port: int = 443,
+        timeout: float = 30.0,
+        reports: object = None,
+    ) -> None:
         self.lookups = lookups
         self.cache_dir = Path(cache_dir)
         self.context = context
@@ -227,25 +235,47 @@ class MtaSts:
         try:
             policy_id = parse_txt(await self.lookups.txt(f"_mta-sts.{domain}"))
         except DeliveryError as exc:  # DNS trouble: what we know still holds (§5.1)
-            event("mta-sts", logging.WARNING, log, domain=domain, result="txt-failed",
-                  reason=str(exc), cached=cached is not None)
+            event(
+                "mta-sts",
+                logging.WARNING,
+                log,
+                domain=domain,
+                result="txt-failed",
+                reason=str(exc),
+                cached=cached is not None,
+            )
             return cached
         if policy_id is None or (cached is not None and cached.policy_id == policy_id):
             return cached
         try:
             policy = await self._fetch(domain, policy_id)
         except (FetchError, PolicyError, DeliveryError) as exc:
-            result = "sts-policy-invalid" if isinstance(exc, PolicyError) else \
-                "sts-policy-fetch-error"
-            event("mta-sts", logging.WARNING, log, domain=domain, result=result,
-                  reason=str(exc), cached=cached is not None)
+            result = (
+                "sts-policy-invalid" if isinstance(exc, PolicyError) else "sts-policy-fetch-error"
+            )
+            event(
+                "mta-sts",
+                logging.WARNING,
+                log,
+                domain=domain,
+                result=result,
+                reason=str(exc),
+                cached=cached is not None,
+            )
             record = getattr(self.reports, "record_policy_failure", None)
             if record is not None:
                 record(domain, result, str(exc))
             return cached
         await asyncio.to_thread(self._save, domain, policy)
-        event("mta-sts", logger=log, domain=domain, result="fetched", id=policy_id,
-              mode=policy.mode, max_age=policy.max_age)
+        event(
+            "mta-sts",
+            logger=log,
+            domain=domain,
+            result="fetched",
+            id=policy_id,
+            mode=policy.mode,
+            max_age=policy.max_age,
+        )
         return policy
 
     async def _fetch(self, domain: str, policy_id: str) -> StsPolicy:
@@ -255,9 +285,11 @@ class MtaSts:
         for address in addresses:
             try:
                 text = await asyncio.wait_for(
-                    asyncio.to_thread(_fetch_blocking, name, address, self.port, self.context,
-                                      self.timeout),
-                    self.timeout + 1.0)
+                    asyncio.to_thread(
+                        _fetch_blocking, name, address, self.port, self.context, self.timeout
+                    ),
+                    self.timeout + 1.0,
+                )
             except TimeoutError:
                 last = FetchError(f"policy fetch from {name} timed out")
                 continue
@@ -279,17 +311,28 @@ class MtaSts:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            event("mta-sts", logging.WARNING, log, domain=domain, result="cache-unreadable",
-                  reason=str(exc))
+            event(
+                "mta-sts",
+                logging.WARNING,
+                log,
+                domain=domain,
+                result="cache-unreadable",
+                reason=str(exc),
+            )
             return None
         return None if policy.expired() else policy
 
     def _save(self, domain: str, policy: StsPolicy) -> None:
         try:
             self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            data = {"id": policy.policy_id, "fetched_at": policy.fetched_at,
-                    "policy": policy.text}
+            data = {"id": policy.policy_id, "fetched_at": policy.fetched_at, "policy": policy.text}
             atomic_write(self._path(domain), json.dumps(data).encode(), 0o600)
         except OSError as exc:  # the policy still applies to this attempt
-            event("mta-sts", logging.WARNING, log, domain=domain, result="cache-write-failed",
-                  reason=str(exc))
+            event(
+                "mta-sts",
+                logging.WARNING,
+                log,
+                domain=domain,
+                result="cache-write-failed",
+                reason=str(exc),
+            )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from postier.config import Config
 from postier.dns import Resolver, SecureLookups
+from postier.outbound.dane import Dane
 from postier.outbound.mta_sts import MtaSts
 from postier.outbound.tls_policy import Level, TlsPolicy
 from postier.tls import client_context
@@ -18,6 +19,8 @@ def make_tls_policy(config: Config, resolver: Resolver) -> TlsPolicy:
     mta_sts = None
     if config.mta_sts:
         context = client_context(verify=True, ca_file=config.tls_ca_file)
-        mta_sts = MtaSts(lookups, config.queue_dir / MTA_STS_CACHE, context=context,
-                         port=config.mta_sts_port)
-    return TlsPolicy(table, mta_sts=mta_sts)
+        mta_sts = MtaSts(
+            lookups, config.queue_dir / MTA_STS_CACHE, context=context, port=config.mta_sts_port
+        )
+    dane = Dane(lookups) if config.dane else None
+    return TlsPolicy(table, mta_sts=mta_sts, dane=dane)

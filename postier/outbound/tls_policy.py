@@ -60,6 +60,12 @@ class HostTls:
     tlsa: tuple[Any, ...] = ()
     report: Any = field(default=None, compare=False)
 
+    def check_dane(self, chain_der: list[bytes], host: str) -> None:
+        """After the handshake: TlsFailure unless the chain matches a usable TLSA record."""
+        from postier.outbound.dane import check  # dane builds on this module
+
+        check(self.tlsa, chain_der, host)
+
     @property
     def required(self) -> bool:
         """True when a failed STARTTLS must defer the message instead of going plaintext."""
