@@ -52,7 +52,7 @@ from postier.protocol.state import Phase, ServerConfig
 from postier.queue.ids import new_queue_id
 from postier.router import Transaction
 from postier.spool import SpoolWriter
-from postier.tls import front_tls_context
+from postier.tls import front_tls_context, sends_tickets
 
 if TYPE_CHECKING:
     pass
@@ -509,7 +509,7 @@ class SmtpSession(asyncio.Protocol):
             new_transport = await loop.start_tls(
                 self.transport,
                 self,
-                front_tls_context(self.ctx.tls),
+                front_tls_context(self.ctx.tls, tickets=sends_tickets(self.role.name)),
                 server_side=True,
                 ssl_handshake_timeout=min(60.0, self.ctx.config.command_timeout),
             )
