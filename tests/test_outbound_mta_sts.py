@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+import smtplib
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from tests.outbound_helpers import (
     start_receivers,
     stored,
 )
+from tests.server import make_server
 
 STS_DOMAINS = (
     "sts.test",
@@ -275,3 +278,41 @@ def test_bad_policy_hosts_fall_back_to_opportunistic(
 def test_expired_cache_is_not_used(tmp_path: Path) -> None:
     policy = StsPolicy("enforce", ("mx.x.test",), 10, "1", fetched_at=100.0)
     assert policy.expired(110.0) and not policy.expired(109.0)
+
+
+# --- through the daemon: the flags reach the relay --------------------------------------------
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, attempts: int = 600) -> None:
+    for _ in range(attempts):  # bounded: 600 x 50 ms
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("sts_on", [True, False])
+def test_daemon_applies_mta_sts_flags(world: World, tmp_path: Path, sts_on: bool) -> None:
+    recv, dns_server, host = world
+    extra = [
+        "--dns-server", f"127.0.0.1:{dns_server.port}",
+        "--remote-port", str(recv.tls.mx_port),
+        "--tls-ca-file", str(recv.pki.ca_file),
+        "--mta-sts-port", str(host.port),
+    ]  # fmt: skip
+    if not sts_on:
+        extra.append("--no-mta-sts")
+    sender = make_server(
+        tmp_path / "sender", users="x@sender.test\n", domains=("sender.test",), extra=extra
+    )
+    sender.start()
+    try:
+        before = recv.delivered(recv.tls)
+        with smtplib.SMTP("127.0.0.1", sender.local_port, timeout=30) as client:
+            client.sendmail("x@sender.test", ["alice@sts.test"], b"Subject: d\r\n\r\nhi\r\n")
+        _wait_for(lambda: recv.delivered(recv.tls) > before, "the relayed message")
+        _wait_for(lambda: "event=delivery" in sender.log(), "the delivery log line")
+        want = "tls=verified policy=mta-sts" if sts_on else "tls=encrypted policy=opportunistic"
+        assert want in sender.log()
+    finally:
+        sender.stop()
