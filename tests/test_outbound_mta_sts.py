@@ -20,6 +20,7 @@ from postier.delivery.smtp import SmtpRelay, Timeouts
 from postier.dns import Resolver, SecureLookups
 from postier.outbound.mta_sts import MtaSts, PolicyError, StsPolicy, parse_policy, parse_txt
 from postier.outbound.tls_policy import TlsPolicy
+from postier.outbound.tlsrpt import TlsReports
 from postier.tls import client_context
 from tests.outbound_helpers import (
     Pki,
@@ -86,7 +87,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def send(
-    world: World, tmp: Path, to: str, *, plain: bool = False, cache: Path | None = None
+    world: World,
+    tmp: Path,
+    to: str,
+    *,
+    plain: bool = False,
+    cache: Path | None = None,
+    reports: TlsReports | None = None,
 ) -> tuple[RecipientResult, str]:
     recv, dns_server, host = world
     resolver = Resolver("127.0.0.1", dns_server.port, timeout=2.0)
@@ -97,13 +104,14 @@ def send(
         context=context,
         port=host.port,
         timeout=1.0,
+        reports=reports,
     )
     relay = SmtpRelay(
         "client.test",
         resolver=resolver,
         timeouts=Timeouts.uniform(10.0),
         remote_port=(recv.plain if plain else recv.tls).mx_port,
-        tls_policy=TlsPolicy(mta_sts=sts),
+        tls_policy=TlsPolicy(mta_sts=sts, reports=reports),
         ca_file=str(recv.pki.ca_file),
     )
 
@@ -221,15 +229,31 @@ def test_enforce_defers_with_the_reason(
         assert "mx.elsewhere.test" in res.text
 
 
-def test_testing_mode_delivers_and_logs(
+def test_testing_mode_delivers_logs_and_reports(
     world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "postier")
-    res, tls = send(world, tmp_path, "alice@testing.test")
+    reports = TlsReports(tmp_path / "tlsrpt.sqlite")
+    res, tls = send(world, tmp_path, "alice@testing.test", reports=reports)
     assert res.status is Status.DELIVERED and tls == "encrypted"
     assert res.tls_failure.startswith("certificate-host-mismatch")
     failed = [r.getMessage() for r in caplog.records if "event=tls_failed" in r.getMessage()]
     assert failed and "policy=mta-sts" in failed[0]
+    send(world, tmp_path, "alice@sts.test", reports=reports)  # enforce, verified: a success
+    day = reports.days()[0]
+    built = {r.policy_domain: r.data for r in reports.build_reports(day, "o", "c", "s.test")}
+    testing = built["testing.test"]["policies"][0]
+    assert "mode: testing" in testing["policy"]["policy-string"]
+    assert testing["summary"] == {
+        "total-successful-session-count": 0,
+        "total-failure-session-count": 1,
+    }
+    detail = testing["failure-details"][0]
+    assert detail["result-type"] == "certificate-host-mismatch"
+    assert detail["receiving-mx-hostname"] == "mx2.testing.test"
+    assert detail["sending-mta-ip"] == detail["receiving-ip"] == "127.0.0.1"
+    assert built["sts.test"]["policies"][0]["summary"]["total-successful-session-count"] == 1
+    reports.close()
 
 
 def test_cache_refetch_and_policy_host_down(world: World, tmp_path: Path) -> None:
@@ -267,12 +291,17 @@ def test_bad_policy_hosts_fall_back_to_opportunistic(
 ) -> None:
     caplog.set_level(logging.INFO, "postier")
     world[2].policies["mta-sts.bad.test"] = body
-    res, tls = send(world, tmp_path, "alice@bad.test")
+    reports = TlsReports(tmp_path / "tlsrpt.sqlite")
+    res, tls = send(world, tmp_path, "alice@bad.test", reports=reports)
     assert res.status is Status.DELIVERED and res.tls_policy == "opportunistic"
     assert tls == "encrypted"
     warned = [r.getMessage() for r in caplog.records if "event=mta-sts" in r.getMessage()]
     assert warned and ("sts-policy-invalid" in warned[0] or "sts-policy-fetch-error" in warned[0])
     assert not (tmp_path / "cache" / "bad.test.json").exists()
+    (report,) = reports.build_reports(reports.days()[0], "o", "c", "s.test")
+    detail = report.data["policies"][0]["failure-details"][0]
+    assert detail["result-type"] in ("sts-policy-invalid", "sts-policy-fetch-error")
+    reports.close()
 
 
 def test_expired_cache_is_not_used(tmp_path: Path) -> None:

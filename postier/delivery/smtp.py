@@ -150,6 +150,7 @@ class RelaySession:
         self.host_tls: HostTls = OPPORTUNISTIC  # what the connected host owed us
         self.tls_verified = False  # its certificate was checked (verify, MTA-STS or DANE)
         self.tls_failure = ""  # the last TLS failure on this destination, for the queue
+        self.local_ip = ""  # our address on the current connection (TLS-RPT sending-mta-ip)
 
     @property
     def tls(self) -> bool:
@@ -280,6 +281,7 @@ class RelaySession:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise _host_failure(f"connect to {self.peer}: {why}") from None
         try:
+            self.local_ip = str((stream.writer.get_extra_info("sockname") or ("",))[0])
             greeting = await stream.read_reply(t.greeting)
             if greeting.code != 220:
                 raise _host_failure(f"{self.peer} greeted us with: {greeting}")
@@ -384,7 +386,8 @@ class RelaySession:
             self.tls_verified = relay.smarthost is not None and relay.smarthost.verify
         else:
             self.tls_verified = host_tls.level in (Level.VERIFY, Level.DANE)
-        relay.tls_policy.record_success(host_tls, self.host, self.address)
+        relay.tls_policy.record_success(host_tls, self.host, self.address,
+                                        sending_ip=self.local_ip)
         return await self._hello(stream)
 
     def _after_tls_failure(self, qid: str, host_tls: HostTls, failure: TlsFailure) -> HostTls:
@@ -394,7 +397,8 @@ class RelaySession:
         `testing` reports the failure and goes on with opportunistic TLS (RFC 8461 §5).
         """
         self.tls_failure = f"{failure.result_type}: {failure}"
-        self.relay.tls_policy.record_failure(host_tls, failure, self.host, self.address)
+        self.relay.tls_policy.record_failure(host_tls, failure, self.host, self.address,
+                                             sending_ip=self.local_ip)
         if host_tls.source is Source.SMARTHOST:
             raise _host_failure(f"TLS with smarthost {self.peer} failed: {failure}",
                                 failure.enhanced)

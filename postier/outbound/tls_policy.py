@@ -227,12 +227,20 @@ class TlsPolicy:
         sts = await self.mta_sts.policy(domain) if self.mta_sts is not None else None
         return DomainTls(domain, OPPORTUNISTIC, sts=sts, dane=dane)
 
-    def record_success(self, host_tls: HostTls, host: str, address: str) -> None:
-        if self.reports is not None and host_tls.report is not None:
-            self.reports.record(host_tls.report, host, address)
-
-    def record_failure(
-        self, host_tls: HostTls, failure: TlsFailure, host: str, address: str
+    def record_success(
+        self, host_tls: HostTls, host: str, address: str, *, sending_ip: str = ""
     ) -> None:
         if self.reports is not None and host_tls.report is not None:
-            self.reports.record(host_tls.report, host, address, failure)
+            self.reports.record(host_tls.report, host, address, sending_ip=sending_ip)
+
+    def record_failure(
+        self,
+        host_tls: HostTls,
+        failure: TlsFailure,
+        host: str,
+        address: str,
+        *,
+        sending_ip: str = "",
+    ) -> None:
+        if self.reports is not None and host_tls.report is not None:
+            self.reports.record(host_tls.report, host, address, failure, sending_ip=sending_ip)
