@@ -267,7 +267,9 @@ def describe(cfg: Config) -> str:
         key = "pass" if f.name == "passwords" else f.name
         if f.name == "smarthost_password" and value:
             value = "********"
-        if isinstance(value, tuple):
+        if f.name == "tls_policy":  # a TOML inline table, as it is written
+            shown = "{ " + ", ".join(f'"{k}" = "{v}"' for k, v in value) + " }"
+        elif isinstance(value, tuple):
             shown = (
                 "["
                 + ", ".join(f'"{v}"' if not isinstance(v, float) else f"{v:g}" for v in value)
