@@ -332,7 +332,14 @@ class RelaySession:
         if smart is not None:
             level = Level.VERIFY if smart.verify else Level.ENCRYPT
             return DomainTls.fixed(self.domain, HostTls(level, Source.SMARTHOST))
-        return await self.relay.tls_policy.for_domain(self.domain)
+        try:
+            return await self.relay.tls_policy.for_domain(self.domain)
+        except DeliveryError:
+            raise
+        except Exception as exc:  # a bug must defer the message, neither crash nor downgrade
+            log.exception("TLS policy decision for %s failed", self.domain)
+            raise _host_failure(f"TLS policy decision for {self.domain} failed: {exc!r}",
+                                "4.7.5") from None
 
     async def _host_tls(self, qid: str, domain_tls: DomainTls, host: str) -> HostTls:
         """The requirement for one MX host; DeliveryError when the policy refuses the host
@@ -347,6 +354,12 @@ class RelaySession:
             event("tls_refused", logging.WARNING, log, qid=qid, domain=self.domain, host=host,
                   policy=failure.source, result=failure.result_type, reason=str(failure))
             raise _host_failure(str(failure), failure.enhanced) from None
+        except DeliveryError:
+            raise
+        except Exception as exc:  # as in _domain_tls: defer, never crash nor downgrade
+            log.exception("TLS policy decision for %s failed", host)
+            raise _host_failure(f"TLS policy decision for {host} failed: {exc!r}",
+                                "4.7.5") from None
 
     async def _starttls(self, stream: ClientStream, caps: Capabilities, host_tls: HostTls,
                         sni: str) -> Capabilities:
@@ -368,8 +381,8 @@ class RelaySession:
             reply = await stream.command(proto.STARTTLS, t.command)
             if reply.code != 220:
                 if host_tls.level is Level.MAY:
-                    event("starttls_refused", logger=log, host=self.host, addr=self.address,
-                          reply=str(reply))
+                    event("starttls_refused", logger=log, domain=self.domain, host=self.host,
+                          addr=self.address, reply=str(reply))
                     return caps
                 raise TlsFailure("starttls-not-supported",
                                  f"{self.peer} refused STARTTLS: {reply}")
