@@ -237,3 +237,16 @@ def test_tlsa_of_the_wrong_length_defers_without_crashing(
     res, _ = send(world, tmp_path, "alice@danemalformed.test")
     assert res.status is Status.TEMPORARY, res.text
     assert "TLSA" in res.text
+
+
+def test_tlsa_record_for_our_own_mx(tmp_path: Path) -> None:
+    from postier.outbound.dane import tlsa_record
+
+    chain, _ = Pki(tmp_path).issue("mx.ours.test")
+    text = tlsa_record(chain.read_bytes(), "MX.Ours.Test")
+    first = text.splitlines()[0]
+    leaf = _certs(chain)[0]
+    assert first == f"_25._tcp.mx.ours.test. IN TLSA 3 1 1 {spki_sha256(leaf)}"
+    assert "rollover" in text
+    record = Tlsa(3, 1, 1, bytes.fromhex(first.rsplit(" ", 1)[1]))
+    check([record], [leaf.public_bytes(serialization.Encoding.DER)], "mx.ours.test")

@@ -160,3 +160,20 @@ class Dane:
         if not usable:  # §2.2: encrypt, but there is nothing to authenticate against
             return HostTls(Level.ENCRYPT, Source.DANE, report=report)
         return HostTls(Level.DANE, Source.DANE, tlsa=usable, report=report)
+
+
+def tlsa_record(cert_pem: bytes, mx_host: str) -> str:
+    """The DANE-EE record (3 1 1) to publish for our own MX, as a zone-file line, from the
+    leaf of our certificate chain, with the rollover warning `postier doctor --records`
+    prints: 3 1 1 pins the key, so a renewal that keeps the key keeps the record, and a new
+    key needs its record published (beside the old one) a few TTLs before the switch."""
+    leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    name = f"_25._tcp.{to_ascii_domain(mx_host)}."
+    return (
+        f"{name} IN TLSA 3 1 1 {hashlib.sha256(spki).hexdigest()}\n"
+        "; DANE-EE pins the key: before a key rollover, publish the new key's record beside\n"
+        "; this one and wait at least two TTLs (certbot: --reuse-key keeps the key and record)"
+    )
