@@ -126,6 +126,7 @@ DOMAINS = (
     "daneexp.test",
     "danetabad.test",
     "danemalformed.test",
+    "daneaddr.test",
 )
 
 

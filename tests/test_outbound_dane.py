@@ -67,6 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "daneinsecure.test": "mx.daneinsecure.test",
         "daneunusable.test": "mx.daneunusable.test",
         "danemalformed.test": "mx.danemalformed.test",
+        "daneaddr.test": "mx.daneaddr.test",  # its address answer is not secure
     }
     tlsa = {
         "mx.dane.test": [f"3 1 1 {spki_sha256(good)}"],
@@ -76,6 +77,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "mx.danetabad.test": [f"2 0 1 {cert_sha256(ca_cert)}"],
         "mx.daneinsecure.test": ["3 1 1 " + "00" * 32],  # would fail if it were trusted
         "mx.danemalformed.test": [],  # served raw, see below
+        "mx.daneaddr.test": ["3 1 1 " + "00" * 32],  # would fail if it were used
         "mx.daneunusable.test": ["1 1 1 " + "00" * 32, "0 0 1 " + "00" * 32, "3 2 1 " + "00" * 32],
     }
     zone: dict[str, object] = {}
@@ -87,6 +89,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         secure.add(domain)
         if domain != "daneinsecure.test":
             secure.add(f"_25._tcp.{host}")
+        if domain != "daneaddr.test":
+            secure.add(host)
     # DANE beats MTA-STS: dane.test's enforced policy does not even list its MX.
     zone["_mta-sts.dane.test"] = {"TXT": ['"v=STSv1; id=1"']}
     zone["mta-sts.dane.test"] = {"A": ["127.0.0.1"]}
@@ -204,8 +208,10 @@ def test_dane_ta(world: World, tmp_path: Path) -> None:
     assert res.tls_failure.startswith("certificate-host-mismatch")
 
 
-def test_tlsa_without_ad_is_ignored(world: World, tmp_path: Path) -> None:
-    res, tls = send(world, tmp_path, "alice@daneinsecure.test")
+@pytest.mark.parametrize("domain", ["daneinsecure.test", "daneaddr.test"])
+def test_tlsa_without_ad_is_ignored(world: World, tmp_path: Path, domain: str) -> None:
+    """TLSA without the AD bit, or under an MX host whose address is not secure."""
+    res, tls = send(world, tmp_path, f"alice@{domain}")
     assert res.status is Status.DELIVERED and res.tls_policy == "opportunistic"
     assert tls == "encrypted"
 

@@ -143,13 +143,19 @@ class Dane:
         self.lookups = lookups
 
     async def host_tls(self, domain: str, host: str) -> HostTls | None:
-        """DANE when the MX RRset and the host's TLSA RRset are both secure and present.
+        """DANE when the MX RRset, the host's addresses and its TLSA RRset are all secure.
 
-        A DNS failure while looking for TLSA under a secure MX raises DeliveryError
-        (temporary): the records may exist, so going on without them could be a downgrade.
+        An insecure MX or address (RFC 7672 §2.2.1, §2.2.2) means no DANE for that host: a
+        forged name could bring forged records along. A DNS failure while looking for TLSA
+        under secure names raises DeliveryError (temporary): the records may exist, so going
+        on without them could be a downgrade.
         """
         mx = await self.lookups.query(to_ascii_domain(domain), "MX")
         if not mx.authenticated:
+            return None
+        answers = [await self.lookups.query(to_ascii_domain(host), t) for t in ("AAAA", "A")]
+        found_addresses = [a for a in answers if a.records]
+        if not found_addresses or not all(a.authenticated for a in found_addresses):
             return None
         found = await self.lookups.tlsa(host)
         if not found.authenticated or not found.records:
