@@ -274,21 +274,23 @@ class SecureLookups:
     async def query(self, name: str, rdtype: str) -> SecureAnswer:
         """Records of `rdtype` at `name`; DeliveryError (temporary) on any DNS failure."""
         try:
-            answer = await self._get().resolve(dns.name.from_text(name), rdtype, search=False,
-                                               raise_on_no_answer=False)
+            answer = await self._get().resolve(
+                dns.name.from_text(name), rdtype, search=False, raise_on_no_answer=False
+            )
         except dns.resolver.NXDOMAIN:
             return SecureAnswer([], False)
         except (dns.exception.DNSException, OSError) as exc:
-            raise _temporary(f"{name} {rdtype}: DNS failure: {exc or type(exc).__name__}"
-                             ) from None
+            raise _temporary(f"{name} {rdtype}: DNS failure: {exc or type(exc).__name__}") from None
         records = [] if answer.rrset is None else list(answer.rrset)
         return SecureAnswer(records, bool(answer.response.flags & dns.flags.AD))
 
     async def txt(self, name: str) -> list[str]:
         """TXT records at `name`, each one's strings joined (RFC 7208 §3.3 style)."""
         found = await self.query(name, "TXT")
-        return [b"".join(r.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
-                for r in found.records]
+        return [
+            b"".join(r.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
+            for r in found.records
+        ]
 
     async def tlsa(self, host: str, port: int = 25) -> SecureAnswer:
         """TLSA records at `_<port>._tcp.<host>` (RFC 7672 §2.2)."""

@@ -434,7 +434,6 @@ def peer_chain(stream: object) -> list[bytes]:
         getter = getattr(owner, "get_unverified_chain", None)
         if getter is not None:
             chain = getter() or []
-            return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER)
-                    for c in chain]
+            return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
     leaf = ssl_object.getpeercert(binary_form=True)
     return [leaf] if leaf else []

@@ -338,8 +338,9 @@ class RelaySession:
             raise
         except Exception as exc:  # a bug must defer the message, neither crash nor downgrade
             log.exception("TLS policy decision for %s failed", self.domain)
-            raise _host_failure(f"TLS policy decision for {self.domain} failed: {exc!r}",
-                                "4.7.5") from None
+            raise _host_failure(
+                f"TLS policy decision for {self.domain} failed: {exc!r}", "4.7.5"
+            ) from None
 
     async def _host_tls(self, qid: str, domain_tls: DomainTls, host: str) -> HostTls:
         """The requirement for one MX host; DeliveryError when the policy refuses the host
@@ -351,18 +352,29 @@ class RelaySession:
             if failure.host_tls is not None:
                 self.host_tls = failure.host_tls
                 self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
-            event("tls_refused", logging.WARNING, log, qid=qid, domain=self.domain, host=host,
-                  policy=failure.source, result=failure.result_type, reason=str(failure))
+            event(
+                "tls_refused",
+                logging.WARNING,
+                log,
+                qid=qid,
+                domain=self.domain,
+                host=host,
+                policy=failure.source,
+                result=failure.result_type,
+                reason=str(failure),
+            )
             raise _host_failure(str(failure), failure.enhanced) from None
         except DeliveryError:
             raise
         except Exception as exc:  # as in _domain_tls: defer, never crash nor downgrade
             log.exception("TLS policy decision for %s failed", host)
-            raise _host_failure(f"TLS policy decision for {host} failed: {exc!r}",
-                                "4.7.5") from None
+            raise _host_failure(
+                f"TLS policy decision for {host} failed: {exc!r}", "4.7.5"
+            ) from None
 
-    async def _starttls(self, stream: ClientStream, caps: Capabilities, host_tls: HostTls,
-                        sni: str) -> Capabilities:
+    async def _starttls(
+        self, stream: ClientStream, caps: Capabilities, host_tls: HostTls, sni: str
+    ) -> Capabilities:
         """STARTTLS as `host_tls` asks, then the checks the handshake cannot do (DANE).
 
         Returns the capabilities said again over TLS (what was said in plaintext is
@@ -381,26 +393,31 @@ class RelaySession:
             reply = await stream.command(proto.STARTTLS, t.command)
             if reply.code != 220:
                 if host_tls.level is Level.MAY:
-                    event("starttls_refused", logger=log, domain=self.domain, host=self.host,
-                          addr=self.address, reply=str(reply))
+                    event(
+                        "starttls_refused",
+                        logger=log,
+                        domain=self.domain,
+                        host=self.host,
+                        addr=self.address,
+                        reply=str(reply),
+                    )
                     return caps
-                raise TlsFailure("starttls-not-supported",
-                                 f"{self.peer} refused STARTTLS: {reply}")
+                raise TlsFailure("starttls-not-supported", f"{self.peer} refused STARTTLS: {reply}")
             await stream.starttls(context, sni, t.command)
         except ssl.SSLCertVerificationError as exc:
             raise TlsFailure.from_verification(exc, self.peer) from None
         except (OSError, ClientProtocolError) as exc:
             why = "timeout" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-            raise TlsFailure("validation-failure", f"TLS handshake with {self.peer}: {why}",
-                             enhanced="4.7.5") from None
+            raise TlsFailure(
+                "validation-failure", f"TLS handshake with {self.peer}: {why}", enhanced="4.7.5"
+            ) from None
         if host_tls.level is Level.DANE and not smart:
             host_tls.check_dane(peer_chain(stream), self.host)  # TlsFailure when no match
         if smart:
             self.tls_verified = relay.smarthost is not None and relay.smarthost.verify
         else:
             self.tls_verified = host_tls.level in (Level.VERIFY, Level.DANE)
-        relay.tls_policy.record_success(host_tls, self.host, self.address,
-                                        sending_ip=self.local_ip)
+        relay.tls_policy.record_success(host_tls, self.host, self.address, sending_ip=self.local_ip)
         return await self._hello(stream)
 
     def _after_tls_failure(self, qid: str, host_tls: HostTls, failure: TlsFailure) -> HostTls:
@@ -410,21 +427,45 @@ class RelaySession:
         `testing` reports the failure and goes on with opportunistic TLS (RFC 8461 §5).
         """
         self.tls_failure = f"{failure.result_type}: {failure}"
-        self.relay.tls_policy.record_failure(host_tls, failure, self.host, self.address,
-                                             sending_ip=self.local_ip)
+        self.relay.tls_policy.record_failure(
+            host_tls, failure, self.host, self.address, sending_ip=self.local_ip
+        )
         if host_tls.source is Source.SMARTHOST:
-            raise _host_failure(f"TLS with smarthost {self.peer} failed: {failure}",
-                                failure.enhanced)
+            raise _host_failure(
+                f"TLS with smarthost {self.peer} failed: {failure}", failure.enhanced
+            )
         if host_tls.required:
-            event("tls_refused", logging.WARNING, log, qid=qid, domain=self.domain,
-                  host=self.host, addr=self.address, port=self.port,
-                  policy=host_tls.source.value, result=failure.result_type, reason=str(failure))
-            raise _host_failure(f"TLS required by {host_tls.source.value} policy for "
-                                f"{self.host}: {failure}", failure.enhanced)
+            event(
+                "tls_refused",
+                logging.WARNING,
+                log,
+                qid=qid,
+                domain=self.domain,
+                host=self.host,
+                addr=self.address,
+                port=self.port,
+                policy=host_tls.source.value,
+                result=failure.result_type,
+                reason=str(failure),
+            )
+            raise _host_failure(
+                f"TLS required by {host_tls.source.value} policy for {self.host}: {failure}",
+                failure.enhanced,
+            )
         fallback = Level.NONE if host_tls.level is Level.MAY else Level.MAY
-        event("tls_failed", logging.WARNING, log, qid=qid, host=self.host, addr=self.address,
-              port=self.port, policy=host_tls.source.value, result=failure.result_type,
-              reason=str(failure), action="plaintext" if fallback is Level.NONE else "may")
+        event(
+            "tls_failed",
+            logging.WARNING,
+            log,
+            qid=qid,
+            host=self.host,
+            addr=self.address,
+            port=self.port,
+            policy=host_tls.source.value,
+            result=failure.result_type,
+            reason=str(failure),
+            action="plaintext" if fallback is Level.NONE else "may",
+        )
         return HostTls(fallback, host_tls.source, enforce=False)
 
     async def _hello(self, stream: ClientStream) -> Capabilities:
