@@ -127,6 +127,7 @@ DOMAINS = (
     "danetabad.test",
     "danemalformed.test",
     "daneaddr.test",
+    "testingout.test",
 )
 
 

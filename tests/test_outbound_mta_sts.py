@@ -42,6 +42,7 @@ STS_DOMAINS = (
     "testing.test",
     "cached.test",
     "bad.test",
+    "testingout.test",
 )
 
 
@@ -78,6 +79,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     "mta-sts.outside.test": policy_text("enforce", "mx.elsewhere.test"),
                     "mta-sts.testing.test": policy_text("testing", "*.testing.test", eol="\n"),
                     "mta-sts.cached.test": policy_text("enforce", "mx.cached.test"),
+                    "mta-sts.testingout.test": policy_text("testing", "mx.elsewhere.test"),
                 }
             )
             yield recv, dns_server, host
@@ -253,6 +255,13 @@ def test_testing_mode_delivers_logs_and_reports(
     assert detail["receiving-mx-hostname"] == "mx2.testing.test"
     assert detail["sending-mta-ip"] == detail["receiving-ip"] == "127.0.0.1"
     assert built["sts.test"]["policies"][0]["summary"]["total-successful-session-count"] == 1
+    # testing, and the MX is not in the policy: delivered, reported once
+    res, _ = send(world, tmp_path, "alice@testingout.test", reports=reports)
+    assert res.status is Status.DELIVERED  # its certificate failed too: that is the last
+    built = {r.policy_domain: r.data for r in reports.build_reports(day, "o", "c", "s.test")}
+    out = built["testingout.test"]["policies"][0]
+    assert out["summary"]["total-failure-session-count"] == 1
+    assert out["failure-details"][0]["result-type"] == "validation-failure"
     reports.close()
 
 

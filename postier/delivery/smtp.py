@@ -346,7 +346,10 @@ class RelaySession:
         """The requirement for one MX host; DeliveryError when the policy refuses the host
         (an MX outside an enforced MTA-STS policy) or its TLSA look-up failed."""
         try:
-            return await domain_tls.for_host(host)
+            host_tls = await domain_tls.for_host(host)
+            if host_tls.noted is not None:  # MTA-STS testing: report, log and go on
+                self._note_failure(qid, host, host_tls.noted)
+            return host_tls
         except TlsFailure as failure:
             self.tls_failure = f"{failure.result_type}: {failure}"
             if failure.host_tls is not None:
@@ -371,6 +374,23 @@ class RelaySession:
             raise _host_failure(
                 f"TLS policy decision for {host} failed: {exc!r}", "4.7.5"
             ) from None
+
+    def _note_failure(self, qid: str, host: str, failure: TlsFailure) -> None:
+        self.tls_failure = f"{failure.result_type}: {failure}"
+        if failure.host_tls is not None:
+            self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
+        event(
+            "tls_failed",
+            logging.WARNING,
+            log,
+            qid=qid,
+            domain=self.domain,
+            host=host,
+            policy=failure.source,
+            result=failure.result_type,
+            reason=str(failure),
+            action="continue",
+        )
 
     async def _starttls(
         self, stream: ClientStream, caps: Capabilities, host_tls: HostTls, sni: str

@@ -59,6 +59,8 @@ class HostTls:
     enforce: bool = True
     tlsa: tuple[Any, ...] = ()
     report: Any = field(default=None, compare=False)
+    # A failure found before connecting that only gets reported (MTA-STS testing mode).
+    noted: TlsFailure | None = field(default=None, compare=False)
 
     def check_dane(self, chain_der: list[bytes], host: str) -> None:
         """After the handshake: TlsFailure unless the chain matches a usable TLSA record."""
