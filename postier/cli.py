@@ -78,6 +78,26 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
     p.add_argument("--dkim-keys", dest="dkim_keys", help="DKIM keys: DIR/<domain>/<selector>.pem")
     p.add_argument("--workers", help="worker processes: N or auto (default auto, one per core)")
+    p.add_argument(
+        "--tls-ca-file",
+        dest="tls_ca_file",
+        help="CA bundle for verifying remote MX and MTA-STS policy hosts",
+    )
+    p.add_argument("--mta-sts-port", dest="mta_sts_port", help="port for MTA-STS policy fetches")
+    p.add_argument(
+        "--no-mta-sts",
+        dest="mta_sts",
+        action="store_const",
+        const=False,
+        help="do not apply MTA-STS policies to outbound mail",
+    )
+    p.add_argument(
+        "--no-dane",
+        dest="dane",
+        action="store_const",
+        const=False,
+        help="do not apply DANE TLSA records to outbound mail",
+    )
     p.add_argument("--user", help="drop privileges to this user after binding")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
     p.add_argument("--log-format", dest="log_format", help="text (default) or json")
@@ -113,6 +133,10 @@ _CONFIG_FLAGS = [
     "remote_port",
     "smarthost",
     "dkim_keys",
+    "tls_ca_file",
+    "mta_sts_port",
+    "mta_sts",
+    "dane",
     "workers",
     "user",
     "log_level",

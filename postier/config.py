@@ -80,6 +80,12 @@ class Config:
     max_queue_age: float = 5 * 86400.0
     delay_warning_after: float = 4 * 3600.0
     per_destination_limit: int = 4
+    # outbound TLS (postier.outbound): CA bundle, MTA-STS, DANE, per-domain levels
+    tls_ca_file: Path | None = None
+    mta_sts_port: int = 443
+    mta_sts: bool = True  # flag --no-mta-sts
+    dane: bool = True  # flag --no-dane
+    tls_policy: tuple[tuple[str, str], ...] = ()  # TOML table domain -> level
 
     @property
     def listeners(self) -> dict[str, tuple[ListenSpec, ...]]:
@@ -107,7 +113,10 @@ _PATH_KEYS = {
     "tls_key",
     "tls_cert_dir",
     "dkim_keys",
+    "tls_ca_file",
 }
+# TOML tables that are values, not groups of keys.
+_TABLE_KEYS = {"tls_policy"}
 
 
 def _field_types() -> dict[str, Any]:
@@ -141,6 +150,10 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
             return tuple(dict.fromkeys(str(ipaddress.ip_address(str(v).strip())) for v in items))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    if key == "tls_policy":
+        from postier.outbound.tls_policy import parse_policy_table
+
+        return tuple((k, v.value) for k, v in parse_policy_table(value, where).items())
     if key == "retry_schedule":
         if not isinstance(value, list | tuple) or not value:
             raise ConfigError(f"{where}: expected a non-empty list of seconds")
@@ -200,7 +213,8 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):  # tables are only for grouping: [limits], [timeouts] ...
+        # Tables are only for grouping ([limits], [timeouts] ...), except value tables.
+        if isinstance(value, dict) and key not in _TABLE_KEYS:
             for sub, subval in value.items():
                 flat[sub] = subval
         else:
@@ -264,12 +278,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be at least 1")
     if cfg.workers < 1 or cfg.workers > 64:
         raise ConfigError("workers: must be between 1 and 64")
+    if not 0 < cfg.mta_sts_port < 65536:
+        raise ConfigError("mta_sts_port: must be a port number (1-65535)")
     for name in ("command_timeout", "data_timeout", "session_timeout", "reload_interval"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
     if len(cfg.recipient_delimiter) > 1:
         raise ConfigError("recipient_delimiter: must be one character or empty")
-    file_keys = ["users", "aliases", "passwords"]
+    file_keys = ["users", "aliases", "passwords", "tls_ca_file"]
     if not cfg.tls_self_signed:
         file_keys += ["tls_cert", "tls_key"]
     for path_key in file_keys:
@@ -289,7 +305,9 @@ def describe(cfg: Config) -> str:
         key = "pass" if f.name == "passwords" else f.name
         if f.name == "smarthost_password" and value:
             value = "********"
-        if isinstance(value, tuple):
+        if f.name == "tls_policy":  # a TOML inline table, as it is written
+            shown = "{ " + ", ".join(f'"{k}" = "{v}"' for k, v in value) + " }"
+        elif isinstance(value, tuple):
             shown = (
                 "["
                 + ", ".join(f'"{v}"' if not isinstance(v, float) else f"{v:g}" for v in value)

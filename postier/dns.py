@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -230,3 +231,67 @@ class Resolver:
         if errors:
             raise errors[0]
         raise _not_found(f"{name}: no address records (AAAA or A)")
+
+
+# --- DNSSEC-aware look-ups for outbound TLS (DANE, MTA-STS, TLS-RPT) ------------------------
+
+
+class SecureAnswer:
+    """Records of one look-up and whether our resolver vouched for them (the AD bit).
+
+    We do not validate DNSSEC ourselves: like Postfix, we trust the AD bit of the one
+    resolver the operator configured (a validating resolver such as unbound on loopback).
+    NXDOMAIN and NODATA are an empty answer, not an error: "no TLSA" and "no policy" are
+    ordinary outcomes for these names.
+    """
+
+    __slots__ = ("authenticated", "records")
+
+    def __init__(self, records: list[object], authenticated: bool) -> None:
+        self.records = records
+        self.authenticated = authenticated
+
+
+class SecureLookups:
+    """TLSA and TXT look-ups that ask for (and report) the AD bit, on `resolver`'s server."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self._res: dns.asyncresolver.Resolver | None = None
+
+    def _get(self) -> dns.asyncresolver.Resolver:
+        if self._res is None:
+            base = self.resolver._get_resolver()
+            res = dns.asyncresolver.Resolver(configure=False)
+            res.nameservers = list(base.nameservers)
+            res.port = base.port
+            res.lifetime, res.timeout, res.search = base.lifetime, base.timeout, []
+            res.use_edns(0, dns.flags.DO, 1232)  # ask for DNSSEC processing
+            res.flags = dns.flags.RD | dns.flags.AD  # and for the AD bit (RFC 6840 §5.7)
+            self._res = res
+        return self._res
+
+    async def query(self, name: str, rdtype: str) -> SecureAnswer:
+        """Records of `rdtype` at `name`; DeliveryError (temporary) on any DNS failure."""
+        try:
+            answer = await self._get().resolve(
+                dns.name.from_text(name), rdtype, search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            return SecureAnswer([], False)
+        except (dns.exception.DNSException, OSError) as exc:
+            raise _temporary(f"{name} {rdtype}: DNS failure: {exc or type(exc).__name__}") from None
+        records = [] if answer.rrset is None else list(answer.rrset)
+        return SecureAnswer(records, bool(answer.response.flags & dns.flags.AD))
+
+    async def txt(self, name: str) -> list[str]:
+        """TXT records at `name`, each one's strings joined (RFC 7208 §3.3 style)."""
+        found = await self.query(name, "TXT")
+        return [
+            b"".join(r.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
+            for r in found.records
+        ]
+
+    async def tlsa(self, host: str, port: int = 25) -> SecureAnswer:
+        """TLSA records at `_<port>._tcp.<host>` (RFC 7672 §2.2)."""
+        return await self.query(f"_{port}._tcp.{to_ascii_domain(host)}", "TLSA")

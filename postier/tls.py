@@ -10,6 +10,7 @@ certificates it has and logs what is wrong with the new ones.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
 import datetime as dt
@@ -36,6 +37,8 @@ __all__ = [
     "client_context",
     "describe",
     "front_tls_context",
+    "peer_chain",
+    "sends_tickets",
 ]
 
 log = logging.getLogger("postier.tls")
@@ -134,9 +137,8 @@ def _server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     # Server preference so a weak client choice never wins over a strong suite we both have.
     # No compression (CRIME). No renegotiation: a client-triggered CPU sink we never need.
-    # Session tickets stay ON (we do not set OP_NO_TICKET): Outlook/Exchange and other
-    # Schannel clients reconnect often and expect to resume; without tickets every connection
-    # pays a full handshake and some of them fail STARTTLS intermittently.
+    # Session tickets are decided by the front context each connection starts with (see
+    # front_tls_context): off on mx, on for submission and submissions.
     ctx.options |= (ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
                     | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE)
     ctx.verify_mode = ssl.CERT_NONE  # never ask SMTP clients for a certificate
@@ -364,8 +366,28 @@ def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
     return f"version={version} cipher={name} bits={bits}"
 
 
+def sends_tickets(role: str) -> bool:
+    """Whether a listener role sends TLS session tickets.
+
+    Not on mx: Outlook.com's senders abort STARTTLS with servers that send TLS 1.3 tickets
+    (chasquid#64, mox#237, golang/go#70232; Postfix users saw the same), MTAs rarely resume,
+    and a ticket key that lives as long as the process weakens forward secrecy. Yes on
+    submission and submissions, where our own users' clients reconnect and resume.
+    """
+    return role != "mx"
+
+
+def front_tls_context(store: CertificateStore, *, tickets: bool = True) -> ssl.SSLContext:
+    """The front context for `store`, with or without session tickets (see _front_context).
+
+    One cache key per (store, tickets) however the caller spells the call: a second context
+    made after the fork would hold ticket keys of its own and break resumption.
+    """
+    return _front_context(store, tickets)
+
+
 @functools.cache
-def front_tls_context(store: CertificateStore) -> ssl.SSLContext:
+def _front_context(store: CertificateStore, tickets: bool) -> ssl.SSLContext:
     """The context every TLS connection starts with (STARTTLS and implicit TLS alike).
 
     It carries the protocol floor and cipher policy, and, as the session context, the
@@ -392,5 +414,26 @@ def front_tls_context(store: CertificateStore) -> ssl.SSLContext:
         if current.sni_callback is not None:
             current.sni_callback(ssl_object, server_name, current)  # type: ignore[arg-type]
 
+    if not tickets:  # see sends_tickets: no TLS 1.3 NewSessionTicket, no TLS 1.2 ticket
+        front.options |= ssl.OP_NO_TICKET
+        front.num_tickets = 0
     front.sni_callback = select  # type: ignore[assignment]
     return front
+
+
+def peer_chain(stream: object) -> list[bytes]:
+    """The certificates the peer sent (DER, leaf first), unverified, for DANE matching.
+
+    The public `get_unverified_chain()` arrived in Python 3.13; since 3.10 the C object has
+    offered it privately. Without either, only the leaf is known (enough for DANE-EE).
+    """
+    ssl_object = stream.writer.get_extra_info("ssl_object")  # type: ignore[attr-defined]
+    if ssl_object is None:
+        return []
+    for owner in (ssl_object, getattr(ssl_object, "_sslobj", None)):
+        getter = getattr(owner, "get_unverified_chain", None)
+        if getter is not None:
+            chain = getter() or []
+            return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []

@@ -512,8 +512,8 @@ def resumptions(t: TlsServer, where: str, n: int, version: ssl.TLSVersion | None
             c = Client(t.submissions)
             c.sock = ctx.wrap_socket(c.sock, session=session)
             c.reply()
-        else:
-            c = Client(t.mx)
+        else:  # "starttls" on submission; "mx" sends no tickets (tls.sends_tickets)
+            c = Client(t.mx if where == "mx" else t.submission)
             c.reply()
             c.ehlo()
             assert c.cmd("STARTTLS")[0] == 220
@@ -529,9 +529,15 @@ def resumptions(t: TlsServer, where: str, n: int, version: ssl.TLSVersion | None
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
 @pytest.mark.parametrize("where", ["starttls", "implicit"])
 def test_sessions_resume(tls: TlsServer, version: ssl.TLSVersion, where: str) -> None:
-    """Session tickets are on: a client that reconnects resumes instead of a full handshake
-    (Outlook-style clients reconnect often and expect it)."""
+    """Session tickets are on for submission and submissions: our users' clients that
+    reconnect resume instead of a full handshake."""
     assert resumptions(tls, where, 3, version) == [False, True, True]
+
+
+def test_mx_sends_no_session_tickets(tls: TlsServer) -> None:
+    """No tickets on mx: Outlook.com's senders abort STARTTLS when they get TLS 1.3 tickets.
+    (TLS 1.2 may still resume by session ID from the worker's own cache: no ticket key.)"""
+    assert resumptions(tls, "mx", 3, ssl.TLSVersion.TLSv1_3) == [False, False, False]
 
 
 def wait_log_count(server: PostierServer, needle: str, count: int, after: int = 0) -> None:

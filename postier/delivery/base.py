@@ -78,6 +78,10 @@ class RecipientResult:
     code: int
     enhanced: str
     text: str
+    # Remote SMTP only: the TLS policy that applied (mta-sts, dane, tls-policy, opportunistic,
+    # smarthost) and the last TLS failure toward the destination, for `postier queue show`.
+    tls_policy: str = ""
+    tls_failure: str = ""
 
     @property
     def reply_line(self) -> str:

@@ -24,7 +24,7 @@ import os
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from postier.delivery.base import Recipient, RecipientResult, StoredMessage, result_from_error
@@ -38,9 +38,18 @@ from postier.delivery.lmtp import (
 from postier.dns import Resolver, is_ip_address
 from postier.errors import DeliveryError
 from postier.log import event
+from postier.outbound.tls_policy import (
+    OPPORTUNISTIC,
+    DomainTls,
+    HostTls,
+    Level,
+    Source,
+    TlsFailure,
+    TlsPolicy,
+)
 from postier.protocol import client as proto
 from postier.protocol.client import Capabilities, ClientProtocolError
-from postier.tls import client_context
+from postier.tls import client_context, peer_chain
 
 __all__ = ["RelaySession", "Smarthost", "SmtpRelay", "Timeouts"]
 
@@ -85,7 +94,8 @@ class SmtpRelay:
     def __init__(
         self, hostname: str, *, resolver: Resolver | None = None, remote_port: int = 25,
         smarthost: Smarthost | None = None, timeouts: Timeouts | None = None,
-        tls_context: ssl.SSLContext | None = None,
+        tls_context: ssl.SSLContext | None = None, tls_policy: TlsPolicy | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.hostname = hostname  # our name in EHLO
         self.resolver = resolver or Resolver()
@@ -97,7 +107,10 @@ class SmtpRelay:
                 tls_context = client_context(verify=smarthost.verify, ca_file=smarthost.ca_file)
             else:
                 tls_context = client_context(verify=False)
-        self.tls_context = tls_context
+        self.tls_context = tls_context  # the smarthost's, or opportunistic toward MX hosts
+        # MX hosts under `verify` or MTA-STS: chain and MX name, against ca_file or the system.
+        self.verify_context = client_context(verify=True, ca_file=ca_file)
+        self.tls_policy = tls_policy or TlsPolicy()
 
     def session(self, domain: str) -> RelaySession:
         return RelaySession(self, domain)
@@ -134,6 +147,10 @@ class RelaySession:
         self.address = ""
         self.port = 0
         self._failed: DeliveryError | None = None
+        self.host_tls: HostTls = OPPORTUNISTIC  # what the connected host owed us
+        self.tls_verified = False  # its certificate was checked (verify, MTA-STS or DANE)
+        self.tls_failure = ""  # the last TLS failure on this destination, for the queue
+        self.local_ip = ""  # our address on the current connection (TLS-RPT sending-mta-ip)
 
     @property
     def tls(self) -> bool:
@@ -167,12 +184,13 @@ class RelaySession:
         try:
             await self._ready(qid)
         except DeliveryError as exc:
-            results = [result_from_error(r, exc) for r in recipients]
+            results = self._with_tls([result_from_error(r, exc) for r in recipients])
             self._log(qid, results, connected=False)
             return results
         assert self.stream is not None
         results = await run_transaction(self.stream, self.caps, message, recipients,
                                         self.relay.timeouts, peer=self.peer)
+        results = self._with_tls(results)
         self._log(qid, results, connected=True)
         if self.stream.broken:
             self.stream = None  # the next send reconnects
@@ -182,8 +200,8 @@ class RelaySession:
         """The one line per attempt: where it went and what each recipient got."""
         event("delivery", logger=log, qid=qid, backend="smtp", domain=self.domain,
               host=self.host if connected else None, addr=self.address if connected else None,
-              port=self.port if connected else None, tls="yes" if self.tls else "no",
-              **outcome_fields(results))
+              port=self.port if connected else None, tls=self.tls_state(connected),
+              policy=self.host_tls.source.value, **outcome_fields(results))
 
     async def _ready(self, qid: str) -> None:
         """Reuse the open connection (after an RSET probe) or open a new one."""
@@ -224,9 +242,11 @@ class RelaySession:
 
     async def _connect(self, qid: str) -> None:
         hosts, port = await self._routes()
+        domain_tls = await self._domain_tls()
         errors: list[DeliveryError] = []
         for host in hosts:
             try:
+                host_tls = await self._host_tls(qid, domain_tls, host)
                 addresses = await self._addresses(host, port)
             except DeliveryError as exc:
                 event("route_failed", logger=log, qid=qid, host=host, reason=str(exc))
@@ -235,7 +255,7 @@ class RelaySession:
             for address in addresses:
                 self.host, self.address, self.port = host, address, port
                 try:
-                    await self._open(qid, plaintext=False)
+                    await self._open(qid, host_tls)
                     return
                 except DeliveryError as exc:
                     event("connect_failed", logger=log, qid=qid, host=host, addr=address,
@@ -249,9 +269,10 @@ class RelaySession:
                             code=last.code if last else 451,
                             enhanced=last.enhanced if last else "4.4.1")
 
-    async def _open(self, qid: str, *, plaintext: bool) -> None:
+    async def _open(self, qid: str, host_tls: HostTls) -> None:
         """Connect to (host, address, port): greeting, EHLO, STARTTLS, AUTH."""
         relay, t = self.relay, self.relay.timeouts
+        self.host_tls, self.tls_verified = host_tls, False
         smart = relay.smarthost
         sni = None if is_ip_address(self.host) else self.host
         implicit = smart is not None and smart.implicit_tls
@@ -265,30 +286,20 @@ class RelaySession:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise _host_failure(f"connect to {self.peer}: {why}") from None
         try:
+            self.local_ip = str((stream.writer.get_extra_info("sockname") or ("",))[0])
             greeting = await stream.read_reply(t.greeting)
             if greeting.code != 220:
                 raise _host_failure(f"{self.peer} greeted us with: {greeting}")
             caps = await self._hello(stream)
-            if not stream.tls and not plaintext and ("STARTTLS" in caps or smart):
+            if stream.tls:
+                self.tls_verified = smart is not None and smart.verify
+            elif host_tls.level is not Level.NONE:
                 try:
-                    reply = await stream.command(proto.STARTTLS, t.command)
-                    if reply.code == 220:
-                        await stream.starttls(relay.tls_context, sni or self.address, t.command)
-                except (OSError, ClientProtocolError) as exc:
+                    caps = await self._starttls(stream, caps, host_tls, sni or self.address)
+                except TlsFailure as failure:
                     stream.writer.close()
-                    why = "timeout" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-                    if smart is not None:
-                        raise _host_failure(f"TLS with smarthost {self.peer} failed: {why}",
-                                            "4.7.5") from None
-                    # Opportunistic, like Postfix's "may": plaintext beats no delivery at all.
-                    event("tls_failed", logging.WARNING, log, qid=qid, host=self.host,
-                          addr=self.address, port=self.port, reason=why, action="plaintext")
-                    return await self._open(qid, plaintext=True)
-                if stream.tls:
-                    caps = await self._hello(stream)  # forget what was said in plaintext
-                else:
-                    event("starttls_refused", logger=log, qid=qid, host=self.host,
-                          addr=self.address, reply=str(reply))
+                    retry = self._after_tls_failure(qid, host_tls, failure)
+                    return await self._open(qid, retry)
             if smart is not None and not stream.tls:
                 raise _host_failure(f"smarthost {self.peer} offers no TLS, which is required",
                                     "4.7.10")
@@ -304,6 +315,183 @@ class RelaySession:
             stream.writer.close()
             raise _host_failure(f"{self.peer}: {exc}", "4.4.2") from None
         self.stream, self.caps = stream, caps
+
+    # --- TLS toward the next hop: what the policy demands, and what happens when it fails ---
+
+    def tls_state(self, connected: bool = True) -> str:
+        """`verified`, `encrypted` or `none`: the `tls=` field of the delivery log line."""
+        if not connected or not self.tls:
+            return "none"
+        return "verified" if self.tls_verified else "encrypted"
+
+    def _with_tls(self, results: list[RecipientResult]) -> list[RecipientResult]:
+        """Stamp each result with the policy that applied and the last TLS failure, so the
+        queue can show them per recipient (`postier queue show`)."""
+        policy = self.host_tls.source.value
+        return [replace(r, tls_policy=policy, tls_failure=self.tls_failure) for r in results]
+
+    async def _domain_tls(self) -> DomainTls:
+        """A smarthost is always `verify` (or `encrypt` when so configured); MX hosts get
+        what the policy decides for the domain (tls_policy table, DANE, MTA-STS, `may`)."""
+        smart = self.relay.smarthost
+        if smart is not None:
+            level = Level.VERIFY if smart.verify else Level.ENCRYPT
+            return DomainTls.fixed(self.domain, HostTls(level, Source.SMARTHOST))
+        try:
+            return await self.relay.tls_policy.for_domain(self.domain)
+        except DeliveryError:
+            raise
+        except Exception as exc:  # a bug must defer the message, neither crash nor downgrade
+            log.exception("TLS policy decision for %s failed", self.domain)
+            raise _host_failure(
+                f"TLS policy decision for {self.domain} failed: {exc!r}", "4.7.5"
+            ) from None
+
+    async def _host_tls(self, qid: str, domain_tls: DomainTls, host: str) -> HostTls:
+        """The requirement for one MX host; DeliveryError when the policy refuses the host
+        (an MX outside an enforced MTA-STS policy) or its TLSA look-up failed."""
+        try:
+            host_tls = await domain_tls.for_host(host)
+            if host_tls.noted is not None:  # MTA-STS testing: report, log and go on
+                self._note_failure(qid, host, host_tls.noted)
+            return host_tls
+        except TlsFailure as failure:
+            self.tls_failure = f"{failure.result_type}: {failure}"
+            if failure.host_tls is not None:
+                self.host_tls = failure.host_tls
+                self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
+            event(
+                "tls_refused",
+                logging.WARNING,
+                log,
+                qid=qid,
+                domain=self.domain,
+                host=host,
+                policy=failure.source,
+                result=failure.result_type,
+                reason=str(failure),
+            )
+            raise _host_failure(str(failure), failure.enhanced) from None
+        except DeliveryError:
+            raise
+        except Exception as exc:  # as in _domain_tls: defer, never crash nor downgrade
+            log.exception("TLS policy decision for %s failed", host)
+            raise _host_failure(
+                f"TLS policy decision for {host} failed: {exc!r}", "4.7.5"
+            ) from None
+
+    def _note_failure(self, qid: str, host: str, failure: TlsFailure) -> None:
+        self.tls_failure = f"{failure.result_type}: {failure}"
+        if failure.host_tls is not None:
+            self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
+        event(
+            "tls_failed",
+            logging.WARNING,
+            log,
+            qid=qid,
+            domain=self.domain,
+            host=host,
+            policy=failure.source,
+            result=failure.result_type,
+            reason=str(failure),
+            action="continue",
+        )
+
+    async def _starttls(
+        self, stream: ClientStream, caps: Capabilities, host_tls: HostTls, sni: str
+    ) -> Capabilities:
+        """STARTTLS as `host_tls` asks, then the checks the handshake cannot do (DANE).
+
+        Returns the capabilities said again over TLS (what was said in plaintext is
+        forgotten), or the plaintext ones when a `may` host offers no STARTTLS. Raises
+        TlsFailure, with its TLS-RPT result type, when the host falls short.
+        """
+        relay, t = self.relay, self.relay.timeouts
+        smart = host_tls.source is Source.SMARTHOST
+        if "STARTTLS" not in caps and not smart:
+            if host_tls.level is Level.MAY:
+                return caps
+            raise TlsFailure("starttls-not-supported", f"{self.peer} does not offer STARTTLS")
+        verify = host_tls.level is Level.VERIFY and not smart
+        context = relay.verify_context if verify else relay.tls_context
+        try:
+            reply = await stream.command(proto.STARTTLS, t.command)
+            if reply.code != 220:
+                if host_tls.level is Level.MAY:
+                    event(
+                        "starttls_refused",
+                        logger=log,
+                        domain=self.domain,
+                        host=self.host,
+                        addr=self.address,
+                        reply=str(reply),
+                    )
+                    return caps
+                raise TlsFailure("starttls-not-supported", f"{self.peer} refused STARTTLS: {reply}")
+            await stream.starttls(context, sni, t.command)
+        except ssl.SSLCertVerificationError as exc:
+            raise TlsFailure.from_verification(exc, self.peer) from None
+        except (OSError, ClientProtocolError) as exc:
+            why = "timeout" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            raise TlsFailure(
+                "validation-failure", f"TLS handshake with {self.peer}: {why}", enhanced="4.7.5"
+            ) from None
+        if host_tls.level is Level.DANE and not smart:
+            host_tls.check_dane(peer_chain(stream), self.host)  # TlsFailure when no match
+        if smart:
+            self.tls_verified = relay.smarthost is not None and relay.smarthost.verify
+        else:
+            self.tls_verified = host_tls.level in (Level.VERIFY, Level.DANE)
+        relay.tls_policy.record_success(host_tls, self.host, self.address, sending_ip=self.local_ip)
+        return await self._hello(stream)
+
+    def _after_tls_failure(self, qid: str, host_tls: HostTls, failure: TlsFailure) -> HostTls:
+        """Defer when the level requires TLS; else the level to reconnect with.
+
+        `may` falls back to plaintext (RFC 7435: plaintext beats no delivery); MTA-STS
+        `testing` reports the failure and goes on with opportunistic TLS (RFC 8461 §5).
+        """
+        self.tls_failure = f"{failure.result_type}: {failure}"
+        self.relay.tls_policy.record_failure(
+            host_tls, failure, self.host, self.address, sending_ip=self.local_ip
+        )
+        if host_tls.source is Source.SMARTHOST:
+            raise _host_failure(
+                f"TLS with smarthost {self.peer} failed: {failure}", failure.enhanced
+            )
+        if host_tls.required:
+            event(
+                "tls_refused",
+                logging.WARNING,
+                log,
+                qid=qid,
+                domain=self.domain,
+                host=self.host,
+                addr=self.address,
+                port=self.port,
+                policy=host_tls.source.value,
+                result=failure.result_type,
+                reason=str(failure),
+            )
+            raise _host_failure(
+                f"TLS required by {host_tls.source.value} policy for {self.host}: {failure}",
+                failure.enhanced,
+            )
+        fallback = Level.NONE if host_tls.level is Level.MAY else Level.MAY
+        event(
+            "tls_failed",
+            logging.WARNING,
+            log,
+            qid=qid,
+            host=self.host,
+            addr=self.address,
+            port=self.port,
+            policy=host_tls.source.value,
+            result=failure.result_type,
+            reason=str(failure),
+            action="plaintext" if fallback is Level.NONE else "may",
+        )
+        return HostTls(fallback, host_tls.source, enforce=False)
 
     async def _hello(self, stream: ClientStream) -> Capabilities:
         t = self.relay.timeouts

@@ -94,6 +94,7 @@ def build_context(config: Config) -> ServerContext:
         ctx.tls = CertificateStore(config.tls_cert, config.tls_key, config.tls_cert_dir)
         # Made here, before the workers fork, so they all share its session-ticket keys.
         front_tls_context(ctx.tls)
+        front_tls_context(ctx.tls, tickets=False)  # mx: no tickets (tls.sends_tickets)
     if config.passwords is not None:
         from postier.auth.passwd import PasswordFile
         from postier.auth.throttle import FailureThrottle

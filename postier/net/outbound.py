@@ -55,14 +55,20 @@ def make_relay(config: Config) -> Relay:
                 config.smarthost,
                 username=config.smarthost_user,
                 password=config.smarthost_password,
+                ca_file=str(config.tls_ca_file) if config.tls_ca_file else None,
             )
         except ValueError as exc:
             raise ConfigError(f"--smarthost: {config.smarthost!r}: {exc}") from None
+    from postier.outbound.setup import make_tls_policy
+
+    ca_file = str(config.tls_ca_file) if config.tls_ca_file else None
     return SmtpRelay(
         config.hostname,
         resolver=resolver,
         remote_port=config.remote_port,
         smarthost=smarthost,
+        tls_policy=make_tls_policy(config, resolver),
+        ca_file=ca_file,
     )
 
 

@@ -31,7 +31,7 @@ from postier.protocol import replies as R
 from postier.protocol.replies import Reply
 from postier.protocol.server import ServerConnection
 from postier.protocol.state import Phase, ServerConfig
-from postier.tls import describe, front_tls_context
+from postier.tls import describe, front_tls_context, sends_tickets
 
 _LOG = logging.getLogger("postier.session")
 
@@ -322,7 +322,7 @@ class SmtpSession(asyncio.Protocol):
             new_transport = await loop.start_tls(
                 self.transport,
                 self,
-                front_tls_context(self.ctx.tls),
+                front_tls_context(self.ctx.tls, tickets=sends_tickets(self.role.name)),
                 server_side=True,
                 ssl_handshake_timeout=min(60.0, self.ctx.config.command_timeout),
             )
