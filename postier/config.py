@@ -51,6 +51,7 @@ class Config:
     recipient_delimiter: str = ""
     reverse_dns: bool = True
     received_auth_user: bool = False  # name the AUTH user in Received: (off: privacy)
+    dmarc_reject: bool = True  # answer 550 5.7.1 to DMARC failures under p=reject
     log_level: str = "info"
     # limits
     max_message_size: int = 35 * 1024 * 1024
