@@ -68,6 +68,13 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dns-server", dest="dns_server", help="resolver IP[:PORT] for MX look-ups")
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
+    p.add_argument(
+        "--no-dmarc-reject",
+        dest="dmarc_reject",
+        action="store_false",
+        default=None,
+        help="deliver DMARC p=reject failures (recorded) instead of answering 550 5.7.1",
+    )
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
     p.add_argument("--workers", help="worker processes (default 1)")
     p.add_argument("--user", help="drop privileges to this user after binding")
@@ -100,6 +107,7 @@ _CONFIG_FLAGS = [
     "tls_cert_dir",
     "dns_server",
     "remote_port",
+    "dmarc_reject",
     "smarthost",
     "workers",
     "user",
