@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import tracemalloc
 from pathlib import Path
 
+import dkim
+import nacl.signing
 import pytest
 
 from postier.dns import Resolver
@@ -194,3 +197,35 @@ def test_big_message_is_verified_in_bounded_memory(dns_server, keys, tmp_path):
     assert result.result == "pass"
     assert path.stat().st_size > 14_000_000
     assert peak < 4_000_000, peak
+
+
+def test_header_line_over_64k_is_permerror(dns_server, keys, tmp_path):
+    signed = sign(message(), keys["good"], "sel1")
+    huge = b"X-Huge: " + b"y" * 70_000 + b"\n"
+    [result] = check(dns_server, tmp_path, signed.replace(b"To:", huge + b"To:", 1))
+    assert (result.result, result.reason) == ("permerror", "header section too large")
+
+
+def test_ed25519_signature_passes(keys, tmp_path):
+    """RFC 8463. No independent Ed25519 signer is packaged here (Debian's Mail::DKIM and
+    opendkim-testmsg sign RSA only), so dkimpy signs: this checks our key handling and the
+    streamed body hash for Ed25519, not dkimpy against another implementation."""
+
+    seed = nacl.signing.SigningKey.generate()
+    public = base64.b64encode(bytes(seed.verify_key)).decode()
+    record = f"v=DKIM1; k=ed25519; p={public}"
+    msg = message().replace(b"\n", b"\r\n")
+    field = dkim.sign(
+        msg,
+        b"ed",
+        b"example.test",
+        base64.b64encode(bytes(seed)),
+        signature_algorithm=b"ed25519-sha256",
+        include_headers=[b"from", b"to", b"subject", b"from"],
+    )
+    zone = {"ed._domainkey.example.test": {"TXT": [txt(record)]}}
+    with DnsServer(zone) as server:
+        [result] = check(server, tmp_path, field + msg)
+        [bad] = check(server, tmp_path, field + msg.replace(b"Hello", b"Hullo"))
+    assert (result.result, result.selector) == ("pass", "ed")
+    assert bad.result == "fail"
