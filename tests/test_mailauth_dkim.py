@@ -206,11 +206,10 @@ def test_header_line_over_64k_is_permerror(dns_server, keys, tmp_path):
     assert (result.result, result.reason) == ("permerror", "header section too large")
 
 
-def test_ed25519_signature_passes(keys, tmp_path):
+def test_ed25519_signature_passes(tmp_path):
     """RFC 8463. No independent Ed25519 signer is packaged here (Debian's Mail::DKIM and
     opendkim-testmsg sign RSA only), so dkimpy signs: this checks our key handling and the
     streamed body hash for Ed25519, not dkimpy against another implementation."""
-
     seed = nacl.signing.SigningKey.generate()
     public = base64.b64encode(bytes(seed.verify_key)).decode()
     record = f"v=DKIM1; k=ed25519; p={public}"
