@@ -3,7 +3,9 @@
 Why not dkimpy's own verify: it canonicalizes the whole body as one bytes object, so a 35 MB
 message would cost 35 MB (several times over) of memory per verification. dkimpy still does all
 of the header work and the signature check (dkim_verify.py); here we only compute the body hash,
-in blocks, with dkimpy's own canonicalization functions. What block-wise hashing must get right:
+in blocks. Simple and relaxed body canonicalization are a few lines each; a property test holds
+them to dkimpy's whole-body functions for any body and block size. What block-wise hashing
+must get right:
 
 - "Ignore all empty lines at the end of the body": empty lines are counted, not hashed, until a
   non-empty line shows they were not at the end.
@@ -19,14 +21,32 @@ in blocks, with dkimpy's own canonicalization functions. What block-wise hashing
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from dkim.canonicalization import compress_whitespace, strip_trailing_whitespace
-
-BLOCK = 64 * 1024  # read size and longest line piece held; relaxed regexes cost ~40x this
+BLOCK = 64 * 1024  # read size, and the longest piece of one line held in memory
 _WSP = b" \t"
+_SPACES = re.compile(b"  +")  # starts with a two-byte literal: re skips to it at C speed
+
+
+def compress_whitespace(data: bytes) -> bytes:
+    """Relaxed: "reduce all sequences of WSP within a line to a single SP character".
+
+    dkimpy's `[\t ]+` regex stops at every space, one match per word (about 60 ms per MB);
+    tabs become spaces with bytes.replace, then only runs of two or more are rewritten.
+    """
+    return _SPACES.sub(b" ", data.replace(b"\t", b" "))
+
+
+def relaxed_lines(block: bytes) -> bytes:
+    """Relaxed body canonicalization of complete CRLF lines (RFC 6376 §3.4.4).
+
+    Whitespace is compressed first, so what is left at a line end is one SP: removing
+    " CRLF" then equals dkimpy's strip-then-compress (the property test checks it).
+    """
+    return compress_whitespace(block).replace(b" \r\n", b"\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +104,7 @@ class BodyHasher:
             if self._wsp:
                 block = b" " + block
                 self._wsp = False
-            block = compress_whitespace(strip_trailing_whitespace(block))
+            block = relaxed_lines(block)
         if self._in_line:  # the first line ends a line whose start was hashed: never "empty"
             end = block.index(b"\r\n") + 2
             self._emit(block[:end])

@@ -21,6 +21,7 @@ import base64
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,11 @@ def finish(path: Path, prepared: Prepared) -> list[DkimResult]:
     return [results[i] for i in sorted(results)]
 
 
+@lru_cache(maxsize=256)  # a sender's key record, parsed once (ASN.1 in pure Python)
+def _parse_key(record: bytes) -> tuple[Any, int, bytes, bool]:
+    return dkim.evaluate_pk(b"key", record)
+
+
 def _check_signature(verifier: Any, c: _Candidate) -> DkimResult:
     key = c.key or b""
     if len(key) > MAX_KEY_RECORD:
@@ -223,7 +229,7 @@ def _check_signature(verifier: Any, c: _Candidate) -> DkimResult:
     if tags.get(b"p", b"x").strip() == b"":
         return _verdict(c, "fail", "key revoked")
     try:
-        pk, keysize, ktag, seqtlsrpt = dkim.evaluate_pk(c.sig[b"s"], key)
+        pk, keysize, ktag, seqtlsrpt = _parse_key(key)
     except Exception as exc:
         return _verdict(c, "permerror", f"bad key: {exc}"[:200])
     if pk is None or ktag != c.sig[b"a"].split(b"-")[0]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
@@ -56,6 +56,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@lru_cache(maxsize=4096)  # the list's look-up encodes every label: cache per domain
 def organizational_domain(domain: str) -> str:
     """The registrable domain (RFC 7489 §3.2); a public suffix itself stays as it is."""
     domain = domain.lower().rstrip(".")
