@@ -23,7 +23,7 @@ from postier.dns import DnsTemporaryError, Resolver
 from postier.mailauth import dkim_verify
 from postier.mailauth.dkim_verify import DkimResult
 from postier.mailauth.dmarc import DmarcResult, check_dmarc, organizational_domain
-from postier.mailauth.headers import from_domains, read_header_section
+from postier.mailauth.headers import HeaderSection, from_domains, read_header_section
 from postier.mailauth.results import claims_authserv_id, render
 from postier.mailauth.spf import SpfResult, check_spf
 
@@ -55,6 +55,12 @@ class AuthVerdicts:
         return self.dmarc.disposition
 
 
+def _read(path: Path, offset: int) -> HeaderSection:
+    """The header section, and the Public Suffix List loaded once (tens of ms) in the pool."""
+    organizational_domain("example.org")
+    return read_header_section(path, offset)
+
+
 async def _warm_dmarc(resolver: Resolver, domains: list[str]) -> None:
     """Ask for the DMARC records while DKIM works, so check_dmarc finds them in the cache."""
     names = {f"_dmarc.{d}" for d in domains} | {
@@ -78,12 +84,11 @@ async def authenticate(
     """DKIM and DMARC for the spooled message at `content_offset` of `message_path`.
 
     The file holds the message from `content_offset` on (LF or CRLF line ends); it is read
-    twice, header section first, then the body in blocks: never whole in memory.
+    twice, header section first, then the body in blocks: never whole in memory. Only an
+    unreadable file raises (OSError): that is the server's trouble, not the message's.
     """
     loop = asyncio.get_running_loop()
-    section = await loop.run_in_executor(
-        executor, read_header_section, message_path, content_offset
-    )
+    section = await loop.run_in_executor(executor, _read, message_path, content_offset)
     prepared = await loop.run_in_executor(executor, dkim_verify.prepare, section)
     authors = from_domains(section.raw)
     await asyncio.gather(
