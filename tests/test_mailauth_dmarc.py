@@ -116,6 +116,11 @@ def test_temporary_errors_never_reject(dns_server):
     assert (record_temp.result, record_temp.disposition) == ("temperror", "temperror")
 
 
+def test_a_temporary_error_under_p_none_asks_for_nothing(dns_server):
+    result = dmarc(dns_server, ["none.test"], spf("temperror", "none.test"))
+    assert (result.result, result.disposition) == ("temperror", "none")
+
+
 def test_a_temporary_error_that_could_not_align_does_not_matter(dns_server):
     result = dmarc(dns_server, ["example.test"], spf("temperror", "other.test"))
     assert (result.result, result.disposition) == ("fail", "reject")

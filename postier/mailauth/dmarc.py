@@ -143,7 +143,9 @@ def _verdict_for(
     if (spf_aligned and spf.result == "temperror") or any(
         d.result == "temperror" for d in dkim_aligned
     ):
-        return DmarcResult("temperror", domain, record.policy, "temperror", "aligned check failed")
+        # p=none asks for nothing either way: no reason to make the sender retry
+        disposition = "none" if record.policy == "none" else "temperror"
+        return DmarcResult("temperror", domain, record.policy, disposition, "aligned check failed")
     disposition = record.policy
     if record.pct < 100 and sample() * 100 >= record.pct:
         disposition = _MILDER[disposition]  # §6.6.4: not sampled
