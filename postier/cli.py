@@ -75,6 +75,13 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         "--public-ip", dest="public_ip", action="append", help="our public address (repeatable)"
     )
     p.add_argument("--remote-port", dest="remote_port", help="port of remote MX hosts")
+    p.add_argument(
+        "--no-dmarc-reject",
+        dest="dmarc_reject",
+        action="store_false",
+        default=None,
+        help="deliver DMARC p=reject failures (recorded) instead of answering 550 5.7.1",
+    )
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
     p.add_argument("--dkim-keys", dest="dkim_keys", help="DKIM keys: DIR/<domain>/<selector>.pem")
     p.add_argument("--workers", help="worker processes: N or auto (default auto, one per core)")
@@ -131,6 +138,7 @@ _CONFIG_FLAGS = [
     "dns_server",
     "public_ip",
     "remote_port",
+    "dmarc_reject",
     "smarthost",
     "dkim_keys",
     "tls_ca_file",

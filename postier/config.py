@@ -55,6 +55,7 @@ class Config:
     recipient_delimiter: str = ""
     reverse_dns: bool = True
     received_auth_user: bool = False  # name the AUTH user in Received: (off: privacy)
+    dmarc_reject: bool = True  # answer 550 5.7.1 to DMARC failures under p=reject
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object a line, the same keys
     metrics: str = ""  # ADDR:PORT of the Prometheus endpoint (/metrics, /healthz); empty: off

@@ -25,10 +25,11 @@ import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.name
+import dns.rdata
 import dns.rdatatype
 import dns.resolver
 
-from postier.errors import DeliveryError
+from postier.errors import DeliveryError, PostierError
 
 try:  # IDNA 2008 (UTS #46) when the `idna` package is there, else Python's IDNA 2003 codec.
     import idna as _idna
@@ -103,6 +104,13 @@ def _not_found(what: str) -> DeliveryError:
     return DeliveryError(what, permanent=True, code=550, enhanced="5.1.2")
 
 
+class DnsTemporaryError(PostierError):
+    """A look-up failed for now (timeout, SERVFAIL, no server answering): try again later."""
+
+
+AUTH_CACHE_SIZE = 4096  # answers kept by the authentication look-ups (SPF, DKIM, DMARC)
+
+
 class Resolver:
     """An asyncio MX/AAAA/A resolver with postier's failure classes.
 
@@ -124,6 +132,7 @@ class Resolver:
         self.timeout = timeout
         self._shuffle = shuffle  # injectable so tests can check the order among equals
         self._resolver: dns.asyncresolver.Resolver | None = None
+        self._auth_resolver: dns.asyncresolver.Resolver | None = None
 
     def _get_resolver(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
@@ -231,6 +240,58 @@ class Resolver:
         if errors:
             raise errors[0]
         raise _not_found(f"{name}: no address records (AAAA or A)")
+
+    # -- Cached look-ups for message authentication (SPF, DKIM keys, DMARC) --
+    #
+    # Why a second, cached dnspython resolver: SPF, DKIM and DMARC ask the same few names for
+    # every message from a sender, so their answers are cached for their TTL (dnspython's
+    # LRUCache, which caches NXDOMAIN and NODATA too). MX routing above keeps its uncached
+    # behaviour. The failure classes differ from routing: "no such record" is an empty list
+    # (SPF, DKIM and DMARC treat NXDOMAIN and NODATA alike) and only a transient failure
+    # raises, so callers turn it into `temperror`, never into a permanent verdict.
+
+    def _get_auth_resolver(self) -> dns.asyncresolver.Resolver:
+        if self._auth_resolver is None:
+            try:
+                res = dns.asyncresolver.Resolver(configure=self.nameserver is None)
+            except (dns.resolver.NoResolverConfiguration, OSError) as exc:
+                raise DnsTemporaryError(f"no DNS resolver configured: {exc}") from None
+            if self.nameserver is not None:
+                res.nameservers = [self.nameserver]
+                res.port = self.port
+            res.lifetime = self.timeout
+            res.timeout = self.timeout
+            res.search = []
+            res.cache = dns.resolver.LRUCache(AUTH_CACHE_SIZE)
+            self._auth_resolver = res
+        return self._auth_resolver
+
+    async def lookup(
+        self, name: str, rdtype: str, *, lifetime: float | None = None
+    ) -> list[dns.rdata.Rdata]:
+        """Records of `rdtype` at `name`; [] for NXDOMAIN or NODATA; cached for their TTL.
+
+        Raises DnsTemporaryError for a transient failure, and ValueError for a name that cannot
+        be a DNS name (empty or over-long labels, bad IDNA): the record that named it is bad.
+        """
+        try:
+            qname = dns.name.from_text(to_ascii_domain(name))
+        except (ValueError, dns.exception.DNSException) as exc:
+            raise ValueError(f"{name!r} is not a valid DNS name: {exc}") from None
+        try:
+            answer = await self._get_auth_resolver().resolve(
+                qname, rdtype, search=False, raise_on_no_answer=False, lifetime=lifetime
+            )
+        except dns.resolver.NXDOMAIN:
+            return []
+        except (dns.exception.DNSException, OSError) as exc:
+            raise DnsTemporaryError(f"{name} {rdtype}: {type(exc).__name__}: {exc}") from None
+        return [] if answer.rrset is None else list(answer.rrset)
+
+    async def txt(self, name: str, *, lifetime: float | None = None) -> list[bytes]:
+        """TXT records at `name`, each with its character-strings joined (RFC 7208 §3.3)."""
+        records = await self.lookup(name, "TXT", lifetime=lifetime)
+        return [b"".join(r.strings) for r in records]
 
 
 # --- DNSSEC-aware look-ups for outbound TLS (DANE, MTA-STS, TLS-RPT) ------------------------
