@@ -78,6 +78,9 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections-per-ip", dest="max_connections_per_ip", help="(default 50)")
     p.add_argument("--command-timeout", dest="command_timeout", help="seconds (default 300)")
     p.add_argument("--data-timeout", dest="data_timeout", help="seconds (default 300)")
+    p.add_argument(
+        "--rspamd", help="rspamd's HTTP address for spam checks, e.g. http://127.0.0.1:11333"
+    )
 
 
 _CONFIG_FLAGS = [
@@ -110,6 +113,7 @@ _CONFIG_FLAGS = [
     "max_connections_per_ip",
     "command_timeout",
     "data_timeout",
+    "rspamd",
 ]
 
 
