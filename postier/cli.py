@@ -52,7 +52,10 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lmtp", help="LMTP target for -F lmtp: HOST:PORT or a UNIX socket path")
     p.add_argument("-u", "--users", help="local users file: lines 'address [mailbox]'")
     p.add_argument("-a", "--aliases", help="aliases file: lines 'alias: target, target'")
-    p.add_argument("-P", "--pass", dest="passwords", help="credentials for SMTP AUTH")
+    # "-pass FILE" is the seeds' own spelling; argparse matches it exactly before "-P".
+    p.add_argument(
+        "-P", "--pass", "-pass", dest="passwords", help="credentials for SMTP AUTH"
+    )
     p.add_argument("-Q", "--queue-dir", dest="queue_dir", help="the durable outbound queue")
     for role, text in (
         ("mx", "inbound listener ADDR:PORT (repeatable)"),
