@@ -56,7 +56,10 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lmtp", help="LMTP target for -F lmtp: HOST:PORT or a UNIX socket path")
     p.add_argument("-u", "--users", help="local users file: lines 'address [mailbox]'")
     p.add_argument("-a", "--aliases", help="aliases file: lines 'alias: target, target'")
-    p.add_argument("-P", "--pass", dest="passwords", help="credentials for SMTP AUTH")
+    # "-pass FILE" is the seeds' own spelling; argparse matches it exactly before "-P".
+    p.add_argument(
+        "-P", "--pass", "-pass", dest="passwords", help="credentials for SMTP AUTH"
+    )
     p.add_argument("-Q", "--queue-dir", dest="queue_dir", help="the durable outbound queue")
     for role, text in (
         ("mx", "inbound listener ADDR:PORT (repeatable)"),
@@ -115,6 +118,9 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections-per-ip", dest="max_connections_per_ip", help="(default 50)")
     p.add_argument("--command-timeout", dest="command_timeout", help="seconds (default 300)")
     p.add_argument("--data-timeout", dest="data_timeout", help="seconds (default 300)")
+    p.add_argument(
+        "--rspamd", help="rspamd's HTTP address for spam checks, e.g. http://127.0.0.1:11333"
+    )
 
 
 _CONFIG_FLAGS = [
@@ -156,6 +162,7 @@ _CONFIG_FLAGS = [
     "max_connections_per_ip",
     "command_timeout",
     "data_timeout",
+    "rspamd",
 ]
 
 

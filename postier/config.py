@@ -87,6 +87,20 @@ class Config:
     mta_sts: bool = True  # flag --no-mta-sts
     dane: bool = True  # flag --no-dane
     tls_policy: tuple[tuple[str, str], ...] = ()  # TOML table domain -> level
+    # inbound protection (checks run in this order: limits, DNSBL, RCPT policy, greylist,
+    # end-of-data verdicts, rspamd); each is off until configured
+    rspamd: str = ""  # rspamd's HTTP address, e.g. "http://127.0.0.1:11333"
+    rspamd_fail_open: bool = False  # rspamd down: accept with a header instead of 451
+    rspamd_listeners: tuple[str, ...] = ("mx", "submission", "submissions")
+    dnsbl: tuple[str, ...] = ()  # "zone[=127.0.0.x,...][*weight]", as postscreen writes them
+    dnsbl_threshold: int = 1
+    greylist: bool = False
+    greylist_delay: float = 300.0
+    greylist_expire: float = 86400.0
+    greylist_allow_domains: tuple[str, ...] = ()
+    client_connections_per_minute: int = 0  # per client IP (IPv6: per /64); 0 = no limit
+    client_messages_per_minute: int = 0
+    client_recipients_per_minute: int = 0
 
     @property
     def listeners(self) -> dict[str, tuple[ListenSpec, ...]]:
@@ -104,6 +118,7 @@ DEFAULT_LOCAL = (ListenSpec("127.0.0.1", 2525, "ip"),)
 # TOML key -> dataclass field, where they differ.
 _KEY_ALIASES = {"pass": "passwords", "domains": "domain"}
 _LISTENER_KEYS = ("mx", "local", "submission", "submissions")
+_STRING_LIST_KEYS = {"rspamd_listeners", "dnsbl", "greylist_allow_domains"}
 _PATH_KEYS = {
     "mail_root",
     "users",
@@ -155,6 +170,11 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
         from postier.outbound.tls_policy import parse_policy_table
 
         return tuple((k, v.value) for k, v in parse_policy_table(value, where).items())
+    if key in _STRING_LIST_KEYS:
+        items = value if isinstance(value, list | tuple) else [value]
+        if not all(isinstance(v, str) and v.strip() for v in items):
+            raise ConfigError(f"{where}: expected a list of non-empty strings")
+        return tuple(v.strip() for v in items)
     if key == "retry_schedule":
         if not isinstance(value, list | tuple) or not value:
             raise ConfigError(f"{where}: expected a non-empty list of seconds")
@@ -284,6 +304,7 @@ def validate(cfg: Config) -> None:
     for name in ("command_timeout", "data_timeout", "session_timeout", "reload_interval"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
+    _validate_protection(cfg)
     if len(cfg.recipient_delimiter) > 1:
         raise ConfigError("recipient_delimiter: must be one character or empty")
     file_keys = ["users", "aliases", "passwords", "tls_ca_file"]
@@ -296,6 +317,34 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{flag}: {p}: no such file")
     if cfg.dkim_keys is not None and not Path(cfg.dkim_keys).is_dir():
         raise ConfigError(f"dkim_keys: {cfg.dkim_keys}: no such directory")
+
+
+def _validate_protection(cfg: Config) -> None:
+    from postier.checks.dnsbl import DnsblSite  # the entry syntax lives with its parser
+
+    if cfg.rspamd and not cfg.rspamd.startswith("http://"):
+        raise ConfigError(f"rspamd: {cfg.rspamd!r} must be an http:// URL (rspamd's /checkv2)")
+    for name in cfg.rspamd_listeners:
+        if name not in _LISTENER_KEYS:
+            raise ConfigError(
+                f"rspamd_listeners: {name!r} is not one of {', '.join(_LISTENER_KEYS)}"
+            )
+    for entry in cfg.dnsbl:
+        try:
+            DnsblSite.parse(entry)
+        except ValueError as exc:
+            raise ConfigError(f"dnsbl: {exc}") from None
+    if cfg.dnsbl_threshold < 1:
+        raise ConfigError("dnsbl_threshold: must be at least 1")
+    if cfg.greylist_delay < 0 or cfg.greylist_expire <= cfg.greylist_delay:
+        raise ConfigError("greylist_expire: must be longer than greylist_delay")
+    for name in (
+        "client_connections_per_minute",
+        "client_messages_per_minute",
+        "client_recipients_per_minute",
+    ):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}: must be 0 (no limit) or more")
 
 
 def describe(cfg: Config) -> str:
