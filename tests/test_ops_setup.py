@@ -125,3 +125,21 @@ def test_bad_input_is_exit_2_with_one_line(
     assert proc.returncode == 2
     assert message in proc.stderr.decode() and proc.stderr.decode().count("\n") == 1
     assert not (tmp_path / "etc" / "passwd").exists()
+
+
+def test_relative_mail_root_and_queue_mean_what_they_meant_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """The config file reads relative paths relative to itself; setup writes absolute ones."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "postier", "setup", "example.org", "--dir", "etc",
+            "--mail-root", "run/mail", "--queue-dir", "run/queue", "--password-stdin",
+            "--letsencrypt-live", str(tmp_path / "no-letsencrypt"),
+        ],
+        input=PASSWORD.encode() + b"\n", capture_output=True, timeout=SAFETY, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    toml = (tmp_path / "etc" / "postier.toml").read_text()
+    assert f'mail_root = "{tmp_path / "run" / "mail"}"' in toml
+    assert f'queue_dir = "{tmp_path / "run" / "queue"}"' in toml

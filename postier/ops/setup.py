@@ -183,6 +183,10 @@ def _run(args: argparse.Namespace) -> int:
     for role in LISTENERS:
         for spec in getattr(args, role) or []:
             parse_listen(spec, f"--{role}")
+    # The config file reads relative paths as relative to itself: write absolute ones, so
+    # `--mail-root run/mail` means what it meant on the command line.
+    args.mail_root = str(Path(args.mail_root).absolute())
+    args.queue_dir = str(Path(args.queue_dir).absolute())
     directory: Path = args.dir
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     out = Writer()
