@@ -1,6 +1,6 @@
 """The `postier` command: serve, check-config, passwd, gen-cert, queue, sendmail.
 
-Flag names are fixed by shared/CONTRACT.md. Exit codes: 0 success; 2 bad usage or
+Flag names are fixed by docs/configuration.md. Exit codes: 0 success; 2 bad usage or
 configuration, with one line on stderr naming the file, key or flag; 1 any other failure.
 """
 

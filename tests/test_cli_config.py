@@ -1,4 +1,4 @@
-"""The command line and the TOML file, as an operator meets them (shared/CONTRACT.md).
+"""The command line and the TOML file, as an operator meets them (docs/configuration.md).
 
 Exit codes: 0 success; 2 bad usage or configuration, with one line on stderr naming the file,
 key or flag and what is wrong.

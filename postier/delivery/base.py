@@ -1,4 +1,4 @@
-"""The one delivery interface every backend shares (shared/DESIGN.md).
+"""The one delivery interface every backend shares (docs/architecture.md).
 
 A backend takes a message already stored durably in the spool and a list of recipients, and
 returns one result per recipient: delivered, temporary failure or permanent failure, each with

@@ -1,6 +1,6 @@
 """Durability and locking helpers, written once for every file backend.
 
-shared/DESIGN.md: "Durability is a property of the storage layer". A message is only ours to
+docs/architecture.md: "a 250 means the message is on disk and fsync'd". A message is only ours to
 acknowledge once its bytes *and* the directory entry that names it are on stable storage, so
 every backend (Maildir, mbox, the numbered spool, the queue) goes through the same few steps:
 write to a temporary name in the target directory, flush, fsync, rename, fsync the directory.

@@ -1,6 +1,6 @@
 """Where a recipient's mail lives on disk, decided once and safely.
 
-shared/DESIGN.md: mailbox paths come from the users map, never from raw protocol bytes, and the
+docs/architecture.md: mailbox paths come from the users map, never from raw protocol bytes, and the
 mailbox name is validated once. Every file backend resolves its target through `mailbox_path`,
 so a name such as `../../etc/passwd`, `.ssh` or one with a control character can never become
 a path, whatever the users file or an alias expansion produced.
@@ -121,7 +121,7 @@ def owner_for(template: str | None, user: str, mailbox: str = "") -> tuple[int, 
 
 
 def mailbox_name(address: str, mailbox: str) -> str:
-    """The users map's name for the address, else its local part (shared/CONTRACT.md)."""
+    """The users map's name for the address, else its local part (docs/configuration.md, "Mailboxes")."""
     return mailbox or address.rpartition("@")[0] or address
 
 
