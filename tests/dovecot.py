@@ -1,4 +1,4 @@
-"""A private Dovecot for interoperability tests (how Dovecot behaves here: its docstrings below), reusable by any format.
+"""A private Dovecot for interoperability tests, reusable by any format.
 
     from tests.dovecot import chown_tree, dovecot_workdir, running_dovecot
 

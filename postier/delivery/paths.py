@@ -121,7 +121,7 @@ def owner_for(template: str | None, user: str, mailbox: str = "") -> tuple[int, 
 
 
 def mailbox_name(address: str, mailbox: str) -> str:
-    """The users map's name for the address, else its local part (docs/configuration.md, "Mailboxes")."""
+    """The users map's name for the address, else its local part (docs/configuration.md)."""
     return mailbox or address.rpartition("@")[0] or address
 
 

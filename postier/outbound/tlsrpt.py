@@ -1,7 +1,8 @@
 """TLS-RPT (RFC 8460): count TLS outcomes per policy domain, and write the daily JSON report.
 
 Why SQLite under the queue directory: the counts must survive a restart (a day's report
-covers the whole day), several processes may count at once, and docs/architecture.md keeps such shared
+covers the whole day), several processes may count at once, and the house rule
+(docs/architecture.md) keeps such shared
 state in one small SQLite file per concern. The file runs in WAL mode with synchronous=NORMAL:
 a count lost to a power cut costs one line in a report, while an fsync per delivery attempt
 on the event loop would cost every message some latency.
