@@ -38,6 +38,7 @@ from postier.delivery.lmtp import (
 from postier.dns import Resolver, is_ip_address
 from postier.errors import DeliveryError
 from postier.log import event
+from postier.outbound import dane
 from postier.outbound.tls_policy import (
     OPPORTUNISTIC,
     DomainTls,
@@ -437,7 +438,7 @@ class RelaySession:
                 "validation-failure", f"TLS handshake with {self.peer}: {why}", enhanced="4.7.5"
             ) from None
         if host_tls.level is Level.DANE and not smart:
-            host_tls.check_dane(peer_chain(stream), self.host)  # TlsFailure when no match
+            dane.check(host_tls.tlsa, peer_chain(stream), self.host)  # TlsFailure: no match
         if smart:
             self.tls_verified = relay.smarthost is not None and relay.smarthost.verify
         else:

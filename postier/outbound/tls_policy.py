@@ -62,12 +62,6 @@ class HostTls:
     # A failure found before connecting that only gets reported (MTA-STS testing mode).
     noted: TlsFailure | None = field(default=None, compare=False)
 
-    def check_dane(self, chain_der: list[bytes], host: str) -> None:
-        """After the handshake: TlsFailure unless the chain matches a usable TLSA record."""
-        from postier.outbound.dane import check  # dane builds on this module
-
-        check(self.tlsa, chain_der, host)
-
     @property
     def required(self) -> bool:
         """True when a failed STARTTLS must defer the message instead of going plaintext."""
