@@ -235,7 +235,7 @@ class Router:
         if report is not None and self.queue_notify is not None:
             _LOG.info(
                 "event=dsn %s",
-                log.fields(qid=txn.queue_id, action="delivered", to=txn.sender_text,
+                log.fields(qid=txn.queue_id, action="delivered", to=f"<{txn.sender_text}>",
                            dsn_qid=report),
             )  # fmt: skip
             self.queue_notify(report)
