@@ -15,8 +15,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from postier.protocol.address import decode_xtext, encode_xtext
 from postier.protocol.replies import Reply
+
+# The xtext codec lives in `postier.protocol.address`, which needs idna. It is imported where
+# it is used: the value types below reach `postier sendmail` (through `delivery.base`),
+# which any local user runs and which must not need more than the standard library.
 
 __all__ = [
     "NO_MAIL_DSN",
@@ -110,6 +113,8 @@ def xtext_problem(value: str) -> str | None:
         if not _XCHAR_OK.fullmatch(ch):
             return f"character {ch!r} at position {i + 1} must be written as +{ord(ch):02X}"
         i += 1
+    from postier.protocol.address import decode_xtext
+
     try:
         decode_xtext(value)
     except (ValueError, UnicodeDecodeError):
@@ -123,6 +128,8 @@ def _xtext(name: str, value: str | None) -> str:
     problem = xtext_problem(value)
     if problem is not None:
         raise DsnError(f"{name}: invalid xtext: {problem}")
+    from postier.protocol.address import decode_xtext
+
     return decode_xtext(value)
 
 
@@ -172,6 +179,8 @@ def parse_rcpt_dsn(params: dict[str, str | None]) -> RcptDsn:
 
 def mail_params(ret: str, envid: str) -> dict[str, str | None]:
     """MAIL parameters that pass RET/ENVID on to a next hop that advertises DSN."""
+    from postier.protocol.address import encode_xtext
+
     params: dict[str, str | None] = {}
     if ret:
         params["RET"] = ret
@@ -182,6 +191,8 @@ def mail_params(ret: str, envid: str) -> dict[str, str | None]:
 
 def rcpt_params(notify: str, orcpt: str) -> dict[str, str | None]:
     """RCPT parameters that pass NOTIFY/ORCPT on to a next hop that advertises DSN."""
+    from postier.protocol.address import encode_xtext
+
     params: dict[str, str | None] = {}
     if notify:
         params["NOTIFY"] = notify
