@@ -34,7 +34,9 @@ from postier.delivery.base import (
 from postier.inbound.transaction import Transaction
 from postier.protocol import replies as R
 from postier.protocol.address import Address
+from postier.protocol.dsn import wants_success
 from postier.protocol.replies import Reply
+from postier.queue.bounce import SUCCESS_STATUS, DsnRecipient
 
 _LOG = logging.getLogger("postier.router")
 
@@ -43,8 +45,13 @@ _LOG = logging.getLogger("postier.router")
 # make them durable (blocking, thread pool) and return nothing, or raise OSError.
 QueueCommit = Callable[[StoredMessage, Sequence[Address | str]], None]
 QueueNotify = Callable[[str], None]
+# Blocking: commit a "delivered" DSN (NOTIFY=SUCCESS) about a message still in the spool;
+# returns the report's queue id, None when there is nobody to tell (null sender).
+QueueReport = Callable[[StoredMessage, Sequence[DsnRecipient]], "str | None"]
 # (results for the local recipients, whether anything went to the queue)
-Finished = tuple[list[RecipientResult], bool]
+Queued = tuple[list[RecipientResult], bool]
+# (the same, and the queue id of a "delivered" report committed for the sender, if any)
+Finished = tuple[list[RecipientResult], bool, str | None]
 
 
 class Router:
@@ -56,11 +63,13 @@ class Router:
         executor: Executor,
         queue_commit: QueueCommit | None = None,
         queue_notify: QueueNotify | None = None,
+        queue_report: QueueReport | None = None,
     ) -> None:
         self.backend = backend
         self.executor = executor
         self.queue_commit = queue_commit
         self.queue_notify = queue_notify
+        self.queue_report = queue_report
         self._store_and_deliver: Callable[[Transaction], Awaitable[Finished]]
         if isinstance(backend, FileDelivery):
             self._store_and_deliver = functools.partial(self._in_one_job, backend.backend)
@@ -80,6 +89,8 @@ class Router:
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit,
             dkim_sign=txn.dkim_sign,
+            envelope_dsn=txn.dsn,
+            recipient_dsn=txn.recipient_dsn,
         )
 
     @staticmethod
@@ -111,10 +122,11 @@ class Router:
             results = backend.deliver(message, self._recipients(txn))
             results, requeued = self._queue_failures(message, results, bool(txn.remote))
             queued = queued or requeued
+        report = self._report_delivered(message, results)
         # Every copy is made (hard links or queue): the spool name can go now, in this same
         # thread-pool job, which saves a second hop per message.
         self._discard(txn)
-        return results, queued
+        return results, queued, report
 
     async def _over_network(self, backend: NetworkBackend, txn: Transaction) -> Finished:
         loop = asyncio.get_running_loop()
@@ -125,17 +137,42 @@ class Router:
             results = await backend.deliver(message, self._recipients(txn))
         # LMTP answers per recipient: some may have their copy already, so the others must
         # not make the client retry the whole message (duplicates): they go to the queue.
-        results, requeued = await loop.run_in_executor(
+        results, requeued, report = await loop.run_in_executor(
             self.executor, self._queue_failures_and_discard, txn, message, results
         )
-        return results, queued or requeued
+        return results, queued or requeued, report
 
     def _queue_failures_and_discard(
         self, txn: Transaction, message: StoredMessage, results: list[RecipientResult]
     ) -> Finished:
-        outcome = self._queue_failures(message, results, bool(txn.remote))
+        results, queued = self._queue_failures(message, results, bool(txn.remote))
+        report = self._report_delivered(message, results)
         self._discard(txn)
-        return outcome
+        return results, queued, report
+
+    def _report_delivered(
+        self, message: StoredMessage, results: list[RecipientResult]
+    ) -> str | None:
+        """Blocking: the "delivered" DSN for local recipients that asked for NOTIFY=SUCCESS.
+
+        It is committed here, before the 250 and while the spool file (whose headers it
+        returns) still exists, in the job that already runs. A failure to queue it is logged
+        and changes nothing else: the message is delivered, and a 451 would only make the
+        client send it again (a duplicate) for the sake of a notice.
+        """
+        if self.queue_report is None:
+            return None
+        wanted = success_recipients(message, results)
+        if not wanted:
+            return None
+        try:
+            return self.queue_report(message, wanted)
+        except OSError as exc:
+            _LOG.error(
+                "event=dsn-failed %s",
+                log.fields(qid=message.queue_id, action="delivered", error=exc),
+            )
+            return None
 
     @staticmethod
     def _discard(txn: Transaction) -> None:
@@ -144,7 +181,7 @@ class Router:
 
     def _queue_failures(
         self, message: StoredMessage, results: list[RecipientResult], remote: bool
-    ) -> Finished:
+    ) -> Queued:
         """Local recipients that did not get their copy go to the queue (blocking).
 
         The message is then accepted (250) like one for a remote recipient: the scheduler
@@ -174,7 +211,7 @@ class Router:
         """Store and deliver; the reply for the end of data."""
         assert txn.writer is not None
         try:
-            results, queued = await self._store_and_deliver(txn)
+            results, queued, report = await self._store_and_deliver(txn)
         except OSError as exc:
             _LOG.error(
                 "event=store-failed %s",
@@ -195,6 +232,13 @@ class Router:
             )
         if queued and self.queue_notify is not None:
             self.queue_notify(txn.queue_id)
+        if report is not None and self.queue_notify is not None:
+            _LOG.info(
+                "event=dsn %s",
+                log.fields(qid=txn.queue_id, action="delivered", to=f"<{txn.sender_text}>",
+                           dsn_qid=report),
+            )  # fmt: skip
+            self.queue_notify(report)
         if any(r.status not in (Status.DELIVERED, Status.QUEUED) for r in results):
             if all(r.status is Status.PERMANENT for r in results) and not txn.remote:
                 first = results[0]
@@ -203,3 +247,23 @@ class Router:
             # backends are all-or-nothing), so the client's retry is the safe course.
             return R.STORAGE_FAILED
         return R.queued(txn.queue_id)
+
+
+def success_recipients(
+    message: StoredMessage, results: Sequence[RecipientResult]
+) -> list[DsnRecipient]:
+    """The local recipients delivered just now whose RCPT asked for NOTIFY=SUCCESS."""
+    out = []
+    for r in results:
+        given = message.recipient_dsn.get(r.recipient.address)
+        if r.status is Status.DELIVERED and given and wants_success(given.notify_text):
+            out.append(
+                DsnRecipient(
+                    r.recipient.address,
+                    SUCCESS_STATUS,
+                    last_attempt=message.received_at,
+                    orcpt=given.orcpt,
+                    action="delivered",
+                )
+            )
+    return out

@@ -109,7 +109,7 @@ def test_never_to_the_null_sender() -> None:
     with pytest.raises(ValueError):
         bounce(sender="")
     with pytest.raises(ValueError):
-        bounce(action="relayed")
+        bounce(action="expanded")  # RFC 3464 knows it; we never expand a list
 
 
 def test_utf8_uses_rfc6533_types_and_keeps_raw_bytes() -> None:

@@ -259,7 +259,7 @@ def test_mail_smtputf8_with_value_is_501(peer: Peer) -> None:
     assert codes(peer.send(b"MAIL FROM:<a@b.example> SMTPUTF8=yes\r\n")) == [501]
 
 
-@pytest.mark.parametrize("param", [b"FOO=bar", b"XYZ", b"RET=FULL", b"ENVID=abc"])
+@pytest.mark.parametrize("param", [b"FOO=bar", b"XYZ", b"XRET=FULL", b"XENVID=abc"])
 def test_mail_unknown_parameter_is_555(peer: Peer, param: bytes) -> None:
     out = peer.send(b"MAIL FROM:<a@b.example> " + param + b"\r\n")
     assert codes(out) == [555] and enhanced(out) == ["5.5.4"]
@@ -357,7 +357,7 @@ def test_rejected_recipients_do_not_count_toward_the_limit() -> None:
     assert codes(p.send(b"RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\n")) == [250, 250]
 
 
-@pytest.mark.parametrize("param", [b"NOTIFY=NEVER", b"ORCPT=rfc822;a@b.example", b"FOO"])
+@pytest.mark.parametrize("param", [b"XNOTIFY=NEVER", b"XORCPT=rfc822;a@b.example", b"FOO"])
 def test_rcpt_parameters_are_555(peer: Peer, param: bytes) -> None:
     peer.send(b"MAIL FROM:<a@b.example>\r\n")
     assert codes(peer.send(b"RCPT TO:<u@example.org> " + param + b"\r\n")) == [555]

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from postier.errors import DeliveryError
+from postier.protocol.dsn import NO_MAIL_DSN, MailDsn, RcptDsn
 
 
 class Status(enum.Enum):
@@ -69,6 +70,9 @@ class StoredMessage:
     # Mail received on mx never is, even when an alias forwards it: a forged From of our
     # domain must not leave with a valid signature of ours.
     dkim_sign: bool = False
+    # DSN (RFC 3461): RET/ENVID, and NOTIFY/ORCPT per recipient address (as delivered to).
+    envelope_dsn: MailDsn = NO_MAIL_DSN
+    recipient_dsn: Mapping[str, RcptDsn] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,8 @@ class RecipientResult:
     # smarthost) and the last TLS failure toward the destination, for `postier queue show`.
     tls_policy: str = ""
     tls_failure: str = ""
+    # The next hop took our DSN parameters (it advertised DSN): success reports are its job.
+    dsn_passed: bool = False
 
     @property
     def reply_line(self) -> str:

@@ -29,6 +29,7 @@ from postier.delivery.base import (
     StoredMessage,
     result_from_error,
 )
+from postier.delivery.dsn_relay import dsn_mail_params, dsn_rcpt_params, mark_passed
 from postier.errors import DeliveryError
 from postier.log import event
 from postier.protocol import client as proto
@@ -203,6 +204,11 @@ async def run_transaction(
         params["BODY"] = "8BITMIME"  # without 8BITMIME we send as is, like most MTAs do
     if utf8:
         params["SMTPUTF8"] = None
+    # DSN parameters go on to an SMTP next hop that speaks DSN (LMTP is our own final hop).
+    dsn = not lmtp and "DSN" in caps
+    rcpt_params = dsn_rcpt_params(message, recipients) if dsn else [{} for _ in recipients]
+    if dsn:
+        params.update(dsn_mail_params(message))
     try:
         body = open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:
@@ -212,7 +218,7 @@ async def run_transaction(
     results = [RecipientResult(r, Status.TEMPORARY, 451, "4.4.2", lost) for r in recipients]
     try:
         await _transaction(stream, caps, message, recipients, addresses, params, body, t,
-                           results, peer=peer, lmtp=lmtp)
+                           results, peer=peer, lmtp=lmtp, rcpt_params=rcpt_params)
     except (OSError, ClientProtocolError) as exc:
         stream.broken = True
         stream.writer.close()
@@ -223,17 +229,18 @@ async def run_transaction(
                                              f"{lost} ({what})")
     finally:
         body.close()
-    return results
+    return mark_passed(results) if dsn else results
 
 
 async def _transaction(
     stream: ClientStream, caps: Capabilities, message: StoredMessage,
     recipients: Sequence[Recipient], addresses: list[str], params: dict[str, str | None],
     body: IO[bytes], t: Timeouts, results: list[RecipientResult], *, peer: str, lmtp: bool,
+    rcpt_params: list[dict[str, str | None]],
 ) -> None:
     """Fill `results` as replies arrive, so a broken connection keeps what was settled."""
     mail_cmd = proto.mail_from(message.sender, params)
-    rcpt_cmds = [proto.rcpt_to(a) for a in addresses]
+    rcpt_cmds = [proto.rcpt_to(a, p) for a, p in zip(addresses, rcpt_params, strict=True)]
     data_reply: Reply | None = None
     if "PIPELINING" in caps:
         stream.write(mail_cmd + b"".join(rcpt_cmds) + proto.DATA)

@@ -119,6 +119,7 @@ class InboundHandler:
             body_8bit=event.body == "8BITMIME",
             size_hint=event.size,
             auth_user=self.protocol.session.auth_user,
+            dsn=event.dsn,
         )
         txn.dkim_sign = self.settings.relay_without_auth or txn.auth_user is not None
         if self.checks.mail:
@@ -158,7 +159,7 @@ class InboundHandler:
                     reply=verdict.reply,
                 )
                 return verdict.reply
-        txn.add_targets(rcpt, decision)
+        txn.add_targets(rcpt, decision, event.dsn)
         self.peer.log("rcpt", qid=txn.queue_id, to=f"<{rcpt}>")
         return None
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from postier.policy import LocalTarget, RemoteTarget
 from postier.protocol.address import Address
+from postier.protocol.dsn import NO_MAIL_DSN, NO_RCPT_DSN, MailDsn, RcptDsn
 from postier.spool import SpoolWriter
 
 
@@ -28,14 +29,24 @@ class Transaction:
     remote: list[RemoteTarget] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted
     writer: SpoolWriter | None = None
+    dsn: MailDsn = NO_MAIL_DSN  # RET, ENVID
+    # NOTIFY/ORCPT of the RCPT that produced each target, by the target's address.
+    recipient_dsn: dict[str, RcptDsn] = field(default_factory=dict)
 
     @property
     def sender_text(self) -> str:
         return str(self.sender) if self.sender else ""
 
-    def add_targets(self, rcpt: str, targets: list[LocalTarget | RemoteTarget]) -> None:
-        """Record an accepted recipient; a mailbox or remote address gets one copy only."""
+    def add_targets(
+        self, rcpt: str, targets: list[LocalTarget | RemoteTarget], dsn: RcptDsn | None = None
+    ) -> None:
+        """Record an accepted recipient; a mailbox or remote address gets one copy only.
+
+        Each target keeps the DSN parameters of the first RCPT that reached it: an alias's
+        targets report (or stay silent) as the address the sender wrote asked for."""
         for target in targets:
+            if dsn is not None and dsn != NO_RCPT_DSN:
+                self.recipient_dsn.setdefault(str(target.address), dsn)
             if isinstance(target, LocalTarget):
                 if all(t.user.mailbox != target.user.mailbox for t in self.local):
                     self.local.append(target)

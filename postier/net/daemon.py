@@ -67,7 +67,13 @@ def build_context(config: Config) -> ServerContext:
     from postier.net.outbound import Outbound
 
     outbound = Outbound(config, policy, backend, executor)
-    router = Router(backend, executor, queue_commit=outbound.commit, queue_notify=outbound.notify)
+    router = Router(
+        backend,
+        executor,
+        queue_commit=outbound.commit,
+        queue_notify=outbound.notify,
+        queue_report=outbound.report_delivered,
+    )
     ctx = ServerContext(
         config=config,
         policy=policy,

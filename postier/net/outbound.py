@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
 from postier.policy import LocalTarget, Policy
 from postier.protocol.address import Address
+from postier.queue.bounce import DsnRecipient, queue_delivered_report
 from postier.queue.store import EntryExists, QueueStore
 
 if TYPE_CHECKING:
@@ -107,7 +109,7 @@ class Outbound:
                 message, message.sender, recipients, prepend=self.headers_at_commit(message)
             )
         except EntryExists:
-            self.store.add_recipients(message.queue_id, recipients)
+            self.store.add_recipients(message.queue_id, recipients, message.recipient_dsn)
 
     def headers_at_commit(self, message: StoredMessage) -> bytes:
         """Header lines to put on top of the message as it is queued (spool format, LF): the
@@ -122,6 +124,20 @@ class Outbound:
     def sign_own(self, data: bytes, content_offset: int) -> bytes:
         """Our own bounces and delay warnings, signed for the hostname's domain."""
         return self.dkim.sign_bytes(data, content_offset, own=True) if self.dkim else data
+
+    def report_delivered(
+        self, message: StoredMessage, recipients: Sequence[DsnRecipient]
+    ) -> str | None:
+        """Blocking: a "delivered" DSN (NOTIFY=SUCCESS) for a message delivered at end of
+        data, committed to the queue; its id, or None for the null sender."""
+        return queue_delivered_report(
+            self.store,
+            message,
+            recipients,
+            hostname=self.config.hostname,
+            now=time.time(),
+            sign=self.sign_own,
+        )
 
     def notify(self, queue_id: str) -> None:
         """A committed entry is ready: wake the scheduler, here or in another worker."""

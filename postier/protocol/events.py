@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from postier.protocol.address import Address
+from postier.protocol.dsn import NO_MAIL_DSN, NO_RCPT_DSN, MailDsn, RcptDsn
 from postier.protocol.replies import Reply
 
 
@@ -31,12 +32,14 @@ class Mail:
     body: str | None  # "7BIT" / "8BITMIME" / None
     smtputf8: bool
     params: dict[str, str | None] = field(default_factory=dict)
+    dsn: MailDsn = NO_MAIL_DSN  # RET, ENVID (RFC 3461)
 
 
 @dataclass(frozen=True, slots=True)
 class Rcpt:
     recipient: Address
     params: dict[str, str | None] = field(default_factory=dict)
+    dsn: RcptDsn = NO_RCPT_DSN  # NOTIFY, ORCPT (RFC 3461)
 
 
 @dataclass(frozen=True, slots=True)

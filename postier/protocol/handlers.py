@@ -19,6 +19,7 @@ from postier.protocol.address import (
     parse_path,
     split_path_and_params,
 )
+from postier.protocol.dsn import DsnError, parse_mail_dsn, parse_rcpt_dsn
 from postier.protocol.events import Auth, Data, Event, Hello, Mail, Rcpt, StartTLS
 from postier.protocol.replies import Reply
 from postier.protocol.state import ServerConfig, Session
@@ -74,6 +75,7 @@ def ehlo_lines(session: Session, config: ServerConfig, peer_name: str) -> tuple[
         "8BITMIME",
         "SMTPUTF8",
         "ENHANCEDSTATUSCODES",
+        "DSN",
     ]
     if config.starttls_available and not session.tls:
         lines.append("STARTTLS")
@@ -103,6 +105,10 @@ def handle_mail(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
         return exc.reply
     if params and not session.esmtp:
         return R.PARAM_NOT_RECOGNIZED
+    try:
+        dsn = parse_mail_dsn(params)
+    except DsnError as exc:
+        return exc.reply
     size: int | None = None
     body: str | None = None
     smtputf8 = False
@@ -123,6 +129,8 @@ def handle_mail(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
             smtputf8 = True
         elif key == "AUTH":
             continue  # RFC 4954 §5: we may ignore the AUTH= parameter
+        elif key in ("RET", "ENVID"):
+            continue  # DSN (RFC 3461), parsed above
         else:
             return R.PARAM_NOT_RECOGNIZED
     try:
@@ -131,7 +139,7 @@ def handle_mail(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
         )
     except AddressError as exc:
         return exc.reply
-    return Mail(sender=sender, size=size, body=body, smtputf8=smtputf8, params=params)
+    return Mail(sender=sender, size=size, body=body, smtputf8=smtputf8, params=params, dsn=dsn)
 
 
 def mail_accepted(session: Session, event: Mail) -> Reply:
@@ -156,8 +164,12 @@ def handle_rcpt(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
         params = parse_params(params_text)
     except AddressError as exc:
         return exc.reply
-    if params:
+    if params and (not session.esmtp or not params.keys() <= {"NOTIFY", "ORCPT"}):
         return R.PARAM_NOT_RECOGNIZED
+    try:
+        dsn = parse_rcpt_dsn(params)
+    except DsnError as exc:
+        return exc.reply
     if len(envelope.recipients) >= config.max_recipients:
         return R.TOO_MANY_RECIPIENTS
     try:
@@ -171,7 +183,7 @@ def handle_rcpt(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
     except AddressError as exc:
         return exc.reply
     assert recipient is not None
-    return Rcpt(recipient=recipient, params=params)
+    return Rcpt(recipient=recipient, params=params, dsn=dsn)
 
 
 def rcpt_accepted(session: Session, event: Rcpt) -> Reply:

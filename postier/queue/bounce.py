@@ -3,9 +3,16 @@
 A DSN is `multipart/report; report-type=delivery-status` with three parts: a human-readable
 text, the machine-readable `message/delivery-status` (one block for the message, one per
 recipient) and the original header section as `text/rfc822-headers` (headers only: the body
-may be large and the bounce goes back over the same path it failed on). When an address or
-the original headers are not ASCII, the RFC 6533 types (`message/global-delivery-status`,
-`message/global-headers`) are used and the DSN itself needs SMTPUTF8.
+may be large and the bounce goes back over the same path it failed on). Only a failure
+report for a message sent with `RET=FULL` (RFC 3461 §4.3) returns the whole message, as
+`message/rfc822`, and only up to `FULL_RETURN_LIMIT`. When an address or the original
+headers are not ASCII, the RFC 6533 types (`message/global-delivery-status`,
+`message/global-headers`, `message/global`) are used and the DSN itself needs SMTPUTF8.
+
+The actions are RFC 3464's: "failed" (a bounce), "delayed" (a warning), "delivered" (a
+local delivery the sender asked to hear about with NOTIFY=SUCCESS) and "relayed" (handed to
+a next hop that does not speak DSN, so no further report can come). The sender's ENVID is
+the `Original-Envelope-Id` field, a recipient's ORCPT its `Original-Recipient`.
 
 The result is bytes in the spool-file format of `postier.delivery.base` (LF line endings,
 first line `Return-Path: <>`), so it can be delivered locally or committed to the queue as
@@ -27,11 +34,15 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.utils import format_datetime, make_msgid
 
+from postier.delivery.base import StoredMessage
 from postier.queue.store import QueueEntry, QueueStore, RecipientState
 
 RETURN_PATH_LINE = b"Return-Path: <>\n"
 DSN_CONTENT_OFFSET = len(RETURN_PATH_LINE)
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+SUCCESS_STATUS = "2.0.0"
+ACTIONS = ("failed", "delayed", "delivered", "relayed")
+FULL_RETURN_LIMIT = 10 * 1024 * 1024  # RET=FULL above this returns the headers only
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,8 @@ class DsnRecipient:
     diagnostic: str = ""  # the server's reply line, e.g. "550 5.1.1 no such user"
     remote_mta: str = ""  # host name of the server that answered, when known
     last_attempt: float | None = None
+    orcpt: str = ""  # DSN ORCPT, "rfc822;user@example.org" (decoded), when the sender gave one
+    action: str = ""  # this recipient's action when it differs from the report's
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +66,7 @@ class Dsn:
     content_offset: int
     smtputf8: bool
     message_id: str
+    body_8bit: bool = False
 
 
 class _DsnGenerator(BytesGenerator):
@@ -67,6 +81,12 @@ class _DsnGenerator(BytesGenerator):
 
     def _handle_message_global_headers(self, msg: Message) -> None:
         self._handle_text(msg)  # type: ignore[attr-defined]
+
+
+_SUBJECTS = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+}
 
 
 def should_notify(sender: str) -> bool:
@@ -99,7 +119,12 @@ def _human_text(
     hostname: str, action: str, recipients: Sequence[DsnRecipient], will_retry_until: float | None
 ) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
-    if action == "failed":
+    if action in ("delivered", "relayed"):
+        lines += [
+            "Your message was delivered to the recipients below, as you asked to be told",
+            '(a "relayed" one went to a mail system that sends no such notices).',
+        ]
+    elif action == "failed":
         lines += [
             "I'm sorry to have to inform you that your message could not be delivered to",
             "one or more recipients. The reasons are given below; the headers of your",
@@ -131,13 +156,18 @@ def build_dsn(
     now: float,
     action: str = "failed",
     will_retry_until: float | None = None,
+    envid: str = "",
+    full_message: bytes | None = None,
 ) -> Dsn:
     """Build a DSN for `sender` about `recipients` of message `queue_id`.
 
-    `action` is "failed" (a bounce) or "delayed" (a warning; `will_retry_until` says when
-    the queue gives up). `original_headers` is the message's header section as stored.
+    `action` is one of `ACTIONS`: "failed" (a bounce), "delayed" (a warning;
+    `will_retry_until` says when the queue gives up), "delivered" or "relayed" (a success
+    report; a recipient's own `action` may say which). `original_headers` is the message's
+    header section as stored; `full_message`, when given, is returned instead (RET=FULL).
+    `envid` is the sender's ENVID, decoded.
     """
-    if action not in ("failed", "delayed"):
+    if action not in ACTIONS:
         raise ValueError(f"unsupported DSN action {action!r}")
     if not should_notify(sender):
         raise ValueError("no DSN to the null sender")
@@ -145,15 +175,14 @@ def build_dsn(
         sender.isascii()
         and all(r.address.isascii() for r in recipients)
         and original_headers.isascii()
+        and envid.isascii()
+        and all(r.orcpt.isascii() for r in recipients)
     )
     pol = email_policy.default.clone(linesep="\n", utf8=utf8, max_line_length=78)
     outer = MIMEMultipart("report", report_type="delivery-status", policy=pol)
     outer["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     outer["To"] = f"<{sender}>"
-    outer["Subject"] = (
-        "Undelivered Mail Returned to Sender" if action == "failed"
-        else "Delayed Mail (still being retried)"
-    )
+    outer["Subject"] = _SUBJECTS.get(action, "Successful Mail Delivery Report")
     outer["Date"] = _date(now)
     message_id = make_msgid(idstring=queue_id, domain=hostname)
     outer["Message-ID"] = message_id
@@ -166,13 +195,17 @@ def build_dsn(
 
     per_message = Message(policy=pol)
     per_message["Reporting-MTA"] = f"dns; {hostname}"
+    if envid:
+        per_message["Original-Envelope-Id"] = envid
     per_message["X-Postier-Queue-ID"] = queue_id
     per_message["Arrival-Date"] = _date(arrival)
     blocks = [per_message]
     for r in recipients:
         block = Message(policy=pol)
+        if r.orcpt:
+            block["Original-Recipient"] = r.orcpt
         block["Final-Recipient"] = _address_type(r.address)
-        block["Action"] = action
+        block["Action"] = r.action or action
         block["Status"] = r.status
         if r.remote_mta:
             block["Remote-MTA"] = f"dns; {r.remote_mta}"
@@ -189,12 +222,19 @@ def build_dsn(
     status.set_payload(blocks)
     outer.attach(status)
 
-    headers = MIMEBase("message" if utf8 else "text",
-                       "global-headers" if utf8 else "rfc822-headers", policy=pol)
+    returned = original_headers if full_message is None else full_message
+    if full_message is not None:
+        headers = MIMEBase("message", "global" if utf8 else "rfc822", policy=pol)
+    else:
+        headers = MIMEBase(
+            "message" if utf8 else "text",
+            "global-headers" if utf8 else "rfc822-headers",
+            policy=pol,
+        )
     # Raw bytes survive untouched: set_payload keeps them as surrogate-escaped text and the
     # generator writes them back byte for byte under an 8bit transfer encoding.
-    headers.set_payload(original_headers)
-    headers["Content-Transfer-Encoding"] = "7bit" if original_headers.isascii() else "8bit"
+    headers.set_payload(returned)
+    headers["Content-Transfer-Encoding"] = "7bit" if returned.isascii() else "8bit"
     outer.attach(headers)
     for part in (text, status, headers):
         del part["MIME-Version"]
@@ -202,18 +242,43 @@ def build_dsn(
     buf = io.BytesIO()
     buf.write(RETURN_PATH_LINE)
     _DsnGenerator(buf, policy=pol, mangle_from_=False).flatten(outer)
-    return Dsn(buf.getvalue(), DSN_CONTENT_OFFSET, utf8, message_id)
+    return Dsn(buf.getvalue(), DSN_CONTENT_OFFSET, utf8, message_id, not returned.isascii())
 
 
-def dsn_recipient(state: RecipientState, status: str) -> DsnRecipient:
+def dsn_recipient(state: RecipientState, status: str, action: str = "") -> DsnRecipient:
     """What the report says about a queued recipient, from its last attempt."""
-    return DsnRecipient(state.address, status, state.last_reply, state.remote_mta,
-                        state.last_attempt or None)
+    return DsnRecipient(
+        state.address,
+        status,
+        state.last_reply,
+        state.remote_mta,
+        state.last_attempt or None,
+        state.orcpt,
+        action,
+    )
+
+
+def _full_message(store: QueueStore, entry: QueueEntry, action: str) -> bytes | None:
+    """The whole message for a failure report when the sender asked for RET=FULL (and it is
+    not too large to send back), else None: the headers are returned."""
+    if action != "failed" or entry.ret != "FULL":
+        return None
+    if entry.size - entry.content_offset > FULL_RETURN_LIMIT:
+        return None
+    with open(store.body_path(entry.queue_id), "rb") as f:
+        f.seek(entry.content_offset)
+        return f.read(FULL_RETURN_LIMIT + 1)
 
 
 def queue_dsn(
-    store: QueueStore, entry: QueueEntry, recipients: Sequence[DsnRecipient], *,
-    hostname: str, action: str, now: float, will_retry_until: float | None = None,
+    store: QueueStore,
+    entry: QueueEntry,
+    recipients: Sequence[DsnRecipient],
+    *,
+    hostname: str,
+    action: str,
+    now: float,
+    will_retry_until: float | None = None,
     sign: Callable[[bytes, int], bytes] | None = None,
 ) -> str | None:
     """Blocking (thread pool): build a DSN about `entry` and commit it to the queue as a new
@@ -221,12 +286,73 @@ def queue_dsn(
     if not should_notify(entry.sender):
         return None
     dsn = build_dsn(
-        hostname=hostname, queue_id=entry.queue_id, sender=entry.sender, arrival=entry.arrival,
-        recipients=recipients, original_headers=store.read_headers(entry), now=now,
-        action=action, will_retry_until=will_retry_until,
+        hostname=hostname,
+        queue_id=entry.queue_id,
+        sender=entry.sender,
+        arrival=entry.arrival,
+        recipients=recipients,
+        original_headers=store.read_headers(entry),
+        now=now,
+        action=action,
+        will_retry_until=will_retry_until,
+        envid=entry.envid,
+        full_message=_full_message(store, entry, action),
     )
+    return _commit(store, dsn, entry.sender, now, sign)
+
+
+def _commit(
+    store: QueueStore,
+    dsn: Dsn,
+    sender: str,
+    now: float,
+    sign: Callable[[bytes, int], bytes] | None,
+) -> str:
     data = sign(dsn.data, dsn.content_offset) if sign is not None else dsn.data
-    notice = store.commit_bytes(data, "", [entry.sender], arrival=now,
-                                content_offset=dsn.content_offset, smtputf8=dsn.smtputf8,
-                                body_8bit=dsn.smtputf8)
+    notice = store.commit_bytes(
+        data,
+        "",
+        [sender],
+        arrival=now,
+        content_offset=dsn.content_offset,
+        smtputf8=dsn.smtputf8,
+        body_8bit=dsn.smtputf8 or dsn.body_8bit,
+    )
     return notice.queue_id
+
+
+def queue_delivered_report(
+    store: QueueStore,
+    message: StoredMessage,
+    recipients: Sequence[DsnRecipient],
+    *,
+    hostname: str,
+    now: float,
+    sign: Callable[[bytes, int], bytes] | None = None,
+) -> str | None:
+    """Blocking: the "delivered" report for a message the router delivered locally at end
+    of data (NOTIFY=SUCCESS), read from its spool file and committed to the queue. Returns
+    the report's queue id, or None when the sender is <> or nobody asked."""
+    if not recipients or not should_notify(message.sender):
+        return None
+    dsn = build_dsn(
+        hostname=hostname,
+        queue_id=message.queue_id,
+        sender=message.sender,
+        arrival=message.received_at,
+        recipients=recipients,
+        original_headers=read_spool_headers(message),
+        now=now,
+        action="delivered",
+        envid=message.envelope_dsn.envid,
+    )
+    return _commit(store, dsn, message.sender, now, sign)
+
+
+def read_spool_headers(message: StoredMessage, limit: int = 256 * 1024) -> bytes:
+    """The header section of a spool file (after Return-Path, up to the blank line)."""
+    with open(message.path, "rb") as f:
+        f.seek(message.content_offset)
+        data = f.read(limit)
+    end = data.find(b"\n\n")
+    return data if end < 0 else data[: end + 1]

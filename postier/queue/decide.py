@@ -15,6 +15,13 @@ The rules, per recipient still pending (others are ignored: a late or repeated r
   last step repeating) with ±`jitter`, never later than the expiry time;
 - once per entry, when it is still pending `delay_warning_after` seconds after arrival
   (0: never), the recipients already tried are reported as "delayed".
+
+What is reported follows each recipient's DSN NOTIFY (RFC 3461 §4.1), kept in the entry:
+- absent: failures and delays, as before DSN existed;
+- NEVER: nothing at all; otherwise FAILURE, DELAY and SUCCESS each turn their report on;
+- SUCCESS: a delivery here (no remote MTA: the local backend) is reported "delivered"; a
+  hand-off to a next hop that did not take our DSN parameters is reported "relayed"; a
+  next hop that took them (`RecipientResult.dsn_passed`) owes the sender the report itself.
 """
 
 from __future__ import annotations
@@ -24,7 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postier.delivery.base import RecipientResult, Status
-from postier.queue.bounce import EXPIRED_STATUS, DsnRecipient, dsn_recipient, status_for
+from postier.protocol.dsn import wants_delay, wants_failure, wants_success
+from postier.queue.bounce import (
+    EXPIRED_STATUS,
+    SUCCESS_STATUS,
+    DsnRecipient,
+    dsn_recipient,
+    status_for,
+)
 from postier.queue.entry import DELIVERED, FAILED, PENDING, QueueEntry
 
 DEFAULT_SCHEDULE: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200)
@@ -77,6 +91,8 @@ class Outcome:
     changes: tuple[Change, ...] = ()
     failed: tuple[DsnRecipient, ...] = ()  # report to the sender: Action failed
     delayed: tuple[DsnRecipient, ...] = ()  # report to the sender: Action delayed
+    # NOTIFY=SUCCESS: each with its own action, "delivered" or "relayed"
+    succeeded: tuple[DsnRecipient, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -102,6 +118,7 @@ def apply_results(
     by_address = {r.address: r for r in after.recipients}
     changes: list[Change] = []
     failed: list[DsnRecipient] = []
+    succeeded: list[DsnRecipient] = []
     for res in results:
         rs = by_address.get(res.recipient.address)
         if rs is None or rs.state is not PENDING:
@@ -113,25 +130,33 @@ def apply_results(
         if res.status is Status.DELIVERED:
             rs.state = DELIVERED
             event = "delivered"
+            if wants_success(rs.notify) and not res.dsn_passed:
+                action = "relayed" if remote_mta else "delivered"
+                succeeded.append(dsn_recipient(rs, SUCCESS_STATUS, action))
         elif res.status is Status.PERMANENT:
             rs.state = FAILED
             event = "bounced"
-            failed.append(dsn_recipient(rs, status_for(res.code, res.enhanced, failed=True)))
+            if wants_failure(rs.notify):
+                status = status_for(res.code, res.enhanced, failed=True)
+                failed.append(dsn_recipient(rs, status))
         elif now >= policy.expires_at(after):
             rs.state = FAILED
             event = "expired"
-            failed.append(dsn_recipient(rs, EXPIRED_STATUS))
+            if wants_failure(rs.notify):
+                failed.append(dsn_recipient(rs, EXPIRED_STATUS))
         else:
             rs.next_attempt = min(now + policy.backoff(rs.attempts), policy.expires_at(after))
             event = "deferred"
         changes.append(Change(rs.address, event, rs.attempts, rs.last_reply))
     delayed: list[DsnRecipient] = []
     if policy.warn_now(after, now):
+        tried = [r for r in after.pending() if r.attempts > 0]
         delayed = [
             dsn_recipient(r, status_for(r.code, r.enhanced, failed=False))
-            for r in after.pending()
-            if r.attempts > 0
+            for r in tried
+            if wants_delay(r.notify)
         ]
-        if delayed:
+        if tried:
+            # Once per entry, also when every delayed recipient declined the warning.
             after.delay_warned = True
-    return Outcome(after, tuple(changes), tuple(failed), tuple(delayed))
+    return Outcome(after, tuple(changes), tuple(failed), tuple(delayed), tuple(succeeded))

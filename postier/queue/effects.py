@@ -34,7 +34,12 @@ def apply_outcome(
         log.info("event=%s qid=%s to=<%s> attempts=%d reply=%r",
                  c.event, qid, c.address, c.attempts, c.reply)  # fmt: skip
     notices: list[str] = []
-    for action, recipients in (("failed", outcome.failed), ("delayed", outcome.delayed)):
+    reports = (
+        ("failed", outcome.failed),
+        ("delayed", outcome.delayed),
+        ("delivered", outcome.succeeded),  # each recipient says delivered or relayed
+    )
+    for action, recipients in reports:
         if not recipients:
             continue
         notice = queue_dsn(store, entry, recipients, hostname=hostname, action=action, now=now,

@@ -6,13 +6,14 @@ The envelope file (`DIR/env/<id>.json`, see `postier.queue.store`) is JSON:
      "content_offset": ..., "smtputf8": ..., "body_8bit": ..., "delay_warned": ...,
      "recipients": [{"address": ..., "state": "pending|delivered|failed", "attempts": ...,
                      "code": ..., "enhanced": ..., "reply": ..., "last_attempt": ...,
-                     "next_attempt": ..., "remote_mta": ...}, ...]}
+                     "next_attempt": ..., "remote_mta": ..., "notify": ..., "orcpt": ...},
+                    ...], "ret": ..., "envid": ...}
 
-The format grows by adding keys (per-recipient DSN parameters NOTIFY/ORCPT, the envelope's
-RET/ENVID are the next ones): a key this version does not know is ignored on load, and a key
-it knows but does not find takes its default, so old and new daemons read each other's
-entries. Recipient states are `Status` values in memory and keep their original names on
-disk ("pending", "delivered", "failed"), which every earlier version reads.
+The format grows by adding keys (the DSN parameters came that way: "notify" and "orcpt" per
+recipient, "ret" and "envid" for the envelope): a key this version does not know is ignored
+on load, and a key it knows but does not find takes its default, so old and new daemons
+read each other's entries. Recipient states are `Status` values in memory and keep their
+original names on disk ("pending", "delivered", "failed"), which every earlier version reads.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class RecipientState:
     last_attempt: float = 0.0
     next_attempt: float = 0.0  # 0: at once
     remote_mta: str = ""
+    notify: str = ""  # DSN NOTIFY as given, e.g. "SUCCESS,FAILURE"; "" when absent
+    orcpt: str = ""  # DSN ORCPT decoded, "rfc822;user@example.org"; "" when absent
 
     @property
     def domain(self) -> str:
@@ -95,6 +98,8 @@ class QueueEntry:
     smtputf8: bool = False
     body_8bit: bool = False
     delay_warned: bool = False
+    ret: str = ""  # DSN RET: "FULL", "HDRS" or "" (absent)
+    envid: str = ""  # DSN ENVID, decoded
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.state is PENDING]

@@ -33,12 +33,13 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from postier.delivery.base import Recipient, StoredMessage
 from postier.delivery.fsutil import copy_from, fsync_dir, write_all
 from postier.errors import PostierError
+from postier.protocol.dsn import MailDsn, RcptDsn
 from postier.queue.entry import (  # noqa: F401 - the names users of the store import
     DELIVERED,
     FAILED,
@@ -80,6 +81,14 @@ def _address(r: object) -> str:
     return r.address if isinstance(r, Recipient) else str(r)
 
 
+def _recipient_state(address: str, dsn: Mapping[str, RcptDsn]) -> RecipientState:
+    """A new pending recipient, with the NOTIFY/ORCPT its RCPT gave (if any)."""
+    given = dsn.get(address)
+    if given is None:
+        return RecipientState(address)
+    return RecipientState(address, notify=given.notify_text, orcpt=given.orcpt)
+
+
 class QueueStore:
     """The queue directory; see the module docstring for layout and guarantees."""
 
@@ -117,6 +126,12 @@ class QueueStore:
             received_at=entry.arrival,
             smtputf8=entry.smtputf8,
             body_8bit=entry.body_8bit,
+            envelope_dsn=MailDsn(entry.ret, entry.envid),
+            recipient_dsn={
+                r.address: RcptDsn.from_text(r.notify, r.orcpt)
+                for r in entry.recipients
+                if r.notify or r.orcpt
+            },
         )
 
     # -- commit ------------------------------------------------------------------------
@@ -166,9 +181,14 @@ class QueueStore:
                 arrival=spool.received_at,
                 size=body.stat().st_size,
                 content_offset=spool.content_offset,
-                recipients=[RecipientState(a) for a in dict.fromkeys(map(_address, recipients))],
+                recipients=[
+                    _recipient_state(a, spool.recipient_dsn)
+                    for a in dict.fromkeys(map(_address, recipients))
+                ],
                 smtputf8=spool.smtputf8,
                 body_8bit=spool.body_8bit,
+                ret=spool.envelope_dsn.ret,
+                envid=spool.envelope_dsn.envid,
             )
             self._write_env(entry)
         except BaseException:
@@ -302,7 +322,12 @@ class QueueStore:
                 raise EntryNotFound(entry.queue_id)
             self._write_env(entry)
 
-    def add_recipients(self, queue_id: str, recipients: Iterable[object]) -> QueueEntry:
+    def add_recipients(
+        self,
+        queue_id: str,
+        recipients: Iterable[object],
+        dsn: Mapping[str, RcptDsn] | None = None,
+    ) -> QueueEntry:
         """Add recipients to a committed entry (those it has already are left as they are).
 
         For a message whose remote recipients were committed before its local delivery:
@@ -313,7 +338,7 @@ class QueueStore:
             known = {r.address for r in entry.recipients}
             new = [a for a in dict.fromkeys(map(_address, recipients)) if a not in known]
             if new:
-                entry.recipients += [RecipientState(a) for a in new]
+                entry.recipients += [_recipient_state(a, dsn or {}) for a in new]
                 self._write_env(entry)
             return entry
 
