@@ -8,6 +8,7 @@ import asyncio
 import base64
 import email
 import email.policy
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from postier.protocol import client as proto
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, make_server
 from tests.sinks import PrivatePostfix, have, public_tmpdir
+from tests.test_bdat_integration import Client
 from tests.test_smtp_client import rcpts, relay, statuses, stored
 
 ZONE = {"own.test": {"A": ["127.0.0.1"]}, "example.test": {"A": ["127.0.0.1"]}}
@@ -136,3 +138,37 @@ def test_binary_without_mime_bounces_5_6_3(
     results = asyncio.run(relay(dns, postfix.port).deliver(message, rcpts("alice@example.test")))
     assert statuses(results) == [("alice@example.test", Status.PERMANENT, 554, "5.6.3")]
     assert "BINARYMIME" in results[0].text
+
+
+def test_daemon_relays_a_bdat_message_with_bdat(
+    dns: DnsServer, tmp_path: Path, own: PostierServer
+) -> None:
+    """The whole path: BDAT in on `local`, the queue, the scheduler, BDAT out to our own mx."""
+    before = set(own.maildir_files("alice"))
+    sender = make_server(
+        tmp_path / "sender",
+        extra=["--dns-server", f"127.0.0.1:{dns.port}", "--remote-port", str(own.mx_port)],
+    ).start()
+    try:
+        wire = proto.spool_to_wire(MIME)  # the message as a client sends it: CRLF lines
+        client = Client(sender.local_port)
+        try:
+            assert client.command(b"EHLO client.test")[0] == 250
+            client.send(
+                b"MAIL FROM:<sender@origin.test> BODY=BINARYMIME\r\nRCPT TO:<alice@own.test>\r\n"
+                + proto.bdat(len(wire), last=True)
+                + wire
+            )
+            assert [client.reply()[0] for _ in range(3)] == [250, 250, 250]
+        finally:
+            client.close()
+        deadline = time.monotonic() + 30  # a bound on a hung relay, never a measurement
+        while not [p for p in own.maildir_files("alice") if p not in before]:
+            assert time.monotonic() < deadline, sender.log()
+            time.sleep(0.1)
+        assert "in reply to BDAT LAST" in sender.log()
+    finally:
+        assert sender.stop() == 0
+    [path] = [p for p in own.maildir_files("alice") if p not in before]
+    data = path.read_bytes()
+    assert data[data.index(b"From: sender@origin.test") :] == MIME

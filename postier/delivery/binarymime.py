@@ -25,6 +25,7 @@ import email
 import email.message
 import email.policy
 import io
+import logging
 from dataclasses import dataclass
 from email.generator import BytesGenerator
 from pathlib import Path
@@ -32,9 +33,11 @@ from typing import Final
 
 from postier.delivery.base import StoredMessage
 from postier.errors import DeliveryError
+from postier.log import event
 from postier.protocol.client import Capabilities
 
 _SCAN_BLOCK: Final = 256 * 1024
+log = logging.getLogger("postier.delivery.binarymime")
 
 
 def is_binary(content: bytes) -> bool:
@@ -105,8 +108,11 @@ async def plan_body(message: StoredMessage, caps: Capabilities, peer: str) -> Bo
     if not await asyncio.to_thread(file_needs_binarymime, path, offset):
         return AS_USUAL
     if "CHUNKING" in caps and "BINARYMIME" in caps:
+        event("binarymime", logger=log, qid=message.queue_id, peer=peer, action="bdat")
         return BodyPlan(chunking=True)
     replacement = await asyncio.to_thread(_downgraded, path, offset)
+    action = "bounce" if replacement is None else "downgrade"
+    event("binarymime", logger=log, qid=message.queue_id, peer=peer, action=action)
     if replacement is None:
         raise DeliveryError(
             f"{peer} does not support BINARYMIME, and this message's binary content "
