@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from postier.delivery.base import Status
+from postier.delivery.base import Recipient, RecipientResult, Status
 from postier.delivery.binarymime import downgrade, is_binary
+from postier.delivery.lmtp import LmtpBackend
 from postier.protocol import client as proto
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, make_server
 from tests.sinks import PrivatePostfix, have, public_tmpdir
 from tests.test_bdat_integration import Client
-from tests.test_smtp_client import rcpts, relay, statuses, stored
+from tests.test_lmtp import Dovecot, dovecot  # noqa: F401 - dovecot is a fixture
+from tests.test_smtp_client import TIMEOUTS, rcpts, relay, statuses, stored
 
 ZONE = {"own.test": {"A": ["127.0.0.1"]}, "example.test": {"A": ["127.0.0.1"]}}
 
@@ -172,3 +174,31 @@ def test_daemon_relays_a_bdat_message_with_bdat(
     [path] = [p for p in own.maildir_files("alice") if p not in before]
     data = path.read_bytes()
     assert data[data.index(b"From: sender@origin.test") :] == MIME
+
+
+def test_lmtp_to_dovecot_binary_message(dovecot: Dovecot, pub: Path) -> None:  # noqa: F811
+    """LMTP shares the transaction and its BINARYMIME decision: one reply per recipient,
+    and a binary message that Dovecot cannot take as is arrives downgraded."""
+    backend = LmtpBackend(f"127.0.0.1:{dovecot.port}", timeouts=TIMEOUTS)
+
+    async def go() -> list[RecipientResult]:
+        try:
+            return await backend.deliver(
+                stored(pub, MIME, body_8bit=True),
+                [Recipient("alice@example.test", user="alice@example.test"),
+                 Recipient("ghost@example.test")],
+            )  # fmt: skip
+        finally:
+            await backend.close()
+
+    results = asyncio.run(go())
+    assert statuses(results) == [
+        ("alice@example.test", Status.DELIVERED, 250, "2.0.0"),
+        ("ghost@example.test", Status.PERMANENT, 550, "5.1.1"),
+    ]
+    # Dovecot's LMTP offers no BINARYMIME: the binary part arrives in base64.
+    assert "in reply to end of data" in results[0].text
+    [msg] = dovecot.messages("alice")
+    binary_part = msg.get_payload()[1]
+    assert binary_part["Content-Transfer-Encoding"] == "base64"
+    assert binary_part.get_payload(decode=True) == PART.replace(b"\n", b"\r\n")
