@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import ssl
@@ -29,6 +30,7 @@ from postier.delivery.base import (
     StoredMessage,
     result_from_error,
 )
+from postier.delivery.binarymime import AS_USUAL, BodyPlan, plan_body
 from postier.delivery.dsn_relay import dsn_mail_params, dsn_rcpt_params, mark_passed
 from postier.errors import DeliveryError
 from postier.log import event
@@ -195,6 +197,15 @@ async def run_transaction(
     elif caps.size and size > caps.size:
         early = DeliveryError(f"message size {size} exceeds the limit {caps.size} of {peer}",
                               permanent=True, code=552, enhanced="5.3.4")
+    plan = AS_USUAL
+    if early is None:
+        try:
+            plan = await plan_body(message, caps, peer)
+        except DeliveryError as exc:
+            early = exc
+        except OSError as exc:
+            early = DeliveryError(f"cannot read the queued message: {exc}", permanent=False,
+                                  code=451, enhanced="4.3.0")
     if early is not None:
         return [result_from_error(r, early) for r in recipients]
     params: dict[str, str | None] = {}
@@ -202,6 +213,8 @@ async def run_transaction(
         params["SIZE"] = str(size)  # LF count: an estimate, as RFC 1870 allows
     if message.body_8bit and "8BITMIME" in caps:
         params["BODY"] = "8BITMIME"  # without 8BITMIME we send as is, like most MTAs do
+    if plan.chunking:
+        params["BODY"] = "BINARYMIME"
     if utf8:
         params["SMTPUTF8"] = None
     # DSN parameters go on to an SMTP next hop that speaks DSN (LMTP is our own final hop).
@@ -210,7 +223,10 @@ async def run_transaction(
     if dsn:
         params.update(dsn_mail_params(message))
     try:
-        body = open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
+        body: IO[bytes] = (
+            io.BytesIO(plan.replacement) if plan.replacement is not None
+            else open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
+        )
     except OSError as exc:
         return [RecipientResult(r, Status.TEMPORARY, 451, "4.3.0",
                                 f"cannot read the queued message: {exc}") for r in recipients]
@@ -218,7 +234,7 @@ async def run_transaction(
     results = [RecipientResult(r, Status.TEMPORARY, 451, "4.4.2", lost) for r in recipients]
     try:
         await _transaction(stream, caps, message, recipients, addresses, params, body, t,
-                           results, peer=peer, lmtp=lmtp, rcpt_params=rcpt_params)
+                           results, peer=peer, lmtp=lmtp, rcpt_params=rcpt_params, plan=plan)
     except (OSError, ClientProtocolError) as exc:
         stream.broken = True
         stream.writer.close()
@@ -237,23 +253,26 @@ async def _transaction(
     recipients: Sequence[Recipient], addresses: list[str], params: dict[str, str | None],
     body: IO[bytes], t: Timeouts, results: list[RecipientResult], *, peer: str, lmtp: bool,
     rcpt_params: list[dict[str, str | None]],
+    plan: BodyPlan = AS_USUAL,
 ) -> None:
     """Fill `results` as replies arrive, so a broken connection keeps what was settled."""
     mail_cmd = proto.mail_from(message.sender, params)
     rcpt_cmds = [proto.rcpt_to(a, p) for a, p in zip(addresses, rcpt_params, strict=True)]
     data_reply: Reply | None = None
+    use_data = not plan.chunking  # BDAT needs no go-ahead: its chunks follow the RCPTs
     if "PIPELINING" in caps:
-        stream.write(mail_cmd + b"".join(rcpt_cmds) + proto.DATA)
+        stream.write(mail_cmd + b"".join(rcpt_cmds) + (proto.DATA if use_data else b""))
         await stream.drain(t.mail)
         mail_reply = await stream.read_reply(t.mail)
         rcpt_replies = [await stream.read_reply(t.rcpt) for _ in rcpt_cmds]
-        data_reply = await stream.read_reply(t.data_init)
+        if use_data:
+            data_reply = await stream.read_reply(t.data_init)
     else:
         mail_reply = await stream.command(mail_cmd, t.mail)
         rcpt_replies = []
         if _ok(mail_reply):
             rcpt_replies = [await stream.command(c, t.rcpt) for c in rcpt_cmds]
-            if any(_ok(rr) for rr in rcpt_replies):
+            if use_data and any(_ok(rr) for rr in rcpt_replies):
                 data_reply = await stream.command(proto.DATA, t.data_init)
     if not _ok(mail_reply):
         results[:] = [result_from_reply(r, mail_reply, f"{peer}, in reply to MAIL FROM")
@@ -266,6 +285,10 @@ async def _transaction(
             accepted.append(i)
         else:
             results[i] = result_from_reply(recipients[i], rr, f"{peer}, in reply to RCPT TO")
+    if plan.chunking and accepted:
+        await _send_chunks(stream, body, message.content_offset, recipients, accepted, t,
+                           results, peer=peer, lmtp=lmtp)
+        return
     if not accepted or data_reply is None or data_reply.code != 354:
         for i in accepted:
             if data_reply is not None:
@@ -273,7 +296,7 @@ async def _transaction(
                                                f"{peer}, in reply to DATA")
         await _abandon_data(stream, data_reply, t)
         return
-    body.seek(message.content_offset)
+    body.seek(0 if plan.replacement is not None else message.content_offset)
     encoder = proto.BodyEncoder()
     while chunk := await _read_chunk(body):
         stream.write(encoder.feed(chunk))
@@ -285,6 +308,37 @@ async def _transaction(
         for j in [i] if i is not None else accepted:
             results[j] = result_from_reply(recipients[j], final,
                                            f"{peer}, in reply to end of data")
+
+
+async def _send_chunks(
+    stream: ClientStream, body: IO[bytes], offset: int, recipients: Sequence[Recipient],
+    accepted: list[int], t: Timeouts, results: list[RecipientResult], *, peer: str,
+    lmtp: bool,
+) -> None:
+    """The body as BDAT chunks (RFC 3030), each answered before the next is sent; a refused
+    chunk fails the transaction for every accepted recipient, and RSET clears it."""
+    body.seek(offset)
+    block = await _read_chunk(body)
+    while True:
+        following = await _read_chunk(body) if block else b""
+        last = not following
+        wire = proto.spool_to_wire(block)
+        stream.write(proto.bdat(len(wire), last=last) + wire)
+        await stream.drain(t.data_block)
+        if last:
+            break
+        reply = await stream.read_reply(t.data_block)
+        if not _ok(reply):
+            for i in accepted:
+                results[i] = result_from_reply(recipients[i], reply, f"{peer}, in reply to BDAT")
+            await stream.command(proto.RSET, t.command)
+            return
+        block = following
+    for i in accepted if lmtp else [None]:
+        final = await stream.read_reply(t.data_end)
+        for j in [i] if i is not None else accepted:
+            results[j] = result_from_reply(recipients[j], final,
+                                           f"{peer}, in reply to BDAT LAST")
 
 
 async def _abandon_data(stream: ClientStream, data_reply: Reply | None, t: Timeouts) -> None:

@@ -116,7 +116,7 @@ class InboundHandler:
             queue_id=new_queue_id(),
             sender=event.sender,
             smtputf8=event.smtputf8,
-            body_8bit=event.body == "8BITMIME",
+            body_8bit=event.body in ("8BITMIME", "BINARYMIME"),
             size_hint=event.size,
             auth_user=self.protocol.session.auth_user,
             dsn=event.dsn,

@@ -138,7 +138,8 @@ class SmtpSession(asyncio.Protocol):
     def _timeout_for_phase(self) -> float:
         cfg = self.ctx.config
         assert self.conn is not None
-        return cfg.data_timeout if self.conn.phase is Phase.DATA else cfg.command_timeout
+        reading_content = self.conn.phase in (Phase.DATA, Phase.CHUNK)
+        return cfg.data_timeout if reading_content else cfg.command_timeout
 
     async def _wait_input(self, deadline: float) -> Reply | None:
         """Wait for bytes; return a closing reply on timeout, None when woken."""

@@ -177,6 +177,17 @@ STARTTLS = b"STARTTLS\r\n"
 END_OF_DATA = b".\r\n"  # what to send after 354 when there is nothing to send
 
 
+def bdat(size: int, *, last: bool) -> bytes:
+    """`BDAT <size> [LAST]` (RFC 3030); exactly `size` octets must follow it."""
+    return f"BDAT {size}{' LAST' if last else ''}\r\n".encode("ascii")
+
+
+def spool_to_wire(content: bytes) -> bytes:
+    """Spool content (LF line ends) as BDAT octets: LF back to CRLF, every other octet as it
+    is (a bare CR and NUL included). No dot-stuffing: BDAT has no end marker to protect."""
+    return content.replace(b"\n", b"\r\n")
+
+
 def auth_plain(username: str, password: str) -> bytes:
     """`AUTH PLAIN <initial response>` (RFC 4616), with an empty authorization identity."""
     token = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")

@@ -29,7 +29,7 @@ class Hello:
 class Mail:
     sender: Address | None  # None is the null reverse-path <>
     size: int | None
-    body: str | None  # "7BIT" / "8BITMIME" / None
+    body: str | None  # "7BIT" / "8BITMIME" / "BINARYMIME" / None
     smtputf8: bool
     params: dict[str, str | None] = field(default_factory=dict)
     dsn: MailDsn = NO_MAIL_DSN  # RET, ENVID (RFC 3461)
@@ -44,14 +44,23 @@ class Rcpt:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """DATA with at least one accepted recipient; accept() sends 354."""
+    """DATA with at least one accepted recipient; accept() sends 354.
+
+    With `chunking`, the first BDAT of the transaction (RFC 3030): accept() starts reading
+    its chunk (no 354); reject(reply) skips the chunk's octets, then sends the reply.
+    """
+
+    chunking: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
     """Message content, dot-unstuffed, CRLF line endings: whole lines, except that a line
     longer than 64 KiB comes in pieces (a piece never ends in CR and never holds a bare CR
-    or LF, so converting CRLF to LF chunk by chunk stays exact)."""
+    or LF, so converting CRLF to LF chunk by chunk stays exact).
+
+    After BDAT: the octets exactly as sent (bare CR, LF and NUL included); a piece never
+    ends in CR unless it ends the message, so CRLF to LF stays exact there too."""
 
     data: bytes
 

@@ -75,6 +75,8 @@ def ehlo_lines(session: Session, config: ServerConfig, peer_name: str) -> tuple[
         "8BITMIME",
         "SMTPUTF8",
         "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "BINARYMIME",
         "DSN",
     ]
     if config.starttls_available and not session.tls:
@@ -120,8 +122,8 @@ def handle_mail(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
             if size > config.max_message_size:
                 return R.MESSAGE_TOO_BIG
         elif key == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                return Reply(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
+            if value is None or value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
+                return Reply(501, "5.5.4", "Syntax: BODY=7BIT, 8BITMIME or BINARYMIME")
             body = value.upper()
         elif key == "SMTPUTF8":
             if value is not None:
@@ -196,6 +198,10 @@ def handle_data(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
         return Reply(501, "5.5.4", "Syntax: DATA (no arguments)")
     if not session.envelope.mail_given:
         return R.MAIL_FIRST
+    if session.envelope.chunking:
+        return R.DATA_AFTER_BDAT
+    if session.envelope.body == "BINARYMIME":
+        return R.BINARYMIME_NEEDS_BDAT
     if not session.envelope.recipients:
         return R.NO_VALID_RECIPIENTS
     return Data()
@@ -212,7 +218,7 @@ def handle_noop(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
 
 
 def handle_help(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
-    verbs = "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY"
+    verbs = "EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY"
     if config.starttls_available:
         verbs += " STARTTLS"
     if config.auth_mechanisms:

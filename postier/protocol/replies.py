@@ -110,6 +110,8 @@ BAD_LINE_ENDINGS = Reply(550, "5.5.2", "Bare CR or LF in message data (RFC 5321 
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 SYNC_ERROR = Reply(554, "5.5.0", "Improper use of SMTP command pipelining")
 PREGREET = Reply(554, "5.5.0", "Protocol error: you talked before my greeting")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT in one transaction")
+BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 
 
@@ -119,6 +121,11 @@ def closing(hostname: str) -> Reply:
 
 def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP postier")
+
+
+def chunk_received(octets: int) -> Reply:
+    """The reply to a BDAT chunk that is not the last (RFC 3030 §4.2)."""
+    return Reply(250, "2.0.0", f"{octets} octets received")
 
 
 def queued(queue_id: str) -> Reply:

@@ -24,6 +24,7 @@ from collections import deque
 
 from postier.protocol import replies as R
 from postier.protocol.buffer import LineBuffer, LineTooLong
+from postier.protocol.chunk import BdatCommand, ChunkReader, parse_bdat, skip
 from postier.protocol.dot import DataReader
 from postier.protocol.events import (
     NEED_DATA,
@@ -72,6 +73,15 @@ class ServerConnection:
         self._received = bytearray()
         self._lines = LineBuffer(config.max_auth_line, self._received)
         self._reader: DataReader | None = None
+        # BDAT (protocol/chunk.py): the transaction's chunk reader, the first BDAT while the
+        # application prepares storage, a refused chunk still to skip, and the failure that
+        # every later chunk of the transaction gets (RFC 3030 §2).
+        self._chunks: ChunkReader | None = None
+        self._first_bdat: BdatCommand | None = None
+        self._skip_left = 0
+        self._skip_reply: Reply | None = None
+        self._skip_ends_transaction = False
+        self._chunk_failure: Reply | None = None
         self._out = bytearray()
         self._events: deque[Event] = deque()
         self._pending: Event | None = None
@@ -117,6 +127,8 @@ class ServerConnection:
             self._reader = DataReader(self.config.max_message_size, self._received)
             if self._received:  # content pipelined behind DATA (when sync is not enforced)
                 self._read_data()
+        elif phase is Phase.CHUNK:
+            self._read_chunk()  # also when nothing is buffered: a chunk may be empty
         elif phase is Phase.TLS_PENDING:
             # RFC 3207 §4 / CVE-2011-0411: plaintext behind STARTTLS never becomes commands.
             self.discarded_after_starttls = self._lines.clear()
@@ -134,6 +146,8 @@ class ServerConnection:
     def _end_transaction(self, reason: EndReason, detail: str = "") -> None:
         """The one place the envelope is reset; says so when a transaction was open."""
         session = self.session
+        self._chunks = None
+        self._chunk_failure = None
         if not session.envelope.mail_given:
             return
         session.envelope = Envelope()
@@ -156,6 +170,8 @@ class ServerConnection:
         self._received += data
         if self._reader is not None:
             self._read_data()
+        elif self.phase is Phase.CHUNK:
+            self._read_chunk()
 
     def _read_data(self) -> None:
         reader = self._reader
@@ -172,6 +188,77 @@ class ServerConnection:
                 self._finish_rejected(R.MESSAGE_TOO_BIG)
             else:
                 self._events.append(EndOfData(size=reader.size))
+
+    # ---- BDAT (RFC 3030) ----------------------------------------------------------------
+    def _bdat_line(self, arg: str) -> Event | None:
+        """Every BDAT with a known size has its octets read: stored, or skipped and refused."""
+        command = parse_bdat(arg)
+        if isinstance(command, Reply):
+            self._violation(command, "BDAT without a chunk size")
+            return None
+        refusal = self._bdat_out_of_sequence()
+        if refusal is None and command.error is not None:
+            refusal = self._chunk_failure = command.error
+        if refusal is None and self._chunk_failure is not None:
+            self._skip_chunk(command.size, self._chunk_failure, ends=command.last)
+            return None
+        if refusal is not None:
+            self._skip_chunk(command.size, refusal)
+            return None
+        if self._chunks is None:  # the first chunk: the application prepares the spool
+            self._first_bdat = command
+            return Data(chunking=True)
+        self._chunks.start(command.size, command.last)
+        self._enter(Phase.CHUNK)
+        return None
+
+    def _bdat_out_of_sequence(self) -> Reply | None:
+        session = self.session
+        if session.helo is None:
+            return R.HELO_FIRST
+        if not session.envelope.mail_given:
+            return R.MAIL_FIRST
+        if not session.envelope.recipients:
+            return R.NO_VALID_RECIPIENTS
+        return None
+
+    def _skip_chunk(self, size: int, reply: Reply, *, ends: bool = False) -> None:
+        self._skip_left = size
+        self._skip_reply = reply
+        self._skip_ends_transaction = ends
+        self._enter(Phase.CHUNK)
+
+    def _read_chunk(self) -> None:
+        if self._skip_reply is not None:
+            self._skip_left = skip(self._received, self._skip_left)
+            if self._skip_left:
+                return
+            reply, self._skip_reply = self._skip_reply, None
+            self._enter(Phase.COMMAND)
+            if self._skip_ends_transaction:
+                self._finish_rejected(reply)
+            else:
+                self._send(reply)
+            return
+        reader = self._chunks
+        assert reader is not None
+        data = reader.read()
+        if data:
+            self._events.append(DataChunk(data))
+        if not reader.chunk_complete:
+            return
+        self._enter(Phase.COMMAND)
+        if reader.overflow:
+            self._chunk_failure = R.MESSAGE_TOO_BIG
+        if self._chunk_failure is not None:
+            if reader.last:
+                self._finish_rejected(self._chunk_failure)
+            else:
+                self._send(self._chunk_failure)
+        elif reader.last:
+            self._events.append(EndOfData(size=reader.size))
+        else:
+            self._send(R.chunk_received(reader.chunk_size))
 
     def _finish_rejected(self, reply: Reply) -> None:
         self._send(reply)
@@ -230,6 +317,8 @@ class ServerConnection:
         if len(line) > limit:
             self._send(R.LINE_TOO_LONG)
             return None
+        if verb == "BDAT":
+            return self._bdat_line(line[verb_end + 1 :].decode("ascii", "replace"))
         handler = HANDLERS.get(verb)
         if handler is None:
             if verb in NOT_IMPLEMENTED:
@@ -237,10 +326,6 @@ class ServerConnection:
             elif verb == "QUIT":
                 self._send(R.closing(self.config.hostname))
                 self._close("quit")
-            elif verb == "BDAT":
-                # We do not offer CHUNKING: the chunk bytes that follow would be read as
-                # commands, so the only safe answer is to stop.
-                self._violation(Reply(554, "5.5.1", "BDAT without CHUNKING; closing"), "BDAT")
             elif verb in CROSS_PROTOCOL:
                 self._violation(
                     Reply(554, "5.7.0", "This is an SMTP server, not an HTTP proxy"),
@@ -309,6 +394,14 @@ class ServerConnection:
                 default = mail_accepted(session, event)
             case Rcpt():
                 default = rcpt_accepted(session, event)
+            case Data(chunking=True):
+                command, self._first_bdat = self._first_bdat, None
+                assert command is not None
+                session.envelope.chunking = True
+                self._chunks = ChunkReader(self.config.max_message_size, self._received)
+                self._chunks.start(command.size, command.last)
+                self._enter(Phase.CHUNK)
+                return
             case Data():
                 self._send(reply or R.START_DATA)
                 if self.config.enforce_pipelining_sync and len(self._lines):
@@ -336,6 +429,11 @@ class ServerConnection:
         event = self._take_pending()
         if isinstance(event, (Auth, AuthResponse)):
             self._enter(Phase.COMMAND)
+        if isinstance(event, Data) and event.chunking and reply.code != 421:
+            command, self._first_bdat = self._first_bdat, None
+            assert command is not None
+            self._skip_chunk(command.size, reply)  # the reply goes out after the octets
+            return
         self._send(reply)
         if isinstance(event, EndOfData):
             self._end_transaction(EndReason.REJECTED)

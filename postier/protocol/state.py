@@ -12,6 +12,7 @@ class Phase(enum.Enum):
     COMMAND = "command"  # reading command lines
     DATA = "data"  # reading message content after 354
     AUTH = "auth"  # reading SASL responses after 334
+    CHUNK = "chunk"  # reading the octets of a BDAT chunk (RFC 3030), stored or skipped
     TLS_PENDING = "tls-pending"  # 220 sent for STARTTLS; every plaintext byte is discarded
     CLOSED = "closed"
 
@@ -48,6 +49,7 @@ class Envelope:
     size_hint: int | None = None
     body: str | None = None
     smtputf8: bool = False
+    chunking: bool = False  # a BDAT chunk was taken: DATA is refused (RFC 3030 §3)
 
 
 @dataclass(slots=True)
