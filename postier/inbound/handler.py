@@ -23,6 +23,7 @@ from typing import Protocol
 
 from postier.checks.base import CheckChain
 from postier.delivery.base import StoredMessage
+from postier.inbound.header_scan import DropField
 from postier.inbound.peer import Peer
 from postier.inbound.received import trace_headers, with_protocol
 from postier.inbound.transaction import Transaction
@@ -68,6 +69,9 @@ class InboundSettings:
     spool_dir: Path
     relay_without_auth: bool  # the listener's role may relay without AUTH
     received_auth_user: bool  # name the SASL user in our Received header
+    # Removes header fields of the incoming message as it is spooled (mx: an
+    # Authentication-Results that claims our host name, RFC 8601 §5).
+    drop_field: DropField | None = None
 
 
 class InboundHandler:
@@ -119,6 +123,8 @@ class InboundHandler:
             body_8bit=event.body == "8BITMIME",
             size_hint=event.size,
             auth_user=self.protocol.session.auth_user,
+            client_ip=self.peer.ip,
+            helo=self.protocol.session.helo or "",
         )
         txn.dkim_sign = self.settings.relay_without_auth or txn.auth_user is not None
         if self.checks.mail:
@@ -184,7 +190,11 @@ class InboundHandler:
             auth_user=(txn.auth_user or "") if settings.received_auth_user else "",
         )
         txn.writer = SpoolWriter(
-            settings.spool_dir, txn.queue_id, header, scan_headers=bool(self.checks.end_of_data)
+            settings.spool_dir,
+            txn.queue_id,
+            header,
+            scan_headers=bool(self.checks.end_of_data),
+            drop_field=settings.drop_field,
         )
         return None
 
