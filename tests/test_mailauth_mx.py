@@ -8,17 +8,19 @@ domain of its own: the server caches DNS answers for their TTL.
 
 from __future__ import annotations
 
+import http.client
 import re
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dnsserver import DnsServer
 from tests.mailauth_dns import txt
 from tests.mailauth_sign import genkey, key_record, sign
-from tests.server import PostierServer, make_server
+from tests.server import PostierServer, free_port, make_server
 
 HOSTNAME = "mx.test"  # make_server's -H
 RCPT = "alice@example.org"
@@ -79,7 +81,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer) -> Iterator
 
 @pytest.fixture(scope="module")
 def lenient(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer) -> Iterator[PostierServer]:
-    srv = _start(tmp_path_factory.mktemp("lenient"), dns, "--no-dmarc-reject")
+    """With --no-dmarc-reject, and metrics on `extra_ports["metrics"]`."""
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("lenient")
+    srv = _start(tmp, dns, "--no-dmarc-reject", "--metrics", f"127.0.0.1:{port}")
+    srv.extra_ports["metrics"] = port
     try:
         yield srv
     finally:
@@ -176,6 +182,24 @@ def test_no_dmarc_reject_stores_the_failure(lenient: PostierServer) -> None:
     (field,) = results_fields(copy)
     assert b"dmarc=fail" in field and b"header.from=bank2.test" in field
     assert re.search(r"event=mailauth .*dis=reject .*action=deliver", lenient.log())
+
+
+def test_verdicts_are_counted(lenient: PostierServer) -> None:
+    code, text = send(lenient, "s@spffail.test", message("S <s@spffail.test>", "counted"))
+    assert code == 250, text
+    conn = http.client.HTTPConnection("127.0.0.1", lenient.extra_ports["metrics"], timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        page = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    values = {
+        (s.name, s.labels.get("method"), s.labels.get("result")): s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+    }
+    assert values[("postier_auth_verdicts_total", "spf", "fail")] >= 1
+    assert values[("postier_auth_verdicts_total", "dmarc", "none")] >= 1
 
 
 def test_dmarc_servfail_is_not_rejected(server: PostierServer, key: Path) -> None:
