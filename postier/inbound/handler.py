@@ -313,7 +313,8 @@ class _SpooledMessage:
     async def stored(self) -> StoredMessage:
         if self._stored is None:
             writer = self._writer
-            await asyncio.get_running_loop().run_in_executor(self._executor, writer.finish)
+            # Complete on disk; fsync'd once, when the message is stored (router).
+            await asyncio.get_running_loop().run_in_executor(self._executor, writer.complete)
             txn = self._txn
             self._stored = StoredMessage(
                 path=writer.path,
