@@ -67,12 +67,17 @@ class MessageAuthentication:
         hostname: str,
         dmarc_reject: bool,
         executor: Executor | None,
+        spf_executor: Executor | None = None,
         is_exempt: Callable[[str], bool] = lambda ip: False,
     ) -> None:
+        """`spf_executor` runs pyspf, whose thread waits on each DNS answer (up to 20 s for
+        a silent server): a pool of its own, so slow senders never hold up `executor`, which
+        writes every session's spool files. Without it, `executor` does both."""
         self.resolver = resolver
         self.hostname = hostname
         self.dmarc_reject = dmarc_reject
         self.executor = executor
+        self.spf_executor = spf_executor or executor
         self.is_exempt = is_exempt
 
     async def at_mail(self, txn: Transaction) -> Verdict:
@@ -80,7 +85,7 @@ class MessageAuthentication:
             return ACCEPT
         sender = txn.sender_text
         task = asyncio.ensure_future(
-            check_spf(self.resolver, txn.client_ip, sender, txn.helo, executor=self.executor)
+            check_spf(self.resolver, txn.client_ip, sender, txn.helo, executor=self.spf_executor)
         )
         _running.add(task)
         task.add_done_callback(_running.discard)

@@ -43,6 +43,10 @@ class LiveSession(Protocol):
     def wake(self) -> None: ...
 
 
+# pyspf threads per worker: each waits on DNS, so they are apart from the spool I/O pool.
+SPF_THREADS = 8
+
+
 @dataclass(slots=True)
 class ServerContext:
     config: Config
@@ -61,6 +65,7 @@ class ServerContext:
     _chains: dict[str, CheckChain] = field(default_factory=dict)
     reverse_names: ReverseNames = field(default_factory=ReverseNames)
     resolver: Resolver | None = None  # the worker's one resolver (see dns_resolver())
+    spf_executor: ThreadPoolExecutor | None = None  # made on first use, kept across reloads
     # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
     # a time per worker; more would only trade memory for nothing on a machine this size.
     hash_slots: asyncio.Semaphore | None = None
@@ -141,11 +146,17 @@ class ServerContext:
             self.resolver = getattr(relay, "resolver", None) or make_resolver(self.config)
         return self.resolver
 
+    def _spf_pool(self) -> ThreadPoolExecutor:
+        if self.spf_executor is None:
+            self.spf_executor = ThreadPoolExecutor(SPF_THREADS, thread_name_prefix="postier-spf")
+        return self.spf_executor
+
     def _mailauth(self) -> MessageAuthentication:
         return MessageAuthentication(
             self.dns_resolver(),
             hostname=self.config.hostname,
             dmarc_reject=self.config.dmarc_reject,
             executor=self.executor,
+            spf_executor=self._spf_pool(),
             is_exempt=self.connections.is_exempt,
         )
