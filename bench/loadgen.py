@@ -126,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
         action="store_true",
         help="no mail: -n connections of greeting, EHLO, [STARTTLS, EHLO], [AUTH], QUIT",
     )
+    p.add_argument(
+        "--message-file",
+        help="send this message as it is (e.g. DKIM-signed) instead of a generated one",
+    )
     p.add_argument("--deadline", type=float, default=120.0, help="wall-clock limit, seconds")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
@@ -158,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, bool]:
         tls_resume=a.tls_resume,
         auth=a.auth,
         connect_only=a.connect_only,
+        message_file=a.message_file,
     ), a.json
 
 

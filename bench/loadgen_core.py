@@ -39,6 +39,7 @@ class LoadConfig:
     tls_resume: bool = False  # offer the last session ticket on each new connection
     auth: str | None = None  # "user:password": AUTH PLAIN once per connection
     connect_only: bool = False  # no mail: each unit is one connection's opening and QUIT
+    message_file: str | None = None  # send this file's message instead of a generated one
 
 
 @dataclass
@@ -123,6 +124,19 @@ def build_message(size: int, sender: str, rcpt: str) -> tuple[bytes, bytes]:
     return head, tail
 
 
+def fixed_message(message: bytes) -> tuple[bytes, bytes]:
+    """(head, tail) for sending `message` as it is, e.g. one carrying a DKIM signature.
+
+    The sequence number goes into an `X-Loadgen-Seq:` field above it, which no signature
+    covers; lines starting with "." are dot-stuffed and line ends made CRLF.
+    """
+    lines = message.replace(b"\r\n", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    data = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+    return b"X-Loadgen-Seq: ", b"\r\n" + data + b".\r\n"
+
+
 class _ClientContext(ssl.SSLContext):
     """An unverified client context that can offer a saved session on every new connection.
 
@@ -159,7 +173,12 @@ class _Shared:
             user, _, password = cfg.auth.partition(":")
             token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
             self.auth = f"AUTH PLAIN {token}\r\n".encode()
-        self.bodies = [build_message(cfg.size, cfg.sender, r) for r in cfg.recipients]
+        if cfg.message_file is not None:
+            with open(cfg.message_file, "rb") as f:
+                fixed = fixed_message(f.read())
+            self.bodies = [fixed for _ in cfg.recipients]
+        else:
+            self.bodies = [build_message(cfg.size, cfg.sender, r) for r in cfg.recipients]
         self.mail = f"MAIL FROM:<{cfg.sender}>\r\n".encode()
         self.rcpts = [f"RCPT TO:<{r}>\r\n".encode() for r in cfg.recipients]
         self.ehlo = f"EHLO {cfg.helo}\r\n".encode()

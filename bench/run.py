@@ -13,7 +13,7 @@ JSON under bench/results/.
     python3 bench/run.py --sessions 1,20,100 --messages 5000 --size 2048 --repeat 5
     python3 bench/run.py --servers postier,aiosmtpd,postfix,sink     # side by side
     python3 bench/run.py --servers postier@../before,postier          # before and after
-    python3 bench/run.py --scenario tls      # or basic, relay, formats (bench/scenarios.py)
+    python3 bench/run.py --scenario tls      # or basic, relay, formats, mailauth (scenarios.py)
 
 This file is the command line only: harness.py (processes, CPU and memory), targets.py and
 baselines.py (the servers), drivers.py (the load), runner.py (runs and repeats),
@@ -48,11 +48,12 @@ def parse_args(argv=None, servers_default="postier") -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--scenario",
-        choices=("basic", "tls", "relay", "formats"),
+        choices=("basic", "tls", "relay", "formats", "mailauth"),
         help="a prepared comparison (bench/scenarios.py): basic (maildir at 1/20/100 sessions, "
         "--workers 1 and 2), tls (handshakes/s; msgs/s plain vs STARTTLS vs AUTH), relay "
         "(submission/local to smtp-sink through the queue), formats (maildir, mbox, spool, "
-        "lmtp); its defaults for --sessions, --messages and --repeat yield to the flags",
+        "lmtp), mailauth (mx with SPF/DKIM/DMARC checks on vs off); its defaults for "
+        "--sessions, --messages and --repeat yield to the flags",
     )
     p.add_argument(
         "--servers",

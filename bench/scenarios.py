@@ -15,6 +15,9 @@
   ``relay.test`` to 127.0.0.1, ``--remote-port`` is the sink's port.
 - ``formats``: messages per second into Maildir, mbox, the numbered spool and LMTP (a private
   Dovecot, tests/dovecot.py, storing Maildir), side by side.
+- ``mailauth``: the mx taking DKIM-signed mail from a domain whose SPF, DKIM key and DMARC
+  record a loopback DNS responder serves, with the SPF/DKIM/DMARC checks on and off
+  (bench/mailauth_target.py): msgs/s and server CPU ms per message of each.
 
 Each is a list of ``Part``s (one table each) of ``Spec``s (one row each). A scenario's
 postier rows are repeated for every postier tree of ``--servers`` (``--servers
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 
+from bench.mailauth_target import MailauthTarget
 from bench.runner import Part, Spec
 from bench.targets import (
     RELAY_DOMAIN,
@@ -44,6 +48,7 @@ PRESETS = {
     "tls": {"sessions": "20", "messages": 5000, "repeat": 3},
     "relay": {"sessions": "20", "messages": 5000, "repeat": 3},
     "formats": {"sessions": "20", "messages": 5000, "repeat": 3},
+    "mailauth": {"sessions": "20", "messages": 3000, "repeat": 3},
 }
 
 
@@ -185,7 +190,30 @@ def formats(opts: argparse.Namespace) -> list[Part]:
     ]
 
 
-SCENARIOS = {"basic": basic, "tls": tls, "relay": relay, "formats": formats}
+def mailauth(opts: argparse.Namespace) -> list[Part]:
+    return [
+        Part(
+            "mx, DKIM-signed mail; SPF, DKIM key and DMARC from a loopback DNS responder",
+            [
+                _spec("checks-off", MailauthTarget, checks=False, label="mx, checks off"),
+                _spec(
+                    "checks-on",
+                    MailauthTarget,
+                    checks=True,
+                    label="mx, SPF + DKIM + DMARC + Authentication-Results",
+                ),
+            ],
+        )
+    ]
+
+
+SCENARIOS = {
+    "basic": basic,
+    "tls": tls,
+    "relay": relay,
+    "formats": formats,
+    "mailauth": mailauth,
+}
 
 
 def _per_tree(spec: Spec, trees: list[Tree]) -> list[Spec]:

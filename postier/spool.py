@@ -133,17 +133,31 @@ class SpoolWriter:
             self._parts.clear()
             self._pending = 0
 
+    def complete(self) -> None:
+        """Write the whole message to the file, without fsync: for a check that reads it.
+
+        Durability is `finish()`'s job, once, when the message is stored: a check that reads
+        the file and then adds a header line (which rewrites the file) would otherwise pay
+        for two fsyncs. Thread pool.
+        """
+        self._close_scanner()
+        if self._state is not _State.FINISHED:
+            self.flush()
+
+    def _close_scanner(self) -> None:
+        if self._scanner is not None:  # the message ended inside its header section
+            tail = self._scanner.close()
+            self._scanner = None
+            self._parts.append(tail)
+            self._pending += len(tail)
+
     def finish(self) -> None:
         """Make the file complete and durable (fsync'd) with every header line added so far.
 
         May be called again (a check read the file, then added a header line): it only does
         the work that is left. Thread pool.
         """
-        if self._scanner is not None:  # the message ended inside its header section
-            tail = self._scanner.close()
-            self._scanner = None
-            self._parts.append(tail)
-            self._pending += len(tail)
+        self._close_scanner()
         if self._state is _State.FINISHED and not self._stale:
             return
         if self._state is not _State.FINISHED:

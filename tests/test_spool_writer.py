@@ -72,6 +72,30 @@ def test_finish_again_after_a_check_added_a_line(tmp_path: Path) -> None:
     assert w.size == len(data)
 
 
+def test_complete_writes_for_a_check_and_finish_fsyncs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check reads the completed file; the header it adds costs one rewrite and one fsync."""
+    import os
+
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    w = writer(tmp_path, drop_field=lambda name, field: name == b"x-drop")
+    w.add(b"Subject: s\r\nX-Drop: me")  # the message ends inside its header section
+    w.complete()
+    assert w.path.read_bytes() == TRACE + b"Subject: s\n"  # the last field decided at the end
+    assert fsyncs == []
+    w.add_header_lines(b"Authentication-Results: mx.test; none\n", above_received=True)
+    w.finish()
+    assert len(fsyncs) == 1
+    assert w.path.read_bytes() == (
+        b"Return-Path: <a@example.net>\nAuthentication-Results: mx.test; none\n"
+        b"Received: from c.example by mx.test; now\nSubject: s\n"
+    )
+    assert w.size == w.path.stat().st_size
+
+
 def test_discard_without_a_file_and_twice(tmp_path: Path) -> None:
     w = writer(tmp_path)
     w.add(b"Subject: s\r\n\r\nb\r\n")

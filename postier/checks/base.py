@@ -52,9 +52,10 @@ class ReceivedMessage(Protocol):
         ...
 
     async def stored(self) -> StoredMessage:
-        """The complete spool file, fsync'd (finished on first call, in the thread pool).
+        """The complete spool file, to read (written on first call, in the thread pool).
 
-        Header lines a verdict adds later are still written into it before delivery.
+        Not yet fsync'd: that happens once, when the message is stored. Header lines a
+        verdict adds later are still written into it before delivery.
         """
         ...
 

@@ -11,7 +11,12 @@ from postier.policy import Policy
 
 
 def checks_for_role(
-    role: Role, *, policy: Policy, free_space: FreeSpace, hostname: str
+    role: Role,
+    *,
+    policy: Policy,
+    free_space: FreeSpace,
+    hostname: str,
+    mailauth: Check | None = None,
 ) -> CheckChain:
     """The chain of one listener role.
 
@@ -24,4 +29,6 @@ def checks_for_role(
     checks.append(LowDiskSpace(free_space))
     if role.offers_auth:
         checks.append(SubmissionHeaders(hostname))
+    if role.name == "mx" and mailauth is not None:
+        checks.append(mailauth)  # SPF/DKIM/DMARC (checks/mailauth.py): last, it costs most
     return CheckChain(checks)

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from postier.checks.base import CheckChain
 from postier.delivery.base import StoredMessage
+from postier.inbound.header_scan import DropField
 from postier.inbound.peer import Peer
 from postier.inbound.received import trace_headers, with_protocol
 from postier.inbound.transaction import Transaction
@@ -68,6 +69,9 @@ class InboundSettings:
     spool_dir: Path
     relay_without_auth: bool  # the listener's role may relay without AUTH
     received_auth_user: bool  # name the SASL user in our Received header
+    # Removes header fields of the incoming message as it is spooled (mx: an
+    # Authentication-Results that claims our host name, RFC 8601 §5).
+    drop_field: DropField | None = None
 
 
 class InboundHandler:
@@ -120,6 +124,8 @@ class InboundHandler:
             size_hint=event.size,
             auth_user=self.protocol.session.auth_user,
             dsn=event.dsn,
+            client_ip=self.peer.ip,
+            helo=self.protocol.session.helo or "",
         )
         txn.dkim_sign = self.settings.relay_without_auth or txn.auth_user is not None
         if self.checks.mail:
@@ -185,7 +191,11 @@ class InboundHandler:
             auth_user=(txn.auth_user or "") if settings.received_auth_user else "",
         )
         txn.writer = SpoolWriter(
-            settings.spool_dir, txn.queue_id, header, scan_headers=bool(self.checks.end_of_data)
+            settings.spool_dir,
+            txn.queue_id,
+            header,
+            scan_headers=bool(self.checks.end_of_data),
+            drop_field=settings.drop_field,
         )
         return None
 
@@ -304,7 +314,8 @@ class _SpooledMessage:
     async def stored(self) -> StoredMessage:
         if self._stored is None:
             writer = self._writer
-            await asyncio.get_running_loop().run_in_executor(self._executor, writer.finish)
+            # Complete on disk; fsync'd once, when the message is stored (router).
+            await asyncio.get_running_loop().run_in_executor(self._executor, writer.complete)
             txn = self._txn
             self._stored = StoredMessage(
                 path=writer.path,

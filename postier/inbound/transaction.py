@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from postier.policy import LocalTarget, RemoteTarget
 from postier.protocol.address import Address
@@ -25,6 +26,11 @@ class Transaction:
     size_hint: int | None = None  # MAIL ... SIZE=
     auth_user: str | None = None  # the SASL identity (AUTH cannot change inside a transaction)
     dkim_sign: bool = False  # a trusted sender: its queued copy is DKIM-signed at commit
+    client_ip: str = ""  # the peer's address and HELO name, for checks that start at MAIL
+    helo: str = ""
+    # What a check started at MAIL and finishes later (the SPF task), by check name: the
+    # chain is shared by every session, so such state lives with the transaction.
+    notes: dict[str, Any] = field(default_factory=dict)
     local: list[LocalTarget] = field(default_factory=list)
     remote: list[RemoteTarget] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted

@@ -5,6 +5,7 @@ exp=) is pyspf's, never ours. pyspf is synchronous and asks DNS through one modu
 function, `spf.DNSLookup`; we install a dispatcher there once. In a thread that evaluates for
 us, it sends each look-up to the event loop, where our cached `Resolver` answers it; in any
 other thread it calls pyspf's original function, so other users of pyspf are unaffected.
+`pyspf_dns()` is that per-thread binding, for any caller (doctor uses it too).
 
 The whole evaluation runs in the thread pool, never in the event loop, and is bounded by
 RFC 7208 §4.6.4: at most `SPF_TIME_LIMIT` seconds of DNS in total, then `temperror`.
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +66,22 @@ def _dispatch(name: str, qtype: str, strict: Any = True, timeout: float = 20) ->
 
 
 spf.DNSLookup = _dispatch
+
+
+@contextlib.contextmanager
+def pyspf_dns(lookup: Callable[[str, str, float], list]) -> Iterator[None]:
+    """pyspf evaluations in this thread ask DNS through `lookup` while inside the block.
+
+    `lookup(name, qtype, timeout)` answers in pyspf's format (a list of ((name, qtype),
+    value)) and raises spf.TempError for a temporary failure. Per thread, so evaluations in
+    other threads (the mx check, doctor) never see each other's resolver and need no lock.
+    """
+    previous = getattr(_bound, "lookup", None)
+    _bound.lookup = lookup
+    try:
+        yield
+    finally:
+        _bound.lookup = previous
 
 
 def _bridge(
@@ -138,16 +156,14 @@ def _evaluate(
     lookup: Callable[[str, str, float], list], ip: str, sender: str, helo: str
 ) -> tuple[str, str]:
     """Run pyspf in this (pool) thread with `lookup` as its DNS; return (result, reason)."""
-    _bound.lookup = lookup
     try:
-        query = spf.query(ip, sender, helo, timeout=SPF_TIME_LIMIT, querytime=SPF_TIME_LIMIT)
-        result, _code, explanation = query.check()
+        with pyspf_dns(lookup):
+            query = spf.query(ip, sender, helo, timeout=SPF_TIME_LIMIT, querytime=SPF_TIME_LIMIT)
+            result, _code, explanation = query.check()
     except (spf.TempError, spf.PermError) as exc:  # raised before check() catches them
         return ("temperror" if isinstance(exc, spf.TempError) else "permerror"), str(exc)
     except Exception as exc:  # pyspf on input it did not expect: a verdict, not a crash
         return "permerror", f"evaluation failed: {type(exc).__name__}: {exc}"
-    finally:
-        _bound.lookup = None
     if result not in RESULTS:
         return "permerror", f"unexpected result {result!r}"
     return result, explanation

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from postier.checks.base import CheckChain
 from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace
+from postier.checks.mailauth import MessageAuthentication, foreign_results_filter
 from postier.config import Config
 from postier.inbound.handler import InboundHandler, InboundSettings, ProtocolState
 from postier.inbound.peer import Peer
@@ -29,6 +30,7 @@ from postier.router import Router
 if TYPE_CHECKING:
     from postier.auth.passwd import PasswordFile
     from postier.auth.throttle import FailureThrottle
+    from postier.dns import Resolver
     from postier.net.outbound import Outbound
     from postier.tls import CertificateStore
 
@@ -39,6 +41,10 @@ class LiveSession(Protocol):
     transport: asyncio.Transport | None
 
     def wake(self) -> None: ...
+
+
+# pyspf threads per worker: each waits on DNS, so they are apart from the spool I/O pool.
+SPF_THREADS = 8
 
 
 @dataclass(slots=True)
@@ -58,6 +64,8 @@ class ServerContext:
     _free_space: FreeSpace | None = None
     _chains: dict[str, CheckChain] = field(default_factory=dict)
     reverse_names: ReverseNames = field(default_factory=ReverseNames)
+    resolver: Resolver | None = None  # the worker's one resolver (see dns_resolver())
+    spf_executor: ThreadPoolExecutor | None = None  # made on first use, kept across reloads
     # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
     # a time per worker; more would only trade memory for nothing on a machine this size.
     hash_slots: asyncio.Semaphore | None = None
@@ -96,6 +104,7 @@ class ServerContext:
             spool_dir=self.spool_dir,
             relay_without_auth=role.relay_without_auth,
             received_auth_user=self.config.received_auth_user,
+            drop_field=foreign_results_filter(self.config.hostname) if role.name == "mx" else None,
         )
         return InboundHandler(
             peer, protocol, settings, self.policy, self.checks(role), self.router, self.executor
@@ -122,6 +131,32 @@ class ServerContext:
                 policy=self.policy,
                 free_space=self._free_space,
                 hostname=self.config.hostname,
+                mailauth=self._mailauth() if role.name == "mx" else None,
             )
             self._chains[role.name] = chain
         return chain
+
+    def dns_resolver(self) -> Resolver:
+        """The worker's resolver, with its TTL cache: routing's own when the relay has one,
+        so SPF, DKIM and DMARC ask the same `--dns-server` with the same settings."""
+        if self.resolver is None:
+            from postier.net.outbound import make_resolver
+
+            relay = self.outbound.relay if self.outbound is not None else None
+            self.resolver = getattr(relay, "resolver", None) or make_resolver(self.config)
+        return self.resolver
+
+    def _spf_pool(self) -> ThreadPoolExecutor:
+        if self.spf_executor is None:
+            self.spf_executor = ThreadPoolExecutor(SPF_THREADS, thread_name_prefix="postier-spf")
+        return self.spf_executor
+
+    def _mailauth(self) -> MessageAuthentication:
+        return MessageAuthentication(
+            self.dns_resolver(),
+            hostname=self.config.hostname,
+            dmarc_reject=self.config.dmarc_reject,
+            executor=self.executor,
+            spf_executor=self._spf_pool(),
+            is_exempt=self.connections.is_exempt,
+        )

@@ -253,6 +253,8 @@ async def _serve_worker(
     if backend_close is not None:
         await backend_close()
     ctx.executor.shutdown(wait=True)
+    if ctx.spf_executor is not None:  # evaluations of sessions gone: their answers are moot
+        ctx.spf_executor.shutdown(wait=False, cancel_futures=True)
     log.event("stopped", logger=_LOG, pid=os.getpid())
     return 0
 

@@ -34,22 +34,29 @@ from postier.queue.bounce import DsnRecipient, queue_delivered_report
 from postier.queue.store import EntryExists, QueueStore
 
 if TYPE_CHECKING:
+    from postier.dns import Resolver
     from postier.queue.scheduler import Scheduler
 
 _LOG = logging.getLogger("postier.outbound")
 
 
-def make_relay(config: Config) -> Relay:
-    from postier.delivery.smtp import Smarthost, SmtpRelay
+def make_resolver(config: Config) -> Resolver:
+    """The resolver `--dns-server` asks for (the system's without it)."""
     from postier.dns import Resolver, parse_dns_server
 
-    resolver = Resolver()
-    if config.dns_server:
-        try:
-            ip, port = parse_dns_server(config.dns_server)
-        except ValueError as exc:
-            raise ConfigError(f"--dns-server: {config.dns_server!r}: {exc}") from None
-        resolver = Resolver(ip, port)
+    if not config.dns_server:
+        return Resolver()
+    try:
+        ip, port = parse_dns_server(config.dns_server)
+    except ValueError as exc:
+        raise ConfigError(f"--dns-server: {config.dns_server!r}: {exc}") from None
+    return Resolver(ip, port)
+
+
+def make_relay(config: Config) -> Relay:
+    from postier.delivery.smtp import Smarthost, SmtpRelay
+
+    resolver = make_resolver(config)
     smarthost = None
     if config.smarthost:
         try:

@@ -8,9 +8,9 @@ raises `DnsFailure`, which the checks turn into one DNS problem. The resolver is
 `postier.dns.Resolver`: the `--dns-server` given, else the system's, with no search list.
 
 pyspf evaluates SPF itself and asks DNS through a module-level function; `spf_lookup()` gives
-it one that goes through this same resolver (doctor is a one-shot command, so the swap is
-scoped to the SPF evaluation with a context manager, and evaluations of several domains take
-turns under a lock).
+it one that goes through this same resolver, bound to the evaluating thread only by
+`postier.mailauth.spf.pyspf_dns` (the one hook the mx check uses too), so evaluations of
+several domains in several threads need no lock.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +28,7 @@ import dns.resolver
 import dns.reversename
 import spf
 
-_SPF_SWAP = threading.Lock()
+from postier.mailauth.spf import pyspf_dns
 
 
 class DnsFailure(Exception):
@@ -119,7 +118,7 @@ class Lookup:
         res = dns.resolver.Resolver(configure=self.server is None)
         _configure(res, self.server, self.timeout)
 
-        def lookup(name: str, qtype: str, strict: Any = True, timeout: float = 0) -> list[Any]:
+        def lookup(name: str, qtype: str, timeout: float = 0) -> list[Any]:
             try:
                 answer = res.resolve(name, qtype, search=False, raise_on_no_answer=False)
             except dns.resolver.NXDOMAIN:
@@ -138,10 +137,5 @@ class Lookup:
                     out.append(((name, qtype), rdata.strings))
             return out
 
-        with _SPF_SWAP:  # one evaluation at a time: the hook is process-wide
-            saved = spf.DNSLookup
-            spf.DNSLookup = lookup
-            try:
-                yield
-            finally:
-                spf.DNSLookup = saved
+        with pyspf_dns(lookup):
+            yield

@@ -66,6 +66,10 @@ class MetricsObserver:
         self.auth_failures = counter("auth_failures", "Failed SMTP AUTH attempts", ("listener",))
         self.tls = counter("tls_sessions", "Inbound TLS handshakes, by version", ("version",))
         self.reloads = counter("reloads", "Reloads of a file, by result", ("result",))
+        self.auth_verdicts = counter(
+            "auth_verdicts", "Inbound SPF, DKIM (per signature) and DMARC verdicts on mx",
+            ("method", "result"),
+        )  # fmt: skip
         # For `postier status`: accepted messages in the last minute and hour (a counter's
         # rate needs two scrapes; this gauge needs one). Refreshed by refresh_recent().
         self.recent = Gauge(
@@ -161,6 +165,13 @@ class MetricsObserver:
     def _on_reload(self, kv: dict[str, object]) -> None:
         self.reloads.labels(str(kv.get("result", "ok"))).inc()
 
+    def _on_mailauth(self, kv: dict[str, object]) -> None:
+        """One `event=mailauth` line: spf=R dkim=R[,R...] dmarc=R."""
+        for method in ("spf", "dkim", "dmarc"):
+            for result in str(kv.get(method, "")).split(","):
+                if result:
+                    self.auth_verdicts.labels(method, result).inc()
+
     _handlers = {
         "connect": _on_connect,
         "disconnect": _on_disconnect,
@@ -172,6 +183,7 @@ class MetricsObserver:
         "delivered": _on_mailbox_delivered,
         "deliver_failed": _on_mailbox_failed,
         "reload": _on_reload,
+        "mailauth": _on_mailauth,
     }
 
 
