@@ -28,6 +28,7 @@ class Transaction:
     remote: list[RemoteTarget] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted
     writer: SpoolWriter | None = None
+    spam: bool = False  # a filter called it spam: Maildir recipients with .Junk get it there
 
     @property
     def sender_text(self) -> str:
