@@ -23,6 +23,8 @@ class Transaction:
     body_8bit: bool = False
     size_hint: int | None = None  # MAIL ... SIZE=
     auth_user: str | None = None  # the SASL identity (AUTH cannot change inside a transaction)
+    client_ip: str = ""  # the peer's address, for checks that judge the client (DNSBL, greylist)
+    helo: str = ""  # the HELO/EHLO name (SPF, rspamd)
     dkim_sign: bool = False  # a trusted sender: its queued copy is DKIM-signed at commit
     local: list[LocalTarget] = field(default_factory=list)
     remote: list[RemoteTarget] = field(default_factory=list)
