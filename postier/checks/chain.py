@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from postier.checks.base import Check, CheckChain
+from postier.checks.defences import content_checks, door_checks
 from postier.checks.disk import FreeSpace, LowDiskSpace
+from postier.checks.protection import Protection
 from postier.checks.sender import SenderOwnership
 from postier.checks.submission import SubmissionHeaders
 from postier.net.roles import Role
@@ -11,7 +13,12 @@ from postier.policy import Policy
 
 
 def checks_for_role(
-    role: Role, *, policy: Policy, free_space: FreeSpace, hostname: str
+    role: Role,
+    *,
+    policy: Policy,
+    free_space: FreeSpace,
+    hostname: str,
+    protection: Protection | None = None,
 ) -> CheckChain:
     """The chain of one listener role.
 
@@ -19,9 +26,13 @@ def checks_for_role(
     (553) rather than asked to retry (452).
     """
     checks: list[Check] = []
+    if protection is not None:  # rate limits, DNSBL, greylist: before anything else
+        checks += door_checks(role, protection)
     if role.offers_auth:
         checks.append(SenderOwnership(policy))
     checks.append(LowDiskSpace(free_space))
     if role.offers_auth:
         checks.append(SubmissionHeaders(hostname))
+    if protection is not None:  # rspamd: the last end-of-data check
+        checks += content_checks(role, protection, hostname)
     return CheckChain(checks)
