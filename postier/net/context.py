@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from postier.checks.base import CheckChain
 from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace
+from postier.checks.protection import Protection
 from postier.config import Config
 from postier.inbound.handler import InboundHandler, InboundSettings, ProtocolState
 from postier.inbound.peer import Peer
@@ -57,6 +58,7 @@ class ServerContext:
     outbound: Outbound | None = None
     _free_space: FreeSpace | None = None
     _chains: dict[str, CheckChain] = field(default_factory=dict)
+    _protection: Protection | None = None  # shared state of the inbound defences
     reverse_names: ReverseNames = field(default_factory=ReverseNames)
     # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
     # a time per worker; more would only trade memory for nothing on a machine this size.
@@ -117,11 +119,14 @@ class ServerContext:
         if chain is None:
             if self._free_space is None:
                 self._free_space = FreeSpace(self.config.mail_root, self.config.min_free_space)
+            if self._protection is None:
+                self._protection = Protection.from_config(self.config)
             chain = checks_for_role(
                 role,
                 policy=self.policy,
                 free_space=self._free_space,
                 hostname=self.config.hostname,
+                protection=self._protection,
             )
             self._chains[role.name] = chain
         return chain
