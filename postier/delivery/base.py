@@ -69,6 +69,8 @@ class StoredMessage:
     # Mail received on mx never is, even when an alias forwards it: a forged From of our
     # domain must not leave with a valid signature of ours.
     dkim_sign: bool = False
+    # A content filter called it spam: a Maildir++ mailbox with a .Junk folder gets it there.
+    spam: bool = False
 
 
 @dataclass(frozen=True, slots=True)
