@@ -9,6 +9,7 @@ clock file (POSTIER_TEST_CLOCK_FILE), never by waiting. These tests set
 from __future__ import annotations
 
 import smtplib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from postier.checks.protection import TEST_CLOCK_ENV
 from tests.dnsserver import DnsServer
-from tests.server import PostierServer, make_server
+from tests.server import PostierServer, free_port, make_server
 
 MSG = b"From: a@remote.test\r\nTo: alice@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 V6_NIBBLES = "1." + "0." * 31  # ::1, reversed nibbles
@@ -257,7 +258,8 @@ exempt_networks = ["127.0.0.9"]
 def test_connections_exactly_n_then_421_and_reset(
     tmp_path: Path, dns: DnsServer, clock: Path
 ) -> None:
-    srv = serve(tmp_path / "c", dns, RATE_TOML)
+    metrics_port = free_port()
+    srv = serve(tmp_path / "c", dns, RATE_TOML, extra=["--metrics", f"127.0.0.1:{metrics_port}"])
     try:
         for _ in range(3):
             client(srv, "127.0.8.2").quit()
@@ -271,6 +273,9 @@ def test_connections_exactly_n_then_421_and_reset(
         advance(clock, 60)
         client(srv, "127.0.8.2").quit()
         assert "event=client-rate-limited" in srv.log()
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        scrape = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert 'postier_client_rate_limited_total{kind="connections"} 1.0' in scrape
     finally:
         srv.stop()
 
