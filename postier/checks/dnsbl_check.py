@@ -59,7 +59,11 @@ class DnsblCheck:
     async def at_rcpt(self, txn: Transaction, rcpt: Address) -> Verdict:
         if is_postmaster(rcpt) or self.protection.exempt(txn.client_ip, txn.auth_user):
             return ACCEPT
-        result = await self._look_up(txn.client_ip)  # cached, or the connect's look-up
+        try:
+            result = await self._look_up(txn.client_ip)  # cached, or the connect's look-up
+        except ValueError as exc:  # not an address we can look up (a scoped IPv6, say)
+            log.event("dnsbl-error", logging.WARNING, _LOG, ip=txn.client_ip, error=str(exc))
+            return ACCEPT
         if not result.listed(self.threshold):
             return ACCEPT
         zones = ",".join(h.zone for h in result.hits)
