@@ -15,6 +15,7 @@ with `X-Spam-Status: Unchecked`; both are logged (`rspamd-unavailable`) and coun
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from postier import log
@@ -79,7 +80,13 @@ class RspamdCheck:
             required=f"{verdict.required_score:.2f}",
             user=txn.auth_user,
         )
-        return _act(verdict)
+        result = _act(verdict)
+        if result.remove_fields:
+            # rspamd asks to remove X-Spam from every message, ham too; removing a field the
+            # message does not have would rewrite the stored file for nothing.
+            present = result.remove_fields & message.header_names
+            result = dataclasses.replace(result, remove_fields=present)
+        return result
 
 
 def _act(v: RspamdVerdict) -> Verdict:
