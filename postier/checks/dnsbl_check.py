@@ -47,8 +47,15 @@ class DnsblCheck:
         if task is None:
             task = asyncio.ensure_future(self.checker.check(ip))
             self._in_flight[ip] = task
-            task.add_done_callback(lambda _t: self._in_flight.pop(ip, None))
+            task.add_done_callback(lambda t: self._done(ip, t))
         return task
+
+    def _done(self, ip: str, task: asyncio.Task[DnsblResult]) -> None:
+        """Forget the look-up (its answer is in the cache); a client that left before RCPT
+        never awaits it, so a failure is fetched here rather than reported as unretrieved."""
+        self._in_flight.pop(ip, None)
+        if not task.cancelled():
+            task.exception()
 
     async def at_connect(self, peer: Peer) -> Verdict:
         """Start the look-up and go on: its answer is awaited at RCPT."""
