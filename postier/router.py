@@ -91,6 +91,7 @@ class Router:
             dkim_sign=txn.dkim_sign,
             envelope_dsn=txn.dsn,
             recipient_dsn=txn.recipient_dsn,
+            spam=txn.spam,
         )
 
     @staticmethod

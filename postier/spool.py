@@ -77,6 +77,7 @@ class SpoolWriter:
         # None when there is nothing to scan, and again once the header section has passed.
         self._scanner = HeaderScanner(drop_field) if scan_headers or drop_field else None
         self._names: set[bytes] = self._scanner.names if self._scanner else set()
+        self._late_drop: DropField | None = None  # applied to the stored header at rewrite
 
     @property
     def header_names(self) -> frozenset[bytes]:
@@ -101,6 +102,16 @@ class SpoolWriter:
         (self._above if above_received else self._below).append(lines)
         if self._prologue_on_disk:
             self._stale = True
+
+    def remove_fields(self, drop: DropField) -> None:
+        """Remove the message's own header fields that `drop` matches, after the fact.
+
+        For a verdict that arrives once the message is stored (rspamd's milter
+        remove_headers, a rewritten Subject): `finish()` then rewrites the file, passing only
+        the header section through the scanner and copying the body in the kernel.
+        """
+        self._late_drop = drop
+        self._stale = True  # even before the first flush: the filter runs on the file
 
     def _prologue(self) -> bytes:
         return b"".join((self._return_path, *self._above, self._received, *self._below))
@@ -180,7 +191,8 @@ class SpoolWriter:
             dst = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 write_all(dst, prologue)
-                copied = copy_from(src, dst, self._prologue_on_disk)
+                offset, copied = self._old_prologue_and_header(src, dst)
+                copied += copy_from(src, dst, offset)
                 os.fsync(dst)
             finally:
                 os.close(dst)
@@ -193,6 +205,27 @@ class SpoolWriter:
         self.size = len(prologue) + copied
         self._prologue_on_disk = len(prologue)
         self._stale = False
+
+    def _old_prologue_and_header(self, src: int, dst: int) -> tuple[int, int]:
+        """Skip the old prologue; with `remove_fields`, filter the header section onto
+        `dst`. Returns the offset where the plain copy resumes and the bytes written."""
+        offset = self._prologue_on_disk
+        if self._late_drop is None:
+            return offset, 0
+        scanner = HeaderScanner(self._late_drop)
+        written = 0
+        with os.fdopen(os.dup(src), "rb") as f:
+            f.seek(offset)
+            while not scanner.done:
+                line = f.readline(64 * 1024)  # a longer line arrives in pieces, as it may
+                out = scanner.feed(line) if line else scanner.close()
+                write_all(dst, out)
+                written += len(out)
+                if not line:
+                    break
+            offset = f.tell()
+        self._late_drop = None
+        return offset, written
 
     def _close_fd(self) -> None:
         if self._fd is not None:

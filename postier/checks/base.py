@@ -30,6 +30,8 @@ class Verdict:
     # End of data only, LF-terminated header lines (the spool format):
     trace_fields: bytes = b""  # right below Return-Path, above our Received (RFC 8601 §4)
     fields: bytes = b""  # below our Received: fields of the message itself (RFC 6409 §8)
+    remove_fields: frozenset[bytes] = frozenset()  # lower-case names dropped from the message
+    spam: bool = False  # a filter's verdict: Maildir recipients with a .Junk folder get it there
 
     @property
     def refused(self) -> bool:
@@ -90,6 +92,20 @@ class RcptCheck(Protocol):
 
 
 @runtime_checkable
+class RefusedRcptCheck(Protocol):
+    """Runs when the recipient policy refused `rcpt` (unknown user, relaying denied).
+
+    A check that would refuse this client for any recipient (a listed or greylisted client)
+    answers instead of the policy, so its reply is the same for an existing and a missing
+    recipient and does not tell an outsider which addresses exist.
+    """
+
+    name: str
+
+    async def at_refused_rcpt(self, txn: Transaction, rcpt: Address) -> Verdict: ...
+
+
+@runtime_checkable
 class EndOfDataCheck(Protocol):
     name: str
 
@@ -104,8 +120,12 @@ class CheckChain:
         self.connect = tuple(c for c in self.checks if isinstance(c, ConnectCheck))
         self.mail = tuple(c for c in self.checks if isinstance(c, MailCheck))
         self.rcpt = tuple(c for c in self.checks if isinstance(c, RcptCheck))
+        self.refused_rcpt = tuple(c for c in self.checks if isinstance(c, RefusedRcptCheck))
         self.end_of_data = tuple(c for c in self.checks if isinstance(c, EndOfDataCheck))
-        staged = {id(c) for c in self.connect + self.mail + self.rcpt + self.end_of_data}
+        staged = {
+            id(c)
+            for c in self.connect + self.mail + self.rcpt + self.refused_rcpt + self.end_of_data
+        }
         for check in self.checks:
             if id(check) not in staged:
                 raise TypeError(f"check {check.name!r} implements no stage method")
@@ -135,16 +155,32 @@ class CheckChain:
                 return dataclasses.replace(verdict, check=check.name)
         return ACCEPT
 
+    async def at_refused_rcpt(self, txn: Transaction, rcpt: Address) -> Verdict:
+        for check in self.refused_rcpt:
+            verdict = await check.at_refused_rcpt(txn, rcpt)
+            if verdict.refused:
+                return dataclasses.replace(verdict, check=check.name)
+        return ACCEPT
+
     async def at_end_of_data(self, txn: Transaction, message: ReceivedMessage) -> Verdict:
         """The first refusal, else every accepting check's header lines, in chain order."""
         trace: list[bytes] = []
         fields: list[bytes] = []
+        remove: set[bytes] = set()
+        spam = False
         for check in self.end_of_data:
             verdict = await check.at_end_of_data(txn, message)
             if verdict.refused:
                 return dataclasses.replace(verdict, check=check.name)
             trace.append(verdict.trace_fields)
             fields.append(verdict.fields)
-        if not any(trace) and not any(fields):
+            remove |= verdict.remove_fields
+            spam = spam or verdict.spam
+        if not any(trace) and not any(fields) and not remove and not spam:
             return ACCEPT
-        return Verdict(trace_fields=b"".join(trace), fields=b"".join(fields))
+        return Verdict(
+            trace_fields=b"".join(trace),
+            fields=b"".join(fields),
+            remove_fields=frozenset(remove),
+            spam=spam,
+        )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from postier.checks.base import Check, CheckChain
+from postier.checks.defences import content_checks, door_checks
 from postier.checks.disk import FreeSpace, LowDiskSpace
+from postier.checks.protection import Protection
 from postier.checks.sender import SenderOwnership
 from postier.checks.submission import SubmissionHeaders
 from postier.net.roles import Role
@@ -17,6 +19,7 @@ def checks_for_role(
     free_space: FreeSpace,
     hostname: str,
     mailauth: Check | None = None,
+    protection: Protection | None = None,
 ) -> CheckChain:
     """The chain of one listener role.
 
@@ -24,6 +27,8 @@ def checks_for_role(
     (553) rather than asked to retry (452).
     """
     checks: list[Check] = []
+    if protection is not None:  # rate limits, DNSBL, greylist: before anything else
+        checks += door_checks(role, protection)
     if role.offers_auth:
         checks.append(SenderOwnership(policy))
     checks.append(LowDiskSpace(free_space))
@@ -31,4 +36,6 @@ def checks_for_role(
         checks.append(SubmissionHeaders(hostname))
     if role.name == "mx" and mailauth is not None:
         checks.append(mailauth)  # SPF/DKIM/DMARC (checks/mailauth.py): last, it costs most
+    if protection is not None:  # rspamd: the last end-of-data check
+        checks += content_checks(role, protection, hostname)
     return CheckChain(checks)

@@ -73,6 +73,8 @@ class StoredMessage:
     # DSN (RFC 3461): RET/ENVID, and NOTIFY/ORCPT per recipient address (as delivered to).
     envelope_dsn: MailDsn = NO_MAIL_DSN
     recipient_dsn: Mapping[str, RcptDsn] = field(default_factory=dict, compare=False)
+    # A content filter called it spam: a Maildir++ mailbox with a .Junk folder gets it there.
+    spam: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,8 @@ class MaildirBackend:
 
     def _place(self, message: StoredMessage, maildir: Path, owner: Owner) -> Path:
         """Put one copy into maildir/new; return its path. Raises OSError."""
+        if message.spam:
+            maildir = junk_folder(maildir)
         self._ensure(maildir, owner)
         new_dir = os.path.join(maildir, "new")
         source = os.fspath(message.path)
@@ -180,6 +182,13 @@ class MaildirBackend:
             raise
         os.close(fd)
         os.rename(tmp, target)
+
+
+def junk_folder(maildir: Path) -> Path:
+    """The Maildir++ `.Junk` folder when the user has one (IMAP servers create it), else the
+    inbox: spam is filed, never lost, and a folder is never created behind the user's back."""
+    junk = maildir / ".Junk"
+    return junk if os.path.isdir(junk / "new") else maildir
 
 
 def _remove_placed(maildir: Path, placed: Path) -> None:

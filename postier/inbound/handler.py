@@ -151,8 +151,12 @@ class InboundHandler:
         may_relay = self.settings.relay_without_auth or txn.auth_user is not None
         decision = self.policy.check_recipient(event.recipient, may_relay=may_relay)
         if isinstance(decision, Rejection):
-            self.peer.log("rcpt-rejected", qid=txn.queue_id, to=f"<{rcpt}>", reply=decision.reply)
-            return decision.reply
+            reply = decision.reply
+            if self.checks.refused_rcpt:  # a client refused anyway must not learn who exists
+                verdict = await self.checks.at_refused_rcpt(txn, event.recipient)
+                reply = verdict.reply or reply
+            self.peer.log("rcpt-rejected", qid=txn.queue_id, to=f"<{rcpt}>", reply=reply)
+            return reply
         if self.checks.rcpt:
             verdict = await self.checks.at_rcpt(txn, event.recipient)
             if verdict.reply is not None:
@@ -250,6 +254,9 @@ class InboundHandler:
                 reply=verdict.reply,
             )
             return verdict.reply
+        if verdict.remove_fields:
+            writer.remove_fields(lambda name, _field: name in verdict.remove_fields)
+        txn.spam = verdict.spam
         writer.add_header_lines(verdict.trace_fields, above_received=True)
         writer.add_header_lines(verdict.fields)
         added = verdict.trace_fields.count(b"\n") + verdict.fields.count(b"\n")

@@ -25,9 +25,9 @@ class Transaction:
     body_8bit: bool = False
     size_hint: int | None = None  # MAIL ... SIZE=
     auth_user: str | None = None  # the SASL identity (AUTH cannot change inside a transaction)
+    client_ip: str = ""  # the peer's address, for checks that judge the client (DNSBL, greylist)
+    helo: str = ""  # the HELO/EHLO name (SPF, rspamd)
     dkim_sign: bool = False  # a trusted sender: its queued copy is DKIM-signed at commit
-    client_ip: str = ""  # the peer's address and HELO name, for checks that start at MAIL
-    helo: str = ""
     # What a check started at MAIL and finishes later (the SPF task), by check name: the
     # chain is shared by every session, so such state lives with the transaction.
     notes: dict[str, Any] = field(default_factory=dict)
@@ -38,6 +38,7 @@ class Transaction:
     dsn: MailDsn = NO_MAIL_DSN  # RET, ENVID
     # NOTIFY/ORCPT of the RCPT that produced each target, by the target's address.
     recipient_dsn: dict[str, RcptDsn] = field(default_factory=dict)
+    spam: bool = False  # a filter called it spam: Maildir recipients with .Junk get it there
 
     @property
     def sender_text(self) -> str:

@@ -17,6 +17,7 @@ from postier.checks.base import CheckChain
 from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace
 from postier.checks.mailauth import MessageAuthentication, foreign_results_filter
+from postier.checks.protection import Protection
 from postier.config import Config
 from postier.inbound.handler import InboundHandler, InboundSettings, ProtocolState
 from postier.inbound.peer import Peer
@@ -63,6 +64,7 @@ class ServerContext:
     outbound: Outbound | None = None
     _free_space: FreeSpace | None = None
     _chains: dict[str, CheckChain] = field(default_factory=dict)
+    _protection: Protection | None = None  # shared state of the inbound defences
     reverse_names: ReverseNames = field(default_factory=ReverseNames)
     resolver: Resolver | None = None  # the worker's one resolver (see dns_resolver())
     spf_executor: ThreadPoolExecutor | None = None  # made on first use, kept across reloads
@@ -126,12 +128,15 @@ class ServerContext:
         if chain is None:
             if self._free_space is None:
                 self._free_space = FreeSpace(self.config.mail_root, self.config.min_free_space)
+            if self._protection is None:
+                self._protection = Protection.from_config(self.config, self.dns_resolver())
             chain = checks_for_role(
                 role,
                 policy=self.policy,
                 free_space=self._free_space,
                 hostname=self.config.hostname,
                 mailauth=self._mailauth() if role.name == "mx" else None,
+                protection=self._protection,
             )
             self._chains[role.name] = chain
         return chain

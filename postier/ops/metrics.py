@@ -79,6 +79,21 @@ class MetricsObserver:
             registry=None,
             multiprocess_mode="livesum",
         )
+        # Inbound protection (checks/): refusals and filter verdicts, from their own events.
+        self.rate_limited = counter(
+            "client_rate_limited", "Clients over a rate limit, by what was limited", ("kind",)
+        )
+        self.dnsbl_listed = counter("dnsbl_listed", "Clients refused as listed by DNSBLs")
+        self.dnsbl_errors = counter(
+            "dnsbl_errors", "DNSBL look-ups that failed (client let through)", ("dnsbl",)
+        )
+        self.greylisted = counter("greylisted", "Recipients greylisted, by reason", ("why",))
+        self.rspamd_scans = counter(
+            "rspamd_scans", "Messages scanned by rspamd, by action", ("action",)
+        )
+        self.rspamd_unavailable = counter(
+            "rspamd_unavailable", "rspamd scans that failed, by fail_open", ("fail_open",)
+        )
         self._buckets: deque[list[float]] = deque()  # [bucket start, count], oldest first
         self._listener: dict[object, str] = {}  # session id -> listener, while it is open
 
@@ -171,6 +186,23 @@ class MetricsObserver:
             for result in str(kv.get(method, "")).split(","):
                 if result:
                     self.auth_verdicts.labels(method, result).inc()
+    def _on_client_rate_limited(self, kv: dict[str, object]) -> None:
+        self.rate_limited.labels(str(kv.get("kind", "unknown"))).inc()
+
+    def _on_dnsbl_listed(self, kv: dict[str, object]) -> None:
+        self.dnsbl_listed.inc()
+
+    def _on_dnsbl_error(self, kv: dict[str, object]) -> None:
+        self.dnsbl_errors.labels(str(kv.get("dnsbl", "unknown"))).inc()
+
+    def _on_greylisted(self, kv: dict[str, object]) -> None:
+        self.greylisted.labels(str(kv.get("why", "unknown"))).inc()
+
+    def _on_rspamd_scanned(self, kv: dict[str, object]) -> None:
+        self.rspamd_scans.labels(str(kv.get("action", "unknown"))).inc()
+
+    def _on_rspamd_unavailable(self, kv: dict[str, object]) -> None:
+        self.rspamd_unavailable.labels(str(kv.get("fail_open", False)).lower()).inc()
 
     _handlers = {
         "connect": _on_connect,
@@ -184,6 +216,12 @@ class MetricsObserver:
         "deliver_failed": _on_mailbox_failed,
         "reload": _on_reload,
         "mailauth": _on_mailauth,
+        "client-rate-limited": _on_client_rate_limited,
+        "dnsbl-listed": _on_dnsbl_listed,
+        "dnsbl-error": _on_dnsbl_error,
+        "greylisted": _on_greylisted,
+        "rspamd-scanned": _on_rspamd_scanned,
+        "rspamd-unavailable": _on_rspamd_unavailable,
     }
 
 
