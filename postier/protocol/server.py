@@ -36,6 +36,7 @@ from postier.protocol.events import (
     EndOfData,
     EndReason,
     Event,
+    Expn,
     Hello,
     Mail,
     NeedData,
@@ -43,6 +44,7 @@ from postier.protocol.events import (
     Rcpt,
     StartTLS,
     TransactionEnded,
+    Vrfy,
 )
 from postier.protocol.handlers import (
     CROSS_PROTOCOL,
@@ -309,6 +311,8 @@ class ServerConnection:
                 default = mail_accepted(session, event)
             case Rcpt():
                 default = rcpt_accepted(session, event)
+            case Vrfy() | Expn():
+                default = R.VRFY_CANNOT  # the application gives the answer in `reply`
             case Data():
                 self._send(reply or R.START_DATA)
                 if self.config.enforce_pipelining_sync and len(self._lines):
