@@ -23,6 +23,7 @@ import time
 
 from postier.inbound.handler import InboundHandler
 from postier.inbound.peer import Peer
+from postier.inbound.verify import answer_expn, answer_vrfy
 from postier.net.auth_exchange import AuthExchange
 from postier.net.context import ServerContext
 from postier.net.roles import Role
@@ -283,6 +284,11 @@ class SmtpSession(asyncio.Protocol):
                 await inbound.on_transaction_ended(event)
             case ev.Hello():
                 conn.decide(inbound.on_hello(event))
+            case ev.Vrfy() | ev.Expn():
+                answer = answer_vrfy if isinstance(event, ev.Vrfy) else answer_expn
+                reply = answer(inbound.policy, event.query)
+                self.peer.log(type(event).__name__.lower(), query=event.query, reply=reply)
+                conn.decide(reply)
             case ev.DataRejected():
                 inbound.on_data_rejected(event)
             case ev.StartTLS():
