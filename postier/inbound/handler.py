@@ -23,6 +23,7 @@ from typing import Protocol
 
 from postier.checks.base import CheckChain
 from postier.delivery.base import StoredMessage
+from postier.inbound.delivered_to import delivered_to_for
 from postier.inbound.peer import Peer
 from postier.inbound.received import trace_headers, with_protocol
 from postier.inbound.transaction import Transaction
@@ -184,8 +185,9 @@ class InboundHandler:
             auth_user=(txn.auth_user or "") if settings.received_auth_user else "",
         )
         txn.writer = SpoolWriter(
-            settings.spool_dir, txn.queue_id, header, scan_headers=bool(self.checks.end_of_data)
-        )
+            settings.spool_dir, txn.queue_id, header, scan_headers=bool(self.checks.end_of_data),
+            delivered_to=delivered_to_for(txn.local),
+        )  # fmt: skip
         return None
 
     # ---- content -----------------------------------------------------------------------
