@@ -1,7 +1,7 @@
 """The spool file: one message as it arrives, streamed to disk during DATA.
 
 Format (postier/delivery/base.py): LF line endings; first `Return-Path: <sender>` (and
-`Delivered-To:` when the message has one local mailbox), then our
+`Delivered-To:` for a sub-address or catch-all, inbound/delivered_to.py), then our
 `Received:` header, then the content exactly as received (dot-unstuffed, CRLF → LF). The
 protocol layer hands us CRLF lines (a line over 64 KiB in pieces, never split inside a CRLF)
 and refuses any message with a bare CR or LF, so the CRLF → LF conversion here is lossless
