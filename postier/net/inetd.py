@@ -39,6 +39,7 @@ from pathlib import Path
 
 from postier import log, privileges
 from postier.config import Config
+from postier.delivery.fsutil import write_all
 from postier.errors import ConfigError
 from postier.net.context import ServerContext
 from postier.net.daemon import SPOOL_SUBDIR, build_context
@@ -68,7 +69,6 @@ class StdinPeer:
     ip: str | None  # None: nobody told us
     port: int
     source: str  # "socket", or the environment variable that named it
-    socket: bool  # fd 0 is a stream socket: STARTTLS can work
 
 
 def _stream_socket(fd: int) -> socket.socket | None:
@@ -110,11 +110,11 @@ def stdin_peer(sock: socket.socket | None, environ: Mapping[str, str]) -> StdinP
             name = sock.getpeername()
             ip = _plain_ip(str(name[0]))
             if ip is not None:
-                return StdinPeer(ip, int(name[1]), "socket", socket=True)
+                return StdinPeer(ip, int(name[1]), "socket")
     found = peer_from_environ(environ)
     if found is None:
-        return StdinPeer(None, 0, "none", socket=sock is not None)
-    return StdinPeer(found[0], found[1], found[2], socket=sock is not None)
+        return StdinPeer(None, 0, "none")
+    return StdinPeer(*found)
 
 
 def refusal_for(role: Role, peer: StdinPeer) -> Reply | None:
@@ -155,12 +155,6 @@ def _check_descriptors() -> None:
             raise ConfigError(f"--inetd: {name} is a file, not a socket or a pipe")
 
 
-def _write_all_fd(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def serve_inetd(config: Config, environ: Mapping[str, str] | None = None) -> int:
     """Serve one session on fd 0/1 in the role `config.inetd`; 0 when it ran, 1 if refused."""
     _keep_logs_off_the_wire()
@@ -176,7 +170,7 @@ def serve_inetd(config: Config, environ: Mapping[str, str] | None = None) -> int
             ip=peer.ip or "-", source=peer.source, reply=refusal,
         )  # fmt: skip
         with contextlib.suppress(OSError):
-            _write_all_fd(1, refusal.to_bytes())
+            write_all(1, refusal.to_bytes())
         return 1
     ctx = build_context(config)  # as root, if we are: keys and password files
     _drop_privileges(config)
