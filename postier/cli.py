@@ -119,6 +119,11 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--command-timeout", dest="command_timeout", help="seconds (default 300)")
     p.add_argument("--data-timeout", dest="data_timeout", help="seconds (default 300)")
     p.add_argument(
+        "--inetd",
+        metavar="ROLE",
+        help="serve one SMTP session on stdin/stdout in ROLE (mx, local, submission), then exit",
+    )
+    p.add_argument(
         "--rspamd", help="rspamd's HTTP address for spam checks, e.g. http://127.0.0.1:11333"
     )
 
@@ -163,6 +168,7 @@ _CONFIG_FLAGS = [
     "command_timeout",
     "data_timeout",
     "rspamd",
+    "inetd",
 ]
 
 
@@ -215,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from postier.net.daemon import serve
 
     try:
+        if config.inetd:
+            from postier.net.inetd import serve_inetd
+
+            return serve_inetd(config)
         return serve(config)
     except ConfigError as exc:
         print(f"postier: {exc}", file=sys.stderr)

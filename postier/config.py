@@ -21,6 +21,8 @@ from postier.netaddr import ListenSpec, is_loopback, parse_listen, parse_network
 
 MAILBOX_FORMATS = ("maildir", "mbox", "spool", "lmtp")
 DEFAULT_QUEUE_DIR = "/var/spool/postier"
+# Implicit TLS (submissions) cannot be served on stdin: the role list says so.
+INETD_ROLES = ("mx", "local", "submission")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,10 @@ class Config:
     dkim_keys: Path | None = None  # DIR/<domain>/<selector>.pem, loaded by the daemon
     workers: int = 1  # build() makes the default "auto": one per core the process may use
     user: str = ""  # drop privileges to this user after binding; default "postier" if it exists
-    recipient_delimiter: str = ""
+    recipient_delimiter: str = "+"  # alice+tag@ goes to alice; "" turns sub-addressing off
+    vrfy_mx: bool = False  # answer VRFY truthfully on mx too: leaks which users exist
+    expn_local: bool = False  # answer EXPN on the local listener (lists alias members)
+    inetd: str = ""  # serve one session on stdin/stdout in this role (mx, local, submission)
     reverse_dns: bool = True
     received_auth_user: bool = False  # name the AUTH user in Received: (off: privacy)
     dmarc_reject: bool = True  # answer 550 5.7.1 to DMARC failures under p=reject
@@ -307,6 +312,10 @@ def validate(cfg: Config) -> None:
     _validate_protection(cfg)
     if len(cfg.recipient_delimiter) > 1:
         raise ConfigError("recipient_delimiter: must be one character or empty")
+    if cfg.inetd and cfg.inetd not in INETD_ROLES:
+        raise ConfigError(f"--inetd: {cfg.inetd!r} is not one of {', '.join(INETD_ROLES)}")
+    if cfg.inetd == "submission" and (cfg.tls_cert is None or cfg.passwords is None):
+        raise ConfigError("--inetd submission needs --tls-cert, --tls-key and -P/--pass")
     file_keys = ["users", "aliases", "passwords", "tls_ca_file"]
     if not cfg.tls_self_signed:
         file_keys += ["tls_cert", "tls_key"]

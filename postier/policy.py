@@ -86,8 +86,20 @@ def load_users(path: Path, domains: Iterable[str]) -> dict[str, LocalUser]:
             raise ConfigError(f"{path}:{lineno}: expected 'address [mailbox]', got {raw.strip()!r}")
         address = parts[0].lower()
         local, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
+        if not local and domain and len(parts) == 2:
+            # `@example.org alice`: the catch-all of that domain, under the key "@domain";
+            # its canonical address names the mailbox so that {user} templates still work.
+            try:
+                validate_mailbox_name(parts[1])
+            except ValueError as exc:
+                raise ConfigError(f"{path}:{lineno}: {exc}") from None
+            users[address] = LocalUser(address=f"{parts[1].lower()}@{domain}", mailbox=parts[1])
+            continue
         if not local:
-            raise ConfigError(f"{path}:{lineno}: {parts[0]!r} has an empty local part")
+            raise ConfigError(
+                f"{path}:{lineno}: {parts[0]!r} has an empty local part "
+                "(a catch-all is '@domain mailbox')"
+            )
         if domain and domain not in domain_set:
             _LOG.warning(
                 "event=config-warning %s",
@@ -124,7 +136,7 @@ class Policy:
         domains: Iterable[str],
         users: dict[str, LocalUser],
         aliases: dict[str, list[str]] | None = None,
-        recipient_delimiter: str = "",
+        recipient_delimiter: str = "",  # the daemon passes Config's, "+" by default
     ) -> None:
         self.domains = frozenset(d.lower() for d in domains)
         self.users = users
@@ -174,10 +186,44 @@ class Policy:
     def _find_user(self, local: str, domain: str) -> LocalUser | None:
         key_full = f"{local}@{domain}"
         user = self.users.get(key_full) or self.users.get(local)
-        if user is None and self.delimiter and self.delimiter in local:
-            base = local.split(self.delimiter, 1)[0]
+        base = self._base(local)
+        if user is None and base is not None:
             user = self.users.get(f"{base}@{domain}") or self.users.get(base)
         return user
+
+    def _base(self, local: str) -> str | None:
+        """`alice` for `alice+tag` (recipient_delimiter); None when there is no tag."""
+        if not self.delimiter or self.delimiter not in local:
+            return None
+        base = local.split(self.delimiter, 1)[0]
+        return base or None  # "+tag" alone is not a sub-address of anyone
+
+    def _alias_targets(self, local: str, domain: str) -> list[str]:
+        """Alias targets for the address itself, else for its base (`team+x` → `team`)."""
+        targets = self.aliases.get(f"{local}@{domain}") or self.aliases.get(local)
+        if targets:
+            return targets
+        base = self._base(local)
+        if base is None or self._has_user(local, domain):  # a user `team+x` wins over `team:`
+            return []
+        return self.aliases.get(f"{base}@{domain}") or self.aliases.get(base) or []
+
+    def _has_user(self, local: str, domain: str) -> bool:
+        return f"{local}@{domain}" in self.users or local in self.users
+
+    def knows(self, local: str, domain: str) -> bool:
+        """Is `local@domain` a user or an alias of its own (sub-addresses too), as opposed
+        to a name only the catch-all would take? What VRFY may confirm."""
+        local, domain = local.lower(), domain.lower()
+        if local == "postmaster":
+            return bool(self.postmaster_targets)
+        if self._alias_targets(local, domain):
+            return True
+        return self._find_user(local, domain) is not None
+
+    def catch_all(self, domain: str) -> LocalUser | None:
+        """The users-file line `@domain mailbox`, if any: who gets mail for unknown names."""
+        return self.users.get(f"@{domain}")
 
     def resolve_local(
         self, local: str, domain: str, depth: int = 0
@@ -190,7 +236,7 @@ class Policy:
         if local == "postmaster":
             targets = self.postmaster_targets
         else:
-            targets = self.aliases.get(f"{local}@{domain}") or self.aliases.get(local) or []
+            targets = self._alias_targets(local, domain)
         if targets:
             out: list[LocalTarget | RemoteTarget] = []
             for t in targets:
@@ -207,7 +253,8 @@ class Policy:
                 if sub:
                     out.extend(sub)
             return out or None
-        user = self._find_user(local, domain)
+        # Known users and aliases (above) win; the catch-all takes only what nobody else has.
+        user = self._find_user(local, domain) or self.catch_all(domain)
         if user is None:
             return None
         return [LocalTarget(f"{local}@{domain}", user)]

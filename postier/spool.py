@@ -1,6 +1,7 @@
 """The spool file: one message as it arrives, streamed to disk during DATA.
 
-Format (postier/delivery/base.py): LF line endings; first `Return-Path: <sender>`, then our
+Format (postier/delivery/base.py): LF line endings; first `Return-Path: <sender>` (and
+`Delivered-To:` for a sub-address or catch-all, inbound/delivered_to.py), then our
 `Received:` header, then the content exactly as received (dot-unstuffed, CRLF → LF). The
 protocol layer hands us CRLF lines (a line over 64 KiB in pieces, never split inside a CRLF)
 and refuses any message with a bare CR or LF, so the CRLF → LF conversion here is lossless
@@ -51,8 +52,13 @@ class SpoolWriter:
         *,
         scan_headers: bool = False,
         drop_field: DropField | None = None,
+        delivered_to: str = "",
     ) -> None:
         """`header` is `Return-Path:` and our `Received:` (LF-terminated lines).
+
+        `delivered_to` adds `Delivered-To:` below Return-Path, for the local mailbox. Like
+        Return-Path it lies before `content_offset`: only the mailbox copy (the whole file)
+        carries it, never the queue's relay copy, LMTP or remote SMTP.
 
         `scan_headers` records the message's field names (`header_names`); `drop_field`
         removes matching fields from its header section as it streams in. With neither,
@@ -61,9 +67,12 @@ class SpoolWriter:
         self.directory = directory
         self.queue_id = queue_id
         self.path = directory / f"{queue_id}.spool"
-        self.content_offset = header.index(b"\n") + 1  # after the Return-Path line
-        self._return_path = header[: self.content_offset]
-        self._received = header[self.content_offset :]
+        end = header.index(b"\n") + 1  # after the Return-Path line
+        self._return_path = header[:end]
+        if delivered_to:
+            self._return_path += f"Delivered-To: {delivered_to}\n".encode()
+        self.content_offset = len(self._return_path)  # after the local-delivery-only lines
+        self._received = header[end:]
         self._above: list[bytes] = []  # trace fields added above our Received
         self._below: list[bytes] = []  # fields added below it
         self._prologue_on_disk = 0  # bytes of prologue in the file; 0 while in memory

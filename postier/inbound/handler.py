@@ -23,6 +23,7 @@ from typing import Protocol
 
 from postier.checks.base import CheckChain
 from postier.delivery.base import StoredMessage
+from postier.inbound.delivered_to import delivered_to_for
 from postier.inbound.header_scan import DropField
 from postier.inbound.peer import Peer
 from postier.inbound.received import trace_headers, with_protocol
@@ -200,6 +201,7 @@ class InboundHandler:
             header,
             scan_headers=bool(self.checks.end_of_data),
             drop_field=settings.drop_field,
+            delivered_to=delivered_to_for(txn.local),
         )
         return None
 

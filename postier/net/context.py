@@ -97,6 +97,8 @@ class ServerContext:
             auth_requires_tls=True,
             auth_required_for_mail=role.requires_auth,
             report_transaction_end=True,
+            vrfy_truthful=role.name == "local" or (role.name == "mx" and cfg.vrfy_mx),
+            expn_allowed=role.name == "local" and cfg.expn_local,
         )
 
     def inbound_handler(self, role: Role, peer: Peer, protocol: ProtocolState) -> InboundHandler:

@@ -23,6 +23,7 @@ import time
 
 from postier.inbound.handler import InboundHandler
 from postier.inbound.peer import Peer
+from postier.inbound.verify import answer_expn, answer_vrfy
 from postier.net.auth_exchange import AuthExchange
 from postier.net.context import ServerContext
 from postier.net.roles import Role
@@ -71,8 +72,7 @@ class SmtpSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
-        peername = transport.get_extra_info("peername") or ("?", 0)
-        ip, port = str(peername[0]), int(peername[1])
+        ip, port = self.peer_address(transport)
         if ip.startswith("::ffff:"):
             ip = ip[7:]
         self.peer.ip, self.peer.port = ip, port
@@ -88,6 +88,11 @@ class SmtpSession(asyncio.Protocol):
             if self.peer.rdns is None:
                 self._rdns = loop.create_task(self._look_up_rdns())
         self._task = loop.create_task(self._run())
+
+    def peer_address(self, transport: asyncio.BaseTransport) -> tuple[str, int]:
+        """The client's (ip, port); one session on stdin learns it elsewhere (net/inetd.py)."""
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        return str(peername[0]), int(peername[1])
 
     def data_received(self, data: bytes) -> None:
         assert self.conn is not None
@@ -284,6 +289,11 @@ class SmtpSession(asyncio.Protocol):
                 await inbound.on_transaction_ended(event)
             case ev.Hello():
                 conn.decide(inbound.on_hello(event))
+            case ev.Vrfy() | ev.Expn():
+                answer = answer_vrfy if isinstance(event, ev.Vrfy) else answer_expn
+                reply = answer(inbound.policy, event.query)
+                self.peer.log(type(event).__name__.lower(), query=event.query, reply=reply)
+                conn.decide(reply)
             case ev.DataRejected():
                 inbound.on_data_rejected(event)
             case ev.StartTLS():

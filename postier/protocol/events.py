@@ -83,6 +83,21 @@ class DataRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class Vrfy:
+    """VRFY where the listener may answer truthfully (`ServerConfig.vrfy_truthful`, or after
+    AUTH); elsewhere the protocol answers 252 alone. The application decides the reply."""
+
+    query: str  # the argument as given: "alice", "<alice@example.org>", "Alice <a@b>"
+
+
+@dataclass(frozen=True, slots=True)
+class Expn:
+    """EXPN where the listener allows it (`ServerConfig.expn_allowed`); else 502 alone."""
+
+    query: str
+
+
+@dataclass(frozen=True, slots=True)
 class StartTLS:
     """accept() sends 220, discards any bytes already received, and waits for tls_started()."""
 
@@ -158,6 +173,8 @@ Event = (
     | EndOfData
     | DataRejected
     | StartTLS
+    | Vrfy
+    | Expn
     | Auth
     | AuthResponse
     | ProtocolViolation

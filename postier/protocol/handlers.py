@@ -20,7 +20,7 @@ from postier.protocol.address import (
     split_path_and_params,
 )
 from postier.protocol.dsn import DsnError, parse_mail_dsn, parse_rcpt_dsn
-from postier.protocol.events import Auth, Data, Event, Hello, Mail, Rcpt, StartTLS
+from postier.protocol.events import Auth, Data, Event, Expn, Hello, Mail, Rcpt, StartTLS, Vrfy
 from postier.protocol.replies import Reply
 from postier.protocol.state import ServerConfig, Session
 
@@ -229,11 +229,17 @@ def handle_help(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
 def handle_vrfy(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
     if not arg.strip():
         return Reply(501, "5.5.4", "Syntax: VRFY <address>")
+    if config.vrfy_truthful or session.auth_user is not None:
+        return Vrfy(arg.strip())
     return R.VRFY_CANNOT  # never confirm or deny a user (no enumeration)
 
 
 def handle_expn(session: Session, config: ServerConfig, arg: str) -> Reply | Event:
-    return R.EXPN_DISABLED
+    if not config.expn_allowed:
+        return R.EXPN_DISABLED
+    if not arg.strip():
+        return Reply(501, "5.5.4", "Syntax: EXPN <list>")
+    return Expn(arg.strip())
 
 
 def handle_starttls(session: Session, config: ServerConfig, arg: str) -> Reply | Event:

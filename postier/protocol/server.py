@@ -37,6 +37,7 @@ from postier.protocol.events import (
     EndOfData,
     EndReason,
     Event,
+    Expn,
     Hello,
     Mail,
     NeedData,
@@ -44,6 +45,7 @@ from postier.protocol.events import (
     Rcpt,
     StartTLS,
     TransactionEnded,
+    Vrfy,
 )
 from postier.protocol.handlers import (
     CROSS_PROTOCOL,
@@ -402,6 +404,8 @@ class ServerConnection:
                 self._chunks.start(command.size, command.last)
                 self._enter(Phase.CHUNK)
                 return
+            case Vrfy() | Expn():
+                default = R.VRFY_CANNOT  # the application gives the answer in `reply`
             case Data():
                 self._send(reply or R.START_DATA)
                 if self.config.enforce_pipelining_sync and len(self._lines):

@@ -36,6 +36,10 @@ class ServerConfig:
     auth_requires_tls: bool = True
     auth_required_for_mail: bool = False
     enforce_pipelining_sync: bool = True
+    # VRFY/EXPN become events the application answers (RFC 5321 §3.5, §7.3): VRFY on a
+    # listener that may tell who exists (local, or mx with vrfy_mx) and after AUTH anywhere.
+    vrfy_truthful: bool = False
+    expn_allowed: bool = False
     # Report `TransactionEnded` events. An application that keeps data per transaction sets
     # it; a consumer that only needs the commands leaves it off and sees no extra events.
     report_transaction_end: bool = False
