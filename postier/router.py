@@ -80,6 +80,7 @@ class Router:
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit,
             dkim_sign=txn.dkim_sign,
+            requiretls=txn.requiretls,
         )
 
     @staticmethod

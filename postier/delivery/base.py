@@ -69,6 +69,8 @@ class StoredMessage:
     # Mail received on mx never is, even when an alias forwards it: a forged From of our
     # domain must not leave with a valid signature of ours.
     dkim_sign: bool = False
+    # MAIL FROM ... REQUIRETLS (RFC 8689): relay only over verified TLS to a hop that offers it.
+    requiretls: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,7 @@ class InboundHandler:
             body_8bit=event.body == "8BITMIME",
             size_hint=event.size,
             auth_user=self.protocol.session.auth_user,
+            requiretls="REQUIRETLS" in event.params,
         )
         txn.dkim_sign = self.settings.relay_without_auth or txn.auth_user is not None
         if self.checks.mail:

@@ -24,6 +24,7 @@ class Transaction:
     size_hint: int | None = None  # MAIL ... SIZE=
     auth_user: str | None = None  # the SASL identity (AUTH cannot change inside a transaction)
     dkim_sign: bool = False  # a trusted sender: its queued copy is DKIM-signed at commit
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689)
     local: list[LocalTarget] = field(default_factory=list)
     remote: list[RemoteTarget] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted

@@ -6,7 +6,8 @@ The envelope file (`DIR/env/<id>.json`, see `postier.queue.store`) is JSON:
      "content_offset": ..., "smtputf8": ..., "body_8bit": ..., "delay_warned": ...,
      "recipients": [{"address": ..., "state": "pending|delivered|failed", "attempts": ...,
                      "code": ..., "enhanced": ..., "reply": ..., "last_attempt": ...,
-                     "next_attempt": ..., "remote_mta": ...}, ...]}
+                     "next_attempt": ..., "remote_mta": ..., "tls_policy": ...,
+                     "tls_failure": ...}, ...], "requiretls": ...}
 
 The format grows by adding keys (per-recipient DSN parameters NOTIFY/ORCPT, the envelope's
 RET/ENVID are the next ones): a key this version does not know is ignored on load, and a key
@@ -53,6 +54,8 @@ class RecipientState:
     last_attempt: float = 0.0
     next_attempt: float = 0.0  # 0: at once
     remote_mta: str = ""
+    tls_policy: str = ""  # the TLS policy of the last remote attempt (mta-sts, dane, ...)
+    tls_failure: str = ""  # the last TLS failure toward its destination ("" when none)
 
     @property
     def domain(self) -> str:
@@ -95,6 +98,7 @@ class QueueEntry:
     smtputf8: bool = False
     body_8bit: bool = False
     delay_warned: bool = False
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689), kept for every retry
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.state is PENDING]

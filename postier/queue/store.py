@@ -117,6 +117,7 @@ class QueueStore:
             received_at=entry.arrival,
             smtputf8=entry.smtputf8,
             body_8bit=entry.body_8bit,
+            requiretls=entry.requiretls,
         )
 
     # -- commit ------------------------------------------------------------------------
@@ -169,6 +170,7 @@ class QueueStore:
                 recipients=[RecipientState(a) for a in dict.fromkeys(map(_address, recipients))],
                 smtputf8=spool.smtputf8,
                 body_8bit=spool.body_8bit,
+                requiretls=spool.requiretls,
             )
             self._write_env(entry)
         except BaseException:
