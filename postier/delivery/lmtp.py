@@ -203,6 +203,8 @@ async def run_transaction(
         params["BODY"] = "8BITMIME"  # without 8BITMIME we send as is, like most MTAs do
     if utf8:
         params["SMTPUTF8"] = None
+    if message.requiretls and "REQUIRETLS" in caps:  # the relay refuses a hop without it
+        params["REQUIRETLS"] = None
     try:
         body = open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:
