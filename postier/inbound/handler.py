@@ -136,7 +136,13 @@ class InboundHandler:
                 )
                 return verdict.reply
         self.txn = txn
-        self.peer.log("mail", qid=txn.queue_id, sender=f"<{txn.sender_text}>", size=event.size)
+        self.peer.log(
+            "mail",
+            qid=txn.queue_id,
+            sender=f"<{txn.sender_text}>",
+            size=event.size,
+            requiretls=txn.requiretls or None,
+        )
         return None
 
     async def on_rcpt(self, event: Rcpt) -> Decision:
