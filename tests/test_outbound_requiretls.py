@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import re
 import smtplib
 import ssl
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from tests.outbound_helpers import (
     start_receivers,
     stored,
 )
+from tests.server import make_server
 from tests.sinks import POSTFIX, PrivatePostfix, have, public_tmpdir
 
 STS = ("sts.test", "wrongname.test")
@@ -48,8 +54,6 @@ class World:
 
 
 def _spki_sha256(chain: Path) -> str:
-    import hashlib
-
     leaf = x509.load_pem_x509_certificates(chain.read_bytes())[0]
     spki = leaf.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -233,3 +237,45 @@ def test_the_parameter_wins_over_tls_required_no(world: World, tmp_path: Path) -
 def test_tls_required_header(tmp_path: Path, head: bytes, expected: bool) -> None:
     message = stored(tmp_path, b"Subject: t\n" + head + b"\nTLS-Required: No\n")
     assert tls_required_no(message) is expected
+
+
+# --- visibility: postier queue show names the policy and the last TLS failure ---------------
+
+
+def test_queue_show_names_tls_policy_and_last_failure(world: World, tmp_path: Path) -> None:
+    sender = make_server(
+        tmp_path / "sender",
+        users="s@origin.test\n",
+        domains=("origin.test",),
+        extra=[
+            "--dns-server", f"127.0.0.1:{world.dns.port}",
+            "--remote-port", str(world.recv.tls.mx_port),
+            "--tls-ca-file", str(world.recv.pki.ca_file),
+            "--mta-sts-port", str(world.policy_host.port),
+        ],
+    )  # fmt: skip
+    sender.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", sender.local_port, timeout=10) as s:
+            s.ehlo("client.test")
+            assert s.mail("s@origin.test")[0] == 250
+            assert s.rcpt("alice@wrongname.test")[0] == 250
+            code, text = s.data(b"Subject: t\r\nFrom: s@origin.test\r\n\r\nHello.\r\n")
+        assert code == 250, text
+        match = re.search(r"queued as (\S+)", text.decode())
+        assert match, text
+        qid = match.group(1)
+        show = [sys.executable, "-m", "postier", "queue", "-Q", str(tmp_path / "sender" / "queue")]
+        out = ""
+        for _ in range(200):  # bounded: the first attempt is made at once
+            proc = subprocess.run([*show, "show", qid], capture_output=True, text=True, timeout=60)
+            out = proc.stdout
+            if "last TLS failure" in out:
+                break
+            time.sleep(0.1)
+        assert "TLS policy: mta-sts" in out, out + sender.log()
+        assert "last TLS failure: certificate-host-mismatch" in out, out
+        assert "state: pending" in out
+        assert "tls=none policy=mta-sts" in sender.log()  # the delivery log line
+    finally:
+        sender.stop()
