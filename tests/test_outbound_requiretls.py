@@ -279,3 +279,47 @@ def test_queue_show_names_tls_policy_and_last_failure(world: World, tmp_path: Pa
         assert "tls=none policy=mta-sts" in sender.log()  # the delivery log line
     finally:
         sender.stop()
+
+
+def test_requiretls_from_a_client_bounces_with_5_7_30_through_the_queue(
+    world: World, tmp_path: Path
+) -> None:
+    """The whole path: MAIL ... REQUIRETLS over STARTTLS, the flag in the queue entry, the
+    relay's refusal of a hop without a policy, and the DSN back to the (local) sender."""
+    cert, key = world.recv.pki.issue("mx.test", into=tmp_path / "cert")
+    sender = make_server(
+        tmp_path / "sender",
+        users="s@origin.test\n",
+        domains=("origin.test",),
+        extra=[
+            "--dns-server", f"127.0.0.1:{world.dns.port}",
+            "--remote-port", str(world.recv.tls.mx_port),
+            "--tls-ca-file", str(world.recv.pki.ca_file),
+            "--mta-sts-port", str(world.policy_host.port),
+            "--tls-cert", str(cert), "--tls-key", str(key),
+        ],
+    )  # fmt: skip
+    sender.start()
+    try:
+        context = ssl.create_default_context(cafile=str(world.recv.pki.ca_file))
+        context.check_hostname = False  # we connect by address; the chain is still checked
+        with smtplib.SMTP("127.0.0.1", sender.local_port, timeout=10) as s:
+            s.ehlo("client.test")
+            s.starttls(context=context)
+            s.ehlo("client.test")
+            assert s.mail("s@origin.test", ["REQUIRETLS"])[0] == 250
+            assert s.rcpt("alice@good.test")[0] == 250
+            code, text = s.data(b"Subject: secret\r\nFrom: s@origin.test\r\n\r\nHello.\r\n")
+        assert code == 250, text
+        bounces = []
+        for _ in range(300):  # bounded: the attempt and its DSN follow at once
+            bounces = sender.maildir_files("s")
+            if bounces:
+                break
+            time.sleep(0.1)
+        assert len(bounces) == 1, sender.log()
+        dsn = bounces[0].read_bytes()
+        assert b"Status: 5.7.30" in dsn and b"alice@good.test" in dsn
+        assert "requiretls=True" in sender.log()
+    finally:
+        sender.stop()
