@@ -271,18 +271,27 @@ class ReportSender:
 def start_tls_reports(
     config: Config, queue_own: QueueOwn, stop: asyncio.Event
 ) -> asyncio.Task[None]:
-    """The daily report run of the daemon (the process that runs the scheduler)."""
+    """The daily report run of the daemon (the process that runs the scheduler).
+
+    Everything is built inside the task: loading the CA store takes a while, and the
+    daemon's start-up (which goes on to take its reload baselines) must not wait for it.
+    """
+    return asyncio.get_running_loop().create_task(_run_reports(config, queue_own, stop))
+
+
+async def _run_reports(config: Config, queue_own: QueueOwn, stop: asyncio.Event) -> None:
     from postier.outbound.tlsrpt import DB_NAME
     from postier.tls import client_context
 
     resolver = Resolver()
     if config.dns_server:  # validated at start-up by make_relay
         resolver = Resolver(*parse_dns_server(config.dns_server))
+    context = await asyncio.to_thread(client_context, verify=True, ca_file=config.tls_ca_file)
     sender = ReportSender(
         TlsReports(config.queue_dir / DB_NAME),
         resolver,
         queue_own,
         hostname=config.hostname,
-        context=client_context(verify=True, ca_file=config.tls_ca_file),
+        context=context,
     )
-    return asyncio.get_running_loop().create_task(sender.run(stop))
+    await sender.run(stop)
