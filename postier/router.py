@@ -92,6 +92,7 @@ class Router:
             envelope_dsn=txn.dsn,
             recipient_dsn=txn.recipient_dsn,
             spam=txn.spam,
+            requiretls=txn.requiretls,
         )
 
     @staticmethod

@@ -75,6 +75,8 @@ class StoredMessage:
     recipient_dsn: Mapping[str, RcptDsn] = field(default_factory=dict, compare=False)
     # A content filter called it spam: a Maildir++ mailbox with a .Junk folder gets it there.
     spam: bool = False
+    # MAIL FROM ... REQUIRETLS (RFC 8689): relay only over verified TLS to a hop that offers it.
+    requiretls: bool = False
 
 
 @dataclass(frozen=True, slots=True)

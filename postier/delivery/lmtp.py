@@ -222,6 +222,8 @@ async def run_transaction(
     rcpt_params = dsn_rcpt_params(message, recipients) if dsn else [{} for _ in recipients]
     if dsn:
         params.update(dsn_mail_params(message))
+    if message.requiretls and "REQUIRETLS" in caps:  # the relay refuses a hop without it
+        params["REQUIRETLS"] = None
     try:
         body: IO[bytes] = (
             io.BytesIO(plan.replacement) if plan.replacement is not None

@@ -38,7 +38,7 @@ from postier.delivery.lmtp import (
 from postier.dns import Resolver, is_ip_address
 from postier.errors import DeliveryError
 from postier.log import event
-from postier.outbound import dane
+from postier.outbound import dane, requiretls
 from postier.outbound.tls_policy import (
     OPPORTUNISTIC,
     DomainTls,
@@ -152,6 +152,7 @@ class RelaySession:
         self.tls_verified = False  # its certificate was checked (verify, MTA-STS or DANE)
         self.tls_failure = ""  # the last TLS failure on this destination, for the queue
         self.local_ip = ""  # our address on the current connection (TLS-RPT sending-mta-ip)
+        self.relaxed = False  # the connection is for `TLS-Required: No` mail (RFC 8689 §5)
 
     @property
     def tls(self) -> bool:
@@ -182,11 +183,18 @@ class RelaySession:
     ) -> list[RecipientResult]:
         """One delivery attempt of `message` to `recipients` (all in this session's domain)."""
         qid = message.queue_id
+        relaxed = await requiretls.relaxed_for(message)
+        if relaxed != self.relaxed:  # a connection made under one stance never serves the other
+            await self.close()
+            self.relaxed, self._failed = relaxed, None
         try:
             await self._ready(qid)
+            refusal = requiretls.hop_refusal(message, self, self.domain)
+            if refusal is not None:
+                raise refusal
         except DeliveryError as exc:
             results = self._with_tls([result_from_error(r, exc) for r in recipients])
-            self._log(qid, results, connected=False)
+            self._log(qid, results, connected=self.stream is not None)
             return results
         assert self.stream is not None
         results = await run_transaction(self.stream, self.caps, message, recipients,
@@ -273,6 +281,8 @@ class RelaySession:
     async def _open(self, qid: str, host_tls: HostTls) -> None:
         """Connect to (host, address, port): greeting, EHLO, STARTTLS, AUTH."""
         relay, t = self.relay, self.relay.timeouts
+        if self.relaxed and host_tls.source is not Source.SMARTHOST:
+            host_tls = requiretls.relax(host_tls)
         self.host_tls, self.tls_verified = host_tls, False
         smart = relay.smarthost
         sni = None if is_ip_address(self.host) else self.host
@@ -357,6 +367,9 @@ class RelaySession:
                 self._note_failure(qid, host, host_tls.noted)
             return host_tls
         except TlsFailure as failure:
+            if self.relaxed:  # TLS-Required: No: counted and logged, then tried anyway
+                self._note_failure(qid, host, failure)
+                return requiretls.relaxed_host(failure)
             self.tls_failure = f"{failure.result_type}: {failure}"
             if failure.host_tls is not None:
                 self.host_tls = failure.host_tls

@@ -127,6 +127,7 @@ class InboundHandler:
             dsn=event.dsn,
             client_ip=self.peer.ip,
             helo=self.protocol.session.helo or "",
+            requiretls="REQUIRETLS" in event.params,
         )
         txn.dkim_sign = self.settings.relay_without_auth or txn.auth_user is not None
         if self.checks.mail:
@@ -143,7 +144,13 @@ class InboundHandler:
                 )
                 return verdict.reply
         self.txn = txn
-        self.peer.log("mail", qid=txn.queue_id, sender=f"<{txn.sender_text}>", size=event.size)
+        self.peer.log(
+            "mail",
+            qid=txn.queue_id,
+            sender=f"<{txn.sender_text}>",
+            size=event.size,
+            requiretls=txn.requiretls or None,
+        )
         return None
 
     async def on_rcpt(self, event: Rcpt) -> Decision:

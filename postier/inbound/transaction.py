@@ -31,6 +31,7 @@ class Transaction:
     # What a check started at MAIL and finishes later (the SPF task), by check name: the
     # chain is shared by every session, so such state lives with the transaction.
     notes: dict[str, Any] = field(default_factory=dict)
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689)
     local: list[LocalTarget] = field(default_factory=list)
     remote: list[RemoteTarget] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # envelope recipients as accepted

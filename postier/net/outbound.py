@@ -28,6 +28,7 @@ from postier.delivery.base import (
 )
 from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
+from postier.outbound.tlsrpt_send import start_tls_reports
 from postier.policy import LocalTarget, Policy
 from postier.protocol.address import Address
 from postier.queue.bounce import DsnRecipient, queue_delivered_report
@@ -97,6 +98,7 @@ class Outbound:
         self.relay = make_relay(config)
         self.scheduler: Scheduler | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
+        self._reports_task: asyncio.Task[None] | None = None  # TLS-RPT, once a day
         self._stop: asyncio.Event | None = None  # created on the loop in start()
 
     # ---- used by sessions (Router) -------------------------------------------------------
@@ -145,6 +147,16 @@ class Outbound:
             now=time.time(),
             sign=self.sign_own,
         )
+
+    def queue_own(self, data: bytes, content_offset: int, recipients: list[str]) -> str:
+        """Blocking: commit a message postier wrote (a TLS-RPT report) from <>, signed with
+        the hostname's keys as our bounces are; the scheduler is told. Returns its id."""
+        signed = self.sign_own(data, content_offset)
+        entry = self.store.commit_bytes(
+            signed, "", recipients, arrival=time.time(), content_offset=content_offset
+        )
+        self.notify(entry.queue_id)
+        return entry.queue_id
 
     def notify(self, queue_id: str) -> None:
         """A committed entry is ready: wake the scheduler, here or in another worker."""
@@ -218,14 +230,16 @@ class Outbound:
         self._maildrop_task = asyncio.get_running_loop().create_task(
             maildrop.run(self._accept_dropped, stop=self._stop)
         )
+        self._reports_task = start_tls_reports(cfg, self.queue_own, self._stop)
 
     async def stop(self, grace: float) -> None:
         if self._stop is not None:
             self._stop.set()
-        if self._maildrop_task is not None:
-            try:
-                await asyncio.wait_for(self._maildrop_task, timeout=grace)
-            except (TimeoutError, asyncio.CancelledError):
-                self._maildrop_task.cancel()
+        for task in (self._maildrop_task, self._reports_task):
+            if task is not None:
+                try:
+                    await asyncio.wait_for(task, timeout=grace)
+                except (TimeoutError, asyncio.CancelledError):
+                    task.cancel()
         if self.scheduler is not None:
             await self.scheduler.stop(grace)

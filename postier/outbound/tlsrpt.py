@@ -174,10 +174,15 @@ class TlsReports:
             rows = self._conn().execute("SELECT DISTINCT day FROM outcomes ORDER BY day")
             return [r[0] for r in rows]
 
-    def forget(self, day: str) -> None:
-        """Drop a day's counts once its reports are sent (or given up)."""
+    def forget(self, day: str, domain: str | None = None) -> None:
+        """Drop a day's counts (of one policy domain) once its reports are sent or given up."""
         with self._lock, self._conn() as db:
-            db.execute("DELETE FROM outcomes WHERE day = ?", (day,))
+            if domain is None:
+                db.execute("DELETE FROM outcomes WHERE day = ?", (day,))
+            else:
+                db.execute(
+                    "DELETE FROM outcomes WHERE day = ? AND policy_domain = ?", (day, domain)
+                )
 
     def build_reports(
         self, day: str, organization: str, contact: str, submitter: str

@@ -81,6 +81,8 @@ def ehlo_lines(session: Session, config: ServerConfig, peer_name: str) -> tuple[
     ]
     if config.starttls_available and not session.tls:
         lines.append("STARTTLS")
+    if session.tls:
+        lines.append("REQUIRETLS")  # RFC 8689 §3: offered over TLS only
     if (
         config.auth_mechanisms
         and session.auth_user is None
@@ -133,6 +135,11 @@ def handle_mail(session: Session, config: ServerConfig, arg: str) -> Reply | Eve
             continue  # RFC 4954 §5: we may ignore the AUTH= parameter
         elif key in ("RET", "ENVID"):
             continue  # DSN (RFC 3461), parsed above
+        elif key == "REQUIRETLS":  # RFC 8689 §4.1; the application reads it from params
+            if value is not None:
+                return Reply(501, "5.5.4", "REQUIRETLS takes no value")
+            if not session.tls:
+                return Reply(530, "5.7.10", "REQUIRETLS needs a TLS session")
         else:
             return R.PARAM_NOT_RECOGNIZED
     try:

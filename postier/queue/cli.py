@@ -132,7 +132,15 @@ def cmd_list(store: QueueStore, out: TextIO, now: float, err: TextIO | None = No
 
 
 def cmd_show(store: QueueStore, entry: QueueEntry, out: TextIO, now: float) -> int:
-    flags = [f for f, on in (("smtputf8", entry.smtputf8), ("8bit", entry.body_8bit)) if on]
+    flags = [
+        f
+        for f, on in (
+            ("smtputf8", entry.smtputf8),
+            ("8bit", entry.body_8bit),
+            ("requiretls", entry.requiretls),
+        )
+        if on
+    ]
     print(f"id: {entry.queue_id}", file=out)
     print(f"sender: <{safe(entry.sender)}>", file=out)
     print(f"arrival: {_date(entry.arrival)} ({format_age(now - entry.arrival)} ago)", file=out)
@@ -150,6 +158,10 @@ def cmd_show(store: QueueStore, entry: QueueEntry, out: TextIO, now: float) -> i
             print(f"  next attempt: {when}", file=out)
         if r.remote_mta:
             print(f"  remote MTA: {safe(r.remote_mta)}", file=out)
+        if r.tls_policy:
+            print(f"  TLS policy: {safe(r.tls_policy)}", file=out)
+        if r.tls_failure:
+            print(f"  last TLS failure: {safe(r.tls_failure)}", file=out)
         if r.last_reply:
             print(f"  last reply: {safe(r.last_reply)}", file=out)
     print("", file=out)

@@ -127,6 +127,8 @@ def apply_results(
         rs.code, rs.enhanced, rs.reply = res.code, res.enhanced, res.text
         rs.last_attempt = now
         rs.remote_mta = remote_mta or rs.remote_mta
+        rs.tls_policy = res.tls_policy or rs.tls_policy
+        rs.tls_failure = res.tls_failure or rs.tls_failure
         if res.status is Status.DELIVERED:
             rs.state = DELIVERED
             event = "delivered"

@@ -6,8 +6,9 @@ The envelope file (`DIR/env/<id>.json`, see `postier.queue.store`) is JSON:
      "content_offset": ..., "smtputf8": ..., "body_8bit": ..., "delay_warned": ...,
      "recipients": [{"address": ..., "state": "pending|delivered|failed", "attempts": ...,
                      "code": ..., "enhanced": ..., "reply": ..., "last_attempt": ...,
-                     "next_attempt": ..., "remote_mta": ..., "notify": ..., "orcpt": ...},
-                    ...], "ret": ..., "envid": ...}
+                     "next_attempt": ..., "remote_mta": ..., "notify": ..., "orcpt": ...,
+                     "tls_policy": ..., "tls_failure": ...},
+                    ...], "ret": ..., "envid": ..., "requiretls": ...}
 
 The format grows by adding keys (the DSN parameters came that way: "notify" and "orcpt" per
 recipient, "ret" and "envid" for the envelope): a key this version does not know is ignored
@@ -56,6 +57,8 @@ class RecipientState:
     remote_mta: str = ""
     notify: str = ""  # DSN NOTIFY as given, e.g. "SUCCESS,FAILURE"; "" when absent
     orcpt: str = ""  # DSN ORCPT decoded, "rfc822;user@example.org"; "" when absent
+    tls_policy: str = ""  # the TLS policy of the last remote attempt (mta-sts, dane, ...)
+    tls_failure: str = ""  # the last TLS failure toward its destination ("" when none)
 
     @property
     def domain(self) -> str:
@@ -100,6 +103,7 @@ class QueueEntry:
     delay_warned: bool = False
     ret: str = ""  # DSN RET: "FULL", "HDRS" or "" (absent)
     envid: str = ""  # DSN ENVID, decoded
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689), kept for every retry
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.state is PENDING]

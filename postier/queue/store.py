@@ -132,6 +132,7 @@ class QueueStore:
                 for r in entry.recipients
                 if r.notify or r.orcpt
             },
+            requiretls=entry.requiretls,
         )
 
     # -- commit ------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class QueueStore:
                 body_8bit=spool.body_8bit,
                 ret=spool.envelope_dsn.ret,
                 envid=spool.envelope_dsn.envid,
+                requiretls=spool.requiretls,
             )
             self._write_env(entry)
         except BaseException:
