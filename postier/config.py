@@ -87,6 +87,10 @@ class Config:
     mta_sts: bool = True  # flag --no-mta-sts
     dane: bool = True  # flag --no-dane
     tls_policy: tuple[tuple[str, str], ...] = ()  # TOML table domain -> level
+    # routing (postier.outbound.routes, next_hop): fixed next hops, backup MX
+    routes: tuple[tuple[str, str], ...] = ()  # TOML table domain or .subdomain -> transport
+    relay_domain: tuple[str, ...] = ()  # we are a backup MX for these (--relay-domain)
+    relay_recipients: Path | None = None  # valid recipients of the relay domains; None: all
     # inbound protection (checks run in this order: limits, DNSBL, RCPT policy, greylist,
     # end-of-data verdicts, rspamd); each is off until configured
     rspamd: str = ""  # rspamd's HTTP address, e.g. "http://127.0.0.1:11333"
@@ -116,7 +120,7 @@ DEFAULT_MX = (ListenSpec("", 25, "all"),)
 DEFAULT_LOCAL = (ListenSpec("127.0.0.1", 2525, "ip"),)
 
 # TOML key -> dataclass field, where they differ.
-_KEY_ALIASES = {"pass": "passwords", "domains": "domain"}
+_KEY_ALIASES = {"pass": "passwords", "domains": "domain", "relay_domains": "relay_domain"}
 _LISTENER_KEYS = ("mx", "local", "submission", "submissions")
 _STRING_LIST_KEYS = {"rspamd_listeners", "dnsbl", "greylist_allow_domains"}
 _PATH_KEYS = {
@@ -130,9 +134,10 @@ _PATH_KEYS = {
     "tls_cert_dir",
     "dkim_keys",
     "tls_ca_file",
+    "relay_recipients",
 }
 # TOML tables that are values, not groups of keys.
-_TABLE_KEYS = {"tls_policy"}
+_TABLE_KEYS = {"tls_policy", "routes"}
 
 
 def _field_types() -> dict[str, Any]:
@@ -147,7 +152,7 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
     if key in _LISTENER_KEYS:
         items = value if isinstance(value, list | tuple) else [value]
         return tuple(parse_listen(str(v), where) for v in items)
-    if key == "domain":
+    if key in ("domain", "relay_domain"):
         items = value if isinstance(value, list | tuple) else [value]
         out = []
         for v in items:
@@ -170,6 +175,13 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
         from postier.outbound.tls_policy import parse_policy_table
 
         return tuple((k, v.value) for k, v in parse_policy_table(value, where).items())
+    if key == "routes":
+        from postier.outbound.routes import parse_routes_table
+
+        try:
+            return tuple((k, str(v)) for k, v in parse_routes_table(value, where).items())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if key in _STRING_LIST_KEYS:
         items = value if isinstance(value, list | tuple) else [value]
         if not all(isinstance(v, str) and v.strip() for v in items):
@@ -307,7 +319,7 @@ def validate(cfg: Config) -> None:
     _validate_protection(cfg)
     if len(cfg.recipient_delimiter) > 1:
         raise ConfigError("recipient_delimiter: must be one character or empty")
-    file_keys = ["users", "aliases", "passwords", "tls_ca_file"]
+    file_keys = ["users", "aliases", "passwords", "tls_ca_file", "relay_recipients"]
     if not cfg.tls_self_signed:
         file_keys += ["tls_cert", "tls_key"]
     for path_key in file_keys:
@@ -355,7 +367,7 @@ def describe(cfg: Config) -> str:
         key = "pass" if f.name == "passwords" else f.name
         if f.name == "smarthost_password" and value:
             value = "********"
-        if f.name == "tls_policy":  # a TOML inline table, as it is written
+        if f.name in ("tls_policy", "routes"):  # a TOML inline table, as it is written
             shown = "{ " + ", ".join(f'"{k}" = "{v}"' for k, v in value) + " }"
         elif isinstance(value, tuple):
             shown = (
