@@ -20,6 +20,7 @@ from postier import log
 from postier.delivery.base import Recipient
 from postier.delivery.paths import validate_mailbox_name
 from postier.errors import ConfigError
+from postier.outbound.backup_mx import RelayDomains
 from postier.protocol import replies as R
 from postier.protocol.address import Address
 from postier.protocol.replies import Reply
@@ -125,8 +126,10 @@ class Policy:
         users: dict[str, LocalUser],
         aliases: dict[str, list[str]] | None = None,
         recipient_delimiter: str = "",
+        relay: RelayDomains | None = None,
     ) -> None:
         self.domains = frozenset(d.lower() for d in domains)
+        self.relay = relay or RelayDomains(())  # we are a backup MX for these
         self.users = users
         self.aliases = aliases or {}
         self.delimiter = recipient_delimiter
@@ -246,6 +249,9 @@ class Policy:
             if not targets:
                 return Rejection(R.NO_SUCH_USER, "unknown local user")
             return targets
+        if self.relay.covers(rcpt.domain):
+            refused = self.relay.refusal(str(rcpt))
+            return [RemoteTarget(rcpt)] if refused is None else Rejection(refused, "relay rcpt")
         if may_relay:
             return [RemoteTarget(rcpt)]
         return Rejection(R.RELAY_DENIED, "relay denied")
