@@ -20,7 +20,6 @@ from postier.delivery.base import (
     LocalDelivery,
     Recipient,
     RecipientResult,
-    Relay,
     Status,
     StoredMessage,
     permanent,
@@ -32,12 +31,13 @@ from postier.protocol.address import Address
 from postier.queue.store import EntryExists, QueueStore
 
 if TYPE_CHECKING:
+    from postier.delivery.smtp import SmtpRelay
     from postier.queue.scheduler import Scheduler
 
 _LOG = logging.getLogger("postier.outbound")
 
 
-def make_relay(config: Config) -> Relay:
+def make_relay(config: Config) -> SmtpRelay:
     from postier.delivery.smtp import Smarthost, SmtpRelay
     from postier.dns import Resolver, parse_dns_server
 
@@ -86,6 +86,17 @@ class Outbound:
         if config.dkim_keys is not None:
             self.dkim = DkimSigner(config.dkim_keys, policy.is_local_domain)
         self.relay = make_relay(config)
+        from postier.outbound.next_hop import NextHops, route_local
+        from postier.outbound.routes import RouteTable
+
+        self.next_hops = NextHops(
+            self.relay,
+            self.relay.resolver,
+            hostname=config.hostname,
+            routes=RouteTable.from_config(config.routes),
+            relay_domains=config.relay_domain,
+        )
+        self.backend = route_local(backend, self.next_hops, executor, policy.domains)
         self.scheduler: Scheduler | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None  # created on the loop in start()
@@ -168,10 +179,9 @@ class Outbound:
         from postier.queue.scheduler import Scheduler
 
         cfg = self.config
-        relay = self.relay
         scheduler = Scheduler(
             self.store,
-            lambda domain: relay,
+            self.next_hops.backend_for,
             hostname=cfg.hostname,
             schedule=cfg.retry_schedule,
             max_age=cfg.max_queue_age,
@@ -179,7 +189,10 @@ class Outbound:
             per_destination_limit=cfg.per_destination_limit,
             executor=self.executor,
             local_deliver=self.local_deliver,
-            is_local=lambda d: self.policy.is_local_domain(d),
+            # A local domain with an smtp: route leaves through the queue's relay.
+            is_local=lambda d: (
+                self.policy.is_local_domain(d) and not self.next_hops.is_routed_local(d)
+            ),
             sign_own=self.sign_own,
         )
         self.scheduler = scheduler
