@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from postier.checks.base import Check, CheckChain
 from postier.checks.disk import FreeSpace, LowDiskSpace
+from postier.checks.hops import HopCount
 from postier.checks.sender import SenderOwnership
 from postier.checks.submission import SubmissionHeaders
 from postier.net.roles import Role
@@ -24,4 +25,5 @@ def checks_for_role(
     checks.append(LowDiskSpace(free_space))
     if role.offers_auth:
         checks.append(SubmissionHeaders(hostname))
+    checks.append(HopCount())  # a mail loop, on every listener
     return CheckChain(checks)
