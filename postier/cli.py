@@ -92,6 +92,12 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relay-recipients", dest="relay_recipients", help="valid recipients of relay domains"
     )
+    p.add_argument(
+        "--outbound-family", dest="outbound_family", help="ipv4, ipv6 or both (outbound SMTP)"
+    )
+    p.add_argument(
+        "--outbound-bind", dest="outbound_bind", action="append", help="source ADDR (per family)"
+    )
     p.add_argument("--dkim-keys", dest="dkim_keys", help="DKIM keys: DIR/<domain>/<selector>.pem")
     p.add_argument("--workers", help="worker processes: N or auto (default auto, one per core)")
     p.add_argument(
@@ -154,6 +160,8 @@ _CONFIG_FLAGS = [
     "smarthost",
     "relay_domain",
     "relay_recipients",
+    "outbound_family",
+    "outbound_bind",
     "dkim_keys",
     "tls_ca_file",
     "mta_sts_port",

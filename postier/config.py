@@ -91,6 +91,8 @@ class Config:
     routes: tuple[tuple[str, str], ...] = ()  # TOML table domain or .subdomain -> transport
     relay_domain: tuple[str, ...] = ()  # we are a backup MX for these (--relay-domain)
     relay_recipients: Path | None = None  # valid recipients of the relay domains; None: all
+    outbound_family: str = "both"  # ipv4, ipv6 or both: families for outbound SMTP
+    outbound_bind: tuple[str, ...] = ()  # source address per family; empty: the kernel's
     # inbound protection (checks run in this order: limits, DNSBL, RCPT policy, greylist,
     # end-of-data verdicts, rspamd); each is off until configured
     rspamd: str = ""  # rspamd's HTTP address, e.g. "http://127.0.0.1:11333"
@@ -122,7 +124,7 @@ DEFAULT_LOCAL = (ListenSpec("127.0.0.1", 2525, "ip"),)
 # TOML key -> dataclass field, where they differ.
 _KEY_ALIASES = {"pass": "passwords", "domains": "domain", "relay_domains": "relay_domain"}
 _LISTENER_KEYS = ("mx", "local", "submission", "submissions")
-_STRING_LIST_KEYS = {"rspamd_listeners", "dnsbl", "greylist_allow_domains"}
+_STRING_LIST_KEYS = {"rspamd_listeners", "dnsbl", "greylist_allow_domains", "outbound_bind"}
 _PATH_KEYS = {
     "mail_root",
     "users",
@@ -317,6 +319,12 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
     _validate_protection(cfg)
+    from postier.outbound.source import parse_binds
+
+    try:
+        parse_binds(cfg.outbound_bind, cfg.outbound_family, "outbound_family/outbound_bind")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if len(cfg.recipient_delimiter) > 1:
         raise ConfigError("recipient_delimiter: must be one character or empty")
     file_keys = ["users", "aliases", "passwords", "tls_ca_file", "relay_recipients"]
