@@ -60,9 +60,10 @@ def make_relay(config: Config) -> SmtpRelay:
         except ValueError as exc:
             raise ConfigError(f"--smarthost: {config.smarthost!r}: {exc}") from None
     from postier.outbound.setup import make_tls_policy
+    from postier.outbound.source import OutboundSource, parse_binds
 
     ca_file = str(config.tls_ca_file) if config.tls_ca_file else None
-    return SmtpRelay(
+    relay = SmtpRelay(
         config.hostname,
         resolver=resolver,
         remote_port=config.remote_port,
@@ -70,6 +71,9 @@ def make_relay(config: Config) -> SmtpRelay:
         tls_policy=make_tls_policy(config, resolver),
         ca_file=ca_file,
     )
+    family = config.outbound_family
+    relay.source = OutboundSource(family, parse_binds(config.outbound_bind, family, "bind"))
+    return relay
 
 
 class Outbound:
