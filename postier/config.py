@@ -63,6 +63,9 @@ class Config:
     # limits
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
+    # per authenticated user, shared by all workers (checks/sending_limits.py); 0: no limit
+    max_messages_per_hour: int = 1000
+    max_recipients_per_hour: int = 5000
     max_errors: int = 10
     max_connections: int = 1000
     max_connections_per_ip: int = 50
@@ -359,6 +362,8 @@ def _validate_protection(cfg: Config) -> None:
     if cfg.greylist_delay < 0 or cfg.greylist_expire <= cfg.greylist_delay:
         raise ConfigError("greylist_expire: must be longer than greylist_delay")
     for name in (
+        "max_messages_per_hour",
+        "max_recipients_per_hour",
         "client_connections_per_minute",
         "client_messages_per_minute",
         "client_recipients_per_minute",
