@@ -6,13 +6,19 @@ from postier.checks.base import Check, CheckChain
 from postier.checks.disk import FreeSpace, LowDiskSpace
 from postier.checks.hops import HopCount
 from postier.checks.sender import SenderOwnership
+from postier.checks.sending_limits import SendingLimits
 from postier.checks.submission import SubmissionHeaders
 from postier.net.roles import Role
 from postier.policy import Policy
 
 
 def checks_for_role(
-    role: Role, *, policy: Policy, free_space: FreeSpace, hostname: str
+    role: Role,
+    *,
+    policy: Policy,
+    free_space: FreeSpace,
+    hostname: str,
+    sending_limits: SendingLimits | None = None,
 ) -> CheckChain:
     """The chain of one listener role.
 
@@ -23,6 +29,8 @@ def checks_for_role(
     if role.offers_auth:
         checks.append(SenderOwnership(policy))
     checks.append(LowDiskSpace(free_space))
+    if role.offers_auth and sending_limits is not None:
+        checks.append(sending_limits)  # after the disk check: a 452 uses no allowance
     if role.offers_auth:
         checks.append(SubmissionHeaders(hostname))
     checks.append(HopCount())  # a mail loop, on every listener

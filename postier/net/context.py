@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from postier.checks.base import CheckChain
 from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace
+from postier.checks.sending_limits import sending_limits
 from postier.config import Config
 from postier.inbound.handler import InboundHandler, InboundSettings, ProtocolState
 from postier.inbound.peer import Peer
@@ -122,6 +123,11 @@ class ServerContext:
                 policy=self.policy,
                 free_space=self._free_space,
                 hostname=self.config.hostname,
+                sending_limits=sending_limits(
+                    self.config.queue_dir,
+                    self.config.max_messages_per_hour,
+                    self.config.max_recipients_per_hour,
+                ),
             )
             self._chains[role.name] = chain
         return chain
