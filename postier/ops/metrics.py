@@ -66,6 +66,9 @@ class MetricsObserver:
         self.auth_failures = counter("auth_failures", "Failed SMTP AUTH attempts", ("listener",))
         self.tls = counter("tls_sessions", "Inbound TLS handshakes, by version", ("version",))
         self.reloads = counter("reloads", "Reloads of a file, by result", ("result",))
+        self.user_limits = counter(
+            "user_limit_refusals", "MAIL or RCPT refused by a per-user hourly limit", ("limit",)
+        )
         # For `postier status`: accepted messages in the last minute and hour (a counter's
         # rate needs two scrapes; this gauge needs one). Refreshed by refresh_recent().
         self.recent = Gauge(
@@ -161,6 +164,9 @@ class MetricsObserver:
     def _on_reload(self, kv: dict[str, object]) -> None:
         self.reloads.labels(str(kv.get("result", "ok"))).inc()
 
+    def _on_user_limit(self, kv: dict[str, object]) -> None:
+        self.user_limits.labels(str(kv.get("limit", "unknown"))).inc()
+
     _handlers = {
         "connect": _on_connect,
         "disconnect": _on_disconnect,
@@ -172,6 +178,7 @@ class MetricsObserver:
         "delivered": _on_mailbox_delivered,
         "deliver_failed": _on_mailbox_failed,
         "reload": _on_reload,
+        "user-limit": _on_user_limit,
     }
 
 
