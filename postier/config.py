@@ -96,6 +96,7 @@ class Config:
     relay_recipients: Path | None = None  # valid recipients of the relay domains; None: all
     outbound_family: str = "both"  # ipv4, ipv6 or both: families for outbound SMTP
     outbound_bind: tuple[str, ...] = ()  # source address per family; empty: the kernel's
+    srs_secret_file: Path | None = None  # SRS for forwarded mail (outbound/srs.py); None: off
     # inbound protection (checks run in this order: limits, DNSBL, RCPT policy, greylist,
     # end-of-data verdicts, rspamd); each is off until configured
     rspamd: str = ""  # rspamd's HTTP address, e.g. "http://127.0.0.1:11333"
@@ -140,6 +141,7 @@ _PATH_KEYS = {
     "dkim_keys",
     "tls_ca_file",
     "relay_recipients",
+    "srs_secret_file",
 }
 # TOML tables that are values, not groups of keys.
 _TABLE_KEYS = {"tls_policy", "routes"}
