@@ -62,9 +62,11 @@ def build_context(config: Config) -> ServerContext:
     users = load_users(config.users, config.domain) if config.users else {}
     aliases = load_aliases(config.aliases) if config.aliases else {}
     from postier.outbound.backup_mx import RelayDomains
+    from postier.outbound.srs import Srs
 
     relay = RelayDomains.from_config(config.relay_domain, config.relay_recipients)
-    policy = Policy(config.domain, users, aliases, config.recipient_delimiter, relay)
+    srs = Srs.from_file(config.srs_secret_file) if config.srs_secret_file else None
+    policy = Policy(config.domain, users, aliases, config.recipient_delimiter, relay, srs)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="postier-io")
     backend = make_backend(config)
     from postier.net.outbound import Outbound
@@ -72,7 +74,11 @@ def build_context(config: Config) -> ServerContext:
     outbound = Outbound(config, policy, backend, executor)
     # outbound.backend: the local backend with the transport routes of local domains applied.
     router = Router(
-        outbound.backend, executor, queue_commit=outbound.commit, queue_notify=outbound.notify
+        outbound.backend,
+        executor,
+        queue_commit=outbound.commit,
+        queue_notify=outbound.notify,
+        queue_forward=outbound.forward,
     )
     ctx = ServerContext(
         config=config,

@@ -22,12 +22,14 @@ from postier.delivery.base import (
     RecipientResult,
     Status,
     StoredMessage,
+    delivered,
     permanent,
 )
 from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
-from postier.policy import LocalTarget, Policy
+from postier.policy import LocalTarget, Policy, RemoteTarget
 from postier.protocol.address import Address
+from postier.queue.ids import new_queue_id
 from postier.queue.store import EntryExists, QueueStore
 
 if TYPE_CHECKING:
@@ -145,6 +147,33 @@ class Outbound:
         else:
             self.store.request_flush(queue_id)
 
+    def forward(self, message: StoredMessage, targets: Sequence[RemoteTarget]) -> list[str]:
+        """Blocking (thread pool): queue alias targets at remote domains, one entry per
+        forwarding domain, from that domain's SRS address (`outbound.srs`) when a secret is
+        set. The bytes are the received ones, not signed again: the original DKIM holds.
+
+        The new entries are announced through the queue's flush requests, which are safe
+        from any thread and process; the scheduler polls them every second."""
+        by_domain: dict[str, list[str]] = {}
+        for t in targets:
+            by_domain.setdefault(t.forwarded_by, []).append(str(t.address))
+        srs = self.policy.srs
+        # A sender of ours passes SPF from here already (as postsrsd's excluded domains).
+        ours = self.policy.is_local_domain(message.sender.rpartition("@")[2])
+        ids: list[str] = []
+        for domain, rcpts in by_domain.items():
+            rewrite = srs is not None and not ours
+            sender = srs.forward(message.sender, domain) if srs and rewrite else message.sender
+            copy = dataclasses.replace(
+                message, queue_id=new_queue_id(), sender=sender, dkim_sign=False
+            )
+            self.store.commit(copy, sender, rcpts)
+            self.store.request_flush(copy.queue_id)
+            log.event("forwarded", logger=_LOG, qid=message.queue_id, fwd_qid=copy.queue_id,
+                      sender=f"<{sender}>", to=",".join(rcpts), srs=rewrite)  # fmt: skip
+            ids.append(copy.queue_id)
+        return ids
+
     # ---- the scheduler's local delivery (bounces, retries of local recipients) -----------
     async def local_deliver(
         self, message: StoredMessage, recipients: Sequence[Recipient]
@@ -153,17 +182,24 @@ class Outbound:
         for r in recipients:
             local, _, domain = r.address.rpartition("@")
             targets = self.policy.resolve_local(local, domain) if local else None
-            locals_ = [t for t in targets or [] if isinstance(t, LocalTarget)]
-            if not targets or len(locals_) != len(targets):
-                results.append(
-                    permanent(r, "No such local user (or alias to a remote address)", 550, "5.1.1")
-                )
+            if not targets:
+                results.append(permanent(r, "No such local user", 550, "5.1.1"))
                 continue
-            rcpts = [t.recipient() for t in locals_]
-            sub = await self.backend.deliver(self.executor, message, rcpts)
-            worst = max(
-                sub, key=lambda x: (x.status is Status.TEMPORARY, x.status is Status.PERMANENT)
-            )
+            locals_ = [t for t in targets if isinstance(t, LocalTarget)]
+            remotes = [t for t in targets if isinstance(t, RemoteTarget)]
+            worst = delivered(r, "Forwarded")
+            if locals_:
+                sub = await self.backend.deliver(
+                    self.executor, message, [t.recipient() for t in locals_]
+                )
+                worst = max(
+                    sub, key=lambda x: (x.status is Status.TEMPORARY, x.status is Status.PERMANENT)
+                )
+            # Forward only once no retry of this recipient will come (no duplicates); an
+            # alias reached in a retry forwards like one reached in a session.
+            if remotes and worst.status is not Status.TEMPORARY:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.executor, self.forward, message, remotes)
             results.append(RecipientResult(r, worst.status, worst.code, worst.enhanced, worst.text))
         return results
 
