@@ -15,16 +15,19 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postier import log
 from postier.delivery.base import Recipient
 from postier.delivery.paths import validate_mailbox_name
 from postier.errors import ConfigError
 from postier.outbound.backup_mx import RelayDomains
-from postier.outbound.srs import Srs
 from postier.protocol import replies as R
 from postier.protocol.address import Address
 from postier.protocol.replies import Reply
+
+if TYPE_CHECKING:  # srslib is only imported where an SRS secret is configured
+    from postier.outbound.srs import Srs
 
 _LOG = logging.getLogger("postier.policy")
 

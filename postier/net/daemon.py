@@ -62,10 +62,13 @@ def build_context(config: Config) -> ServerContext:
     users = load_users(config.users, config.domain) if config.users else {}
     aliases = load_aliases(config.aliases) if config.aliases else {}
     from postier.outbound.backup_mx import RelayDomains
-    from postier.outbound.srs import Srs
 
     relay = RelayDomains.from_config(config.relay_domain, config.relay_recipients)
-    srs = Srs.from_file(config.srs_secret_file) if config.srs_secret_file else None
+    srs = None
+    if config.srs_secret_file is not None:
+        from postier.outbound.srs import Srs  # srslib, needed only with a secret
+
+        srs = Srs.from_file(config.srs_secret_file)
     policy = Policy(config.domain, users, aliases, config.recipient_delimiter, relay, srs)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="postier-io")
     backend = make_backend(config)
