@@ -86,6 +86,18 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         help="deliver DMARC p=reject failures (recorded) instead of answering 550 5.7.1",
     )
     p.add_argument("--smarthost", help="send all remote mail through HOST[:PORT]")
+    p.add_argument(
+        "--relay-domain", dest="relay_domain", action="append", help="backup MX for DOMAIN"
+    )
+    p.add_argument(
+        "--relay-recipients", dest="relay_recipients", help="valid recipients of relay domains"
+    )
+    p.add_argument(
+        "--outbound-family", dest="outbound_family", help="ipv4, ipv6 or both (outbound SMTP)"
+    )
+    p.add_argument(
+        "--outbound-bind", dest="outbound_bind", action="append", help="source ADDR (per family)"
+    )
     p.add_argument("--dkim-keys", dest="dkim_keys", help="DKIM keys: DIR/<domain>/<selector>.pem")
     p.add_argument("--workers", help="worker processes: N or auto (default auto, one per core)")
     p.add_argument(
@@ -151,6 +163,10 @@ _CONFIG_FLAGS = [
     "remote_port",
     "dmarc_reject",
     "smarthost",
+    "relay_domain",
+    "relay_recipients",
+    "outbound_family",
+    "outbound_bind",
     "dkim_keys",
     "tls_ca_file",
     "mta_sts_port",

@@ -68,6 +68,9 @@ class Config:
     # limits
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
+    # per authenticated user, shared by all workers (checks/sending_limits.py); 0: no limit
+    max_messages_per_hour: int = 1000
+    max_recipients_per_hour: int = 5000
     max_errors: int = 10
     max_connections: int = 1000
     max_connections_per_ip: int = 50
@@ -92,6 +95,13 @@ class Config:
     mta_sts: bool = True  # flag --no-mta-sts
     dane: bool = True  # flag --no-dane
     tls_policy: tuple[tuple[str, str], ...] = ()  # TOML table domain -> level
+    # routing (postier.outbound.routes, next_hop): fixed next hops, backup MX
+    routes: tuple[tuple[str, str], ...] = ()  # TOML table domain or .subdomain -> transport
+    relay_domain: tuple[str, ...] = ()  # we are a backup MX for these (--relay-domain)
+    relay_recipients: Path | None = None  # valid recipients of the relay domains; None: all
+    outbound_family: str = "both"  # ipv4, ipv6 or both: families for outbound SMTP
+    outbound_bind: tuple[str, ...] = ()  # source address per family; empty: the kernel's
+    srs_secret_file: Path | None = None  # SRS for forwarded mail (outbound/srs.py); None: off
     # inbound protection (checks run in this order: limits, DNSBL, RCPT policy, greylist,
     # end-of-data verdicts, rspamd); each is off until configured
     rspamd: str = ""  # rspamd's HTTP address, e.g. "http://127.0.0.1:11333"
@@ -121,9 +131,9 @@ DEFAULT_MX = (ListenSpec("", 25, "all"),)
 DEFAULT_LOCAL = (ListenSpec("127.0.0.1", 2525, "ip"),)
 
 # TOML key -> dataclass field, where they differ.
-_KEY_ALIASES = {"pass": "passwords", "domains": "domain"}
+_KEY_ALIASES = {"pass": "passwords", "domains": "domain", "relay_domains": "relay_domain"}
 _LISTENER_KEYS = ("mx", "local", "submission", "submissions")
-_STRING_LIST_KEYS = {"rspamd_listeners", "dnsbl", "greylist_allow_domains"}
+_STRING_LIST_KEYS = {"rspamd_listeners", "dnsbl", "greylist_allow_domains", "outbound_bind"}
 _PATH_KEYS = {
     "mail_root",
     "users",
@@ -135,9 +145,11 @@ _PATH_KEYS = {
     "tls_cert_dir",
     "dkim_keys",
     "tls_ca_file",
+    "relay_recipients",
+    "srs_secret_file",
 }
 # TOML tables that are values, not groups of keys.
-_TABLE_KEYS = {"tls_policy"}
+_TABLE_KEYS = {"tls_policy", "routes"}
 
 
 def _field_types() -> dict[str, Any]:
@@ -152,7 +164,7 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
     if key in _LISTENER_KEYS:
         items = value if isinstance(value, list | tuple) else [value]
         return tuple(parse_listen(str(v), where) for v in items)
-    if key == "domain":
+    if key in ("domain", "relay_domain"):
         items = value if isinstance(value, list | tuple) else [value]
         out = []
         for v in items:
@@ -175,6 +187,13 @@ def _coerce(key: str, value: Any, source: str, base_dir: Path | None) -> Any:
         from postier.outbound.tls_policy import parse_policy_table
 
         return tuple((k, v.value) for k, v in parse_policy_table(value, where).items())
+    if key == "routes":
+        from postier.outbound.routes import parse_routes_table
+
+        try:
+            return tuple((k, str(v)) for k, v in parse_routes_table(value, where).items())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if key in _STRING_LIST_KEYS:
         items = value if isinstance(value, list | tuple) else [value]
         if not all(isinstance(v, str) and v.strip() for v in items):
@@ -310,13 +329,19 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
     _validate_protection(cfg)
+    from postier.outbound.source import parse_binds
+
+    try:
+        parse_binds(cfg.outbound_bind, cfg.outbound_family, "outbound_family/outbound_bind")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if len(cfg.recipient_delimiter) > 1:
         raise ConfigError("recipient_delimiter: must be one character or empty")
     if cfg.inetd and cfg.inetd not in INETD_ROLES:
         raise ConfigError(f"--inetd: {cfg.inetd!r} is not one of {', '.join(INETD_ROLES)}")
     if cfg.inetd == "submission" and (cfg.tls_cert is None or cfg.passwords is None):
         raise ConfigError("--inetd submission needs --tls-cert, --tls-key and -P/--pass")
-    file_keys = ["users", "aliases", "passwords", "tls_ca_file"]
+    file_keys = ["users", "aliases", "passwords", "tls_ca_file", "relay_recipients"]
     if not cfg.tls_self_signed:
         file_keys += ["tls_cert", "tls_key"]
     for path_key in file_keys:
@@ -348,6 +373,8 @@ def _validate_protection(cfg: Config) -> None:
     if cfg.greylist_delay < 0 or cfg.greylist_expire <= cfg.greylist_delay:
         raise ConfigError("greylist_expire: must be longer than greylist_delay")
     for name in (
+        "max_messages_per_hour",
+        "max_recipients_per_hour",
         "client_connections_per_minute",
         "client_messages_per_minute",
         "client_recipients_per_minute",
@@ -364,7 +391,7 @@ def describe(cfg: Config) -> str:
         key = "pass" if f.name == "passwords" else f.name
         if f.name == "smarthost_password" and value:
             value = "********"
-        if f.name == "tls_policy":  # a TOML inline table, as it is written
+        if f.name in ("tls_policy", "routes"):  # a TOML inline table, as it is written
             shown = "{ " + ", ".join(f'"{k}" = "{v}"' for k, v in value) + " }"
         elif isinstance(value, tuple):
             shown = (

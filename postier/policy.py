@@ -15,14 +15,19 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postier import log
 from postier.delivery.base import Recipient
 from postier.delivery.paths import validate_mailbox_name
 from postier.errors import ConfigError
+from postier.outbound.backup_mx import RelayDomains
 from postier.protocol import replies as R
 from postier.protocol.address import Address
 from postier.protocol.replies import Reply
+
+if TYPE_CHECKING:  # srslib is only imported where an SRS secret is configured
+    from postier.outbound.srs import Srs
 
 _LOG = logging.getLogger("postier.policy")
 
@@ -51,6 +56,7 @@ class LocalTarget:
 @dataclass(frozen=True, slots=True)
 class RemoteTarget:
     address: Address  # a recipient to relay (or an alias target at a remote domain)
+    forwarded_by: str = ""  # the local domain whose alias forwards here (SRS rewrites)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +143,12 @@ class Policy:
         users: dict[str, LocalUser],
         aliases: dict[str, list[str]] | None = None,
         recipient_delimiter: str = "",  # the daemon passes Config's, "+" by default
+        relay: RelayDomains | None = None,
+        srs: Srs | None = None,
     ) -> None:
         self.domains = frozenset(d.lower() for d in domains)
+        self.relay = relay or RelayDomains(())  # we are a backup MX for these
+        self.srs = srs  # SRS: rewrite forwarded senders, take bounces back (outbound.srs)
         self.users = users
         self.aliases = aliases or {}
         self.delimiter = recipient_delimiter
@@ -242,7 +252,7 @@ class Policy:
             for t in targets:
                 t_local, _, t_domain = t.rpartition("@") if "@" in t else (t, "", domain)
                 if t_domain and t_domain not in self.domains:
-                    out.append(RemoteTarget(Address(t_local, t_domain)))
+                    out.append(RemoteTarget(Address(t_local, t_domain), forwarded_by=domain))
                     continue
                 if t_local == local and t_domain == domain:
                     user = self._find_user(t_local, t_domain)
@@ -288,11 +298,23 @@ class Policy:
                 return Rejection(R.NO_SUCH_USER, "no postmaster configured")
             return targets
         domain = self.local_domain_of(rcpt)
+        if domain is not None and self.srs is not None and self.srs.is_srs(rcpt.local):
+            back = self.srs.reverse(f"{rcpt.local}@{domain}")
+            if isinstance(back, Reply):
+                return Rejection(back, "forged or expired SRS address")
+            b_local, _, b_domain = back.rpartition("@")
+            back_rcpt = Address(b_local, b_domain)
+            if self.local_domain_of(back_rcpt) is not None:
+                return self.check_recipient(back_rcpt, may_relay=False)
+            return [RemoteTarget(back_rcpt, forwarded_by=domain)]
         if domain is not None:
             targets = self.resolve_local(rcpt.local, domain)
             if not targets:
                 return Rejection(R.NO_SUCH_USER, "unknown local user")
             return targets
+        if self.relay.covers(rcpt.domain):
+            refused = self.relay.refusal(str(rcpt))
+            return [RemoteTarget(rcpt)] if refused is None else Rejection(refused, "relay rcpt")
         if may_relay:
             return [RemoteTarget(rcpt)]
         return Rejection(R.RELAY_DENIED, "relay denied")

@@ -32,6 +32,7 @@ from postier.delivery.base import (
     StoredMessage,
 )
 from postier.inbound.transaction import Transaction
+from postier.policy import RemoteTarget
 from postier.protocol import replies as R
 from postier.protocol.address import Address
 from postier.protocol.dsn import wants_success
@@ -48,6 +49,10 @@ QueueNotify = Callable[[str], None]
 # Blocking: commit a "delivered" DSN (NOTIFY=SUCCESS) about a message still in the spool;
 # returns the report's queue id, None when there is nobody to tell (null sender).
 QueueReport = Callable[[StoredMessage, Sequence[DsnRecipient]], "str | None"]
+
+# Called with the finished message and the alias targets that forward it to remote addresses:
+# queues them under their own entry, with the sender SRS-rewritten (blocking, thread pool).
+QueueForward = Callable[[StoredMessage, Sequence[RemoteTarget]], object]
 # (results for the local recipients, whether anything went to the queue)
 Queued = tuple[list[RecipientResult], bool]
 # (the same, and the queue id of a "delivered" report committed for the sender, if any)
@@ -64,12 +69,14 @@ class Router:
         queue_commit: QueueCommit | None = None,
         queue_notify: QueueNotify | None = None,
         queue_report: QueueReport | None = None,
+        queue_forward: QueueForward | None = None,
     ) -> None:
         self.backend = backend
         self.executor = executor
         self.queue_commit = queue_commit
         self.queue_notify = queue_notify
         self.queue_report = queue_report
+        self.queue_forward = queue_forward
         self._store_and_deliver: Callable[[Transaction], Awaitable[Finished]]
         if isinstance(backend, FileDelivery):
             self._store_and_deliver = functools.partial(self._in_one_job, backend.backend)
@@ -105,9 +112,14 @@ class Router:
         assert writer is not None
         writer.finish()
         message = self._stored(txn)
-        if txn.remote:
+        forwards = [t for t in txn.remote if t.forwarded_by] if self.queue_forward else []
+        relayed = [t for t in txn.remote if t not in forwards]
+        if relayed:
             assert self.queue_commit is not None
-            self.queue_commit(message, [t.address for t in txn.remote])
+            self.queue_commit(message, [t.address for t in relayed])
+        if forwards:
+            assert self.queue_forward is not None
+            self.queue_forward(message, forwards)
         return message
 
     # ---- the two strategies --------------------------------------------------------------

@@ -87,11 +87,18 @@ class SpoolWriter:
         self._scanner = HeaderScanner(drop_field) if scan_headers or drop_field else None
         self._names: set[bytes] = self._scanner.names if self._scanner else set()
         self._late_drop: DropField | None = None  # applied to the stored header at rewrite
+        self._scanned = self._scanner  # kept after the header section, for its counts
 
     @property
     def header_names(self) -> frozenset[bytes]:
         """Lower-case names of the message's own header fields (with `scan_headers`)."""
         return frozenset(self._names)
+
+    @property
+    def received_count(self) -> int:
+        """`Received:` fields in the message's own header (with `scan_headers`; ours is
+        not among them): the hops it has made, for loop detection."""
+        return self._scanned.received if self._scanned is not None else 0
 
     @property
     def on_disk(self) -> bool:

@@ -54,13 +54,13 @@ def test_all_accept() -> None:
 
 def test_stages_are_sorted_once_and_empty_ones_stay_empty() -> None:
     chain = checks_for_role(MX, policy=POLICY, free_space=ROOMY_DISK, hostname="mx.test")
-    assert chain.names == ("low-disk",)
-    assert chain.mail and not chain.connect and not chain.rcpt and not chain.end_of_data
+    assert chain.names == ("low-disk", "hops")
+    assert chain.mail and not chain.connect and not chain.rcpt and len(chain.end_of_data) == 1
     sub = checks_for_role(SUBMISSION, policy=POLICY, free_space=ROOMY_DISK, hostname="mx.test")
-    assert sub.names == ("sender-ownership", "low-disk", "submission-headers")
-    assert len(sub.mail) == 2 and len(sub.end_of_data) == 1
+    assert sub.names == ("sender-ownership", "low-disk", "submission-headers", "hops")
+    assert len(sub.mail) == 2 and len(sub.end_of_data) == 2
     local = checks_for_role(LOCAL, policy=POLICY, free_space=ROOMY_DISK, hostname="mx.test")
-    assert local.names == ("low-disk",)
+    assert local.names == ("low-disk", "hops")
 
 
 def test_a_check_without_a_stage_is_refused() -> None:

@@ -53,6 +53,11 @@ class ReceivedMessage(Protocol):
         """Lower-case names of the fields in the message's header section."""
         ...
 
+    @property
+    def received_count(self) -> int:
+        """`Received:` fields in the message's own header section (hops so far)."""
+        ...
+
     async def stored(self) -> StoredMessage:
         """The complete spool file, to read (written on first call, in the thread pool).
 

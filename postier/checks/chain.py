@@ -5,8 +5,10 @@ from __future__ import annotations
 from postier.checks.base import Check, CheckChain
 from postier.checks.defences import content_checks, door_checks
 from postier.checks.disk import FreeSpace, LowDiskSpace
+from postier.checks.hops import HopCount
 from postier.checks.protection import Protection
 from postier.checks.sender import SenderOwnership
+from postier.checks.sending_limits import SendingLimits
 from postier.checks.submission import SubmissionHeaders
 from postier.net.roles import Role
 from postier.policy import Policy
@@ -20,6 +22,7 @@ def checks_for_role(
     hostname: str,
     mailauth: Check | None = None,
     protection: Protection | None = None,
+    sending_limits: SendingLimits | None = None,
 ) -> CheckChain:
     """The chain of one listener role.
 
@@ -32,10 +35,13 @@ def checks_for_role(
     if role.offers_auth:
         checks.append(SenderOwnership(policy))
     checks.append(LowDiskSpace(free_space))
+    if role.offers_auth and sending_limits is not None:
+        checks.append(sending_limits)  # after the disk check: a 452 uses no allowance
     if role.offers_auth:
         checks.append(SubmissionHeaders(hostname))
+    checks.append(HopCount())  # a mail loop, on every listener: before the costly checks
     if role.name == "mx" and mailauth is not None:
-        checks.append(mailauth)  # SPF/DKIM/DMARC (checks/mailauth.py): last, it costs most
+        checks.append(mailauth)  # SPF/DKIM/DMARC (checks/mailauth.py), then rspamd
     if protection is not None:  # rspamd: the last end-of-data check
         checks += content_checks(role, protection, hostname)
     return CheckChain(checks)

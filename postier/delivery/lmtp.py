@@ -80,11 +80,12 @@ class ClientStream:
     @classmethod
     async def open(
         cls, host: str, port: int, timeout: float, *, tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
+        server_hostname: str | None = None, local_addr: tuple[str, int] | None = None,
     ) -> ClientStream:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(
-                host, port, ssl=tls, server_hostname=server_hostname if tls else None
+                host, port, ssl=tls, server_hostname=server_hostname if tls else None,
+                local_addr=local_addr,
             )
         stream = cls(reader, writer)
         stream.tls = tls is not None

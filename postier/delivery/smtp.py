@@ -39,6 +39,7 @@ from postier.dns import Resolver, is_ip_address
 from postier.errors import DeliveryError
 from postier.log import event
 from postier.outbound import dane, requiretls
+from postier.outbound.source import OutboundSource
 from postier.outbound.tls_policy import (
     OPPORTUNISTIC,
     DomainTls,
@@ -112,6 +113,7 @@ class SmtpRelay:
         # MX hosts under `verify` or MTA-STS: chain and MX name, against ca_file or the system.
         self.verify_context = client_context(verify=True, ca_file=ca_file)
         self.tls_policy = tls_policy or TlsPolicy()
+        self.source = OutboundSource()  # families and source addresses (outbound.source)
 
     def session(self, domain: str) -> RelaySession:
         return RelaySession(self, domain)
@@ -256,7 +258,7 @@ class RelaySession:
         for host in hosts:
             try:
                 host_tls = await self._host_tls(qid, domain_tls, host)
-                addresses = await self._addresses(host, port)
+                addresses = self.relay.source.usable(host, await self._addresses(host, port))
             except DeliveryError as exc:
                 event("route_failed", logger=log, qid=qid, host=host, reason=str(exc))
                 errors.append(exc)
@@ -290,7 +292,8 @@ class RelaySession:
         try:
             stream = await ClientStream.open(self.address, self.port, t.connect,
                                              tls=relay.tls_context if implicit else None,
-                                             server_hostname=sni or self.address)
+                                             server_hostname=sni or self.address,
+                                             local_addr=relay.source.local_addr(self.address))
         except TimeoutError:
             raise _host_failure(f"connect to {self.peer}: timeout") from None
         except OSError as exc:

@@ -327,6 +327,10 @@ class _SpooledMessage:
     def header_names(self) -> frozenset[bytes]:
         return self._writer.header_names
 
+    @property
+    def received_count(self) -> int:
+        return self._writer.received_count
+
     async def stored(self) -> StoredMessage:
         if self._stored is None:
             writer = self._writer

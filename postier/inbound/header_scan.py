@@ -27,11 +27,21 @@ MAX_HELD_FIELD = 64 * 1024
 
 
 class HeaderScanner:
-    __slots__ = ("_decided", "_dropping", "_held", "_partial", "done", "drop", "names")
+    __slots__ = (
+        "_decided",
+        "_dropping",
+        "_held",
+        "_partial",
+        "done",
+        "drop",
+        "names",
+        "received",
+    )
 
     def __init__(self, drop: DropField | None = None) -> None:
         self.drop = drop
         self.names: set[bytes] = set()  # field names seen, lower-case
+        self.received = 0  # Received: fields seen (hops so far; loop detection)
         self.done = False  # the empty line that ends the header section has passed
         self._held = bytearray()  # the current field (complete lines), not yet decided
         self._partial = False  # _held ends inside a line (a piece of a very long line)
@@ -94,4 +104,6 @@ class HeaderScanner:
         field = bytes(self._held).rstrip(b"\n")
         name = field.split(b":", 1)[0].strip().lower()
         self.names.add(name)
+        if name == b"received":
+            self.received += 1
         return self.drop is not None and self.drop(name, field.replace(b"\n", b""))

@@ -18,6 +18,7 @@ from postier.checks.chain import checks_for_role
 from postier.checks.disk import FreeSpace
 from postier.checks.mailauth import MessageAuthentication, foreign_results_filter
 from postier.checks.protection import Protection
+from postier.checks.sending_limits import sending_limits
 from postier.config import Config
 from postier.inbound.handler import InboundHandler, InboundSettings, ProtocolState
 from postier.inbound.peer import Peer
@@ -139,6 +140,11 @@ class ServerContext:
                 hostname=self.config.hostname,
                 mailauth=self._mailauth() if role.name == "mx" else None,
                 protection=self._protection,
+                sending_limits=sending_limits(
+                    self.config.queue_dir,
+                    self.config.max_messages_per_hour,
+                    self.config.max_recipients_per_hour,
+                ),
             )
             self._chains[role.name] = chain
         return chain

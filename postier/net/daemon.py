@@ -61,18 +61,28 @@ def build_context(config: Config) -> ServerContext:
     """Load everything a worker needs; ConfigError on anything wrong."""
     users = load_users(config.users, config.domain) if config.users else {}
     aliases = load_aliases(config.aliases) if config.aliases else {}
-    policy = Policy(config.domain, users, aliases, config.recipient_delimiter)
+    from postier.outbound.backup_mx import RelayDomains
+
+    relay = RelayDomains.from_config(config.relay_domain, config.relay_recipients)
+    srs = None
+    if config.srs_secret_file is not None:
+        from postier.outbound.srs import Srs  # srslib, needed only with a secret
+
+        srs = Srs.from_file(config.srs_secret_file)
+    policy = Policy(config.domain, users, aliases, config.recipient_delimiter, relay, srs)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="postier-io")
     backend = make_backend(config)
     from postier.net.outbound import Outbound
 
     outbound = Outbound(config, policy, backend, executor)
+    # outbound.backend: the local backend with the transport routes of local domains applied.
     router = Router(
-        backend,
+        outbound.backend,
         executor,
         queue_commit=outbound.commit,
         queue_notify=outbound.notify,
         queue_report=outbound.report_delivered,
+        queue_forward=outbound.forward,
     )
     ctx = ServerContext(
         config=config,

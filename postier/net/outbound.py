@@ -21,20 +21,22 @@ from postier.delivery.base import (
     LocalDelivery,
     Recipient,
     RecipientResult,
-    Relay,
     Status,
     StoredMessage,
+    delivered,
     permanent,
 )
 from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
 from postier.outbound.tlsrpt_send import start_tls_reports
-from postier.policy import LocalTarget, Policy
+from postier.policy import LocalTarget, Policy, RemoteTarget
 from postier.protocol.address import Address
 from postier.queue.bounce import DsnRecipient, queue_delivered_report
+from postier.queue.ids import new_queue_id
 from postier.queue.store import EntryExists, QueueStore
 
 if TYPE_CHECKING:
+    from postier.delivery.smtp import SmtpRelay
     from postier.dns import Resolver
     from postier.queue.scheduler import Scheduler
 
@@ -54,7 +56,7 @@ def make_resolver(config: Config) -> Resolver:
     return Resolver(ip, port)
 
 
-def make_relay(config: Config) -> Relay:
+def make_relay(config: Config) -> SmtpRelay:
     from postier.delivery.smtp import Smarthost, SmtpRelay
 
     resolver = make_resolver(config)
@@ -70,9 +72,10 @@ def make_relay(config: Config) -> Relay:
         except ValueError as exc:
             raise ConfigError(f"--smarthost: {config.smarthost!r}: {exc}") from None
     from postier.outbound.setup import make_tls_policy
+    from postier.outbound.source import OutboundSource, parse_binds
 
     ca_file = str(config.tls_ca_file) if config.tls_ca_file else None
-    return SmtpRelay(
+    relay = SmtpRelay(
         config.hostname,
         resolver=resolver,
         remote_port=config.remote_port,
@@ -80,6 +83,9 @@ def make_relay(config: Config) -> Relay:
         tls_policy=make_tls_policy(config, resolver),
         ca_file=ca_file,
     )
+    family = config.outbound_family
+    relay.source = OutboundSource(family, parse_binds(config.outbound_bind, family, "bind"))
+    return relay
 
 
 class Outbound:
@@ -96,6 +102,17 @@ class Outbound:
         if config.dkim_keys is not None:
             self.dkim = DkimSigner(config.dkim_keys, policy.is_local_domain)
         self.relay = make_relay(config)
+        from postier.outbound.next_hop import NextHops, route_local
+        from postier.outbound.routes import RouteTable
+
+        self.next_hops = NextHops(
+            self.relay,
+            self.relay.resolver,
+            hostname=config.hostname,
+            routes=RouteTable.from_config(config.routes),
+            relay_domains=config.relay_domain,
+        )
+        self.backend = route_local(backend, self.next_hops, executor, policy.domains)
         self.scheduler: Scheduler | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
         self._reports_task: asyncio.Task[None] | None = None  # TLS-RPT, once a day
@@ -165,6 +182,33 @@ class Outbound:
         else:
             self.store.request_flush(queue_id)
 
+    def forward(self, message: StoredMessage, targets: Sequence[RemoteTarget]) -> list[str]:
+        """Blocking (thread pool): queue alias targets at remote domains, one entry per
+        forwarding domain, from that domain's SRS address (`outbound.srs`) when a secret is
+        set. The bytes are the received ones, not signed again: the original DKIM holds.
+
+        The new entries are announced through the queue's flush requests, which are safe
+        from any thread and process; the scheduler polls them every second."""
+        by_domain: dict[str, list[str]] = {}
+        for t in targets:
+            by_domain.setdefault(t.forwarded_by, []).append(str(t.address))
+        srs = self.policy.srs
+        # A sender of ours passes SPF from here already (as postsrsd's excluded domains).
+        ours = self.policy.is_local_domain(message.sender.rpartition("@")[2])
+        ids: list[str] = []
+        for domain, rcpts in by_domain.items():
+            rewrite = srs is not None and not ours
+            sender = srs.forward(message.sender, domain) if srs and rewrite else message.sender
+            copy = dataclasses.replace(
+                message, queue_id=new_queue_id(), sender=sender, dkim_sign=False
+            )
+            self.store.commit(copy, sender, rcpts)
+            self.store.request_flush(copy.queue_id)
+            log.event("forwarded", logger=_LOG, qid=message.queue_id, fwd_qid=copy.queue_id,
+                      sender=f"<{sender}>", to=",".join(rcpts), srs=rewrite)  # fmt: skip
+            ids.append(copy.queue_id)
+        return ids
+
     # ---- the scheduler's local delivery (bounces, retries of local recipients) -----------
     async def local_deliver(
         self, message: StoredMessage, recipients: Sequence[Recipient]
@@ -173,17 +217,24 @@ class Outbound:
         for r in recipients:
             local, _, domain = r.address.rpartition("@")
             targets = self.policy.resolve_local(local, domain) if local else None
-            locals_ = [t for t in targets or [] if isinstance(t, LocalTarget)]
-            if not targets or len(locals_) != len(targets):
-                results.append(
-                    permanent(r, "No such local user (or alias to a remote address)", 550, "5.1.1")
-                )
+            if not targets:
+                results.append(permanent(r, "No such local user", 550, "5.1.1"))
                 continue
-            rcpts = [t.recipient() for t in locals_]
-            sub = await self.backend.deliver(self.executor, message, rcpts)
-            worst = max(
-                sub, key=lambda x: (x.status is Status.TEMPORARY, x.status is Status.PERMANENT)
-            )
+            locals_ = [t for t in targets if isinstance(t, LocalTarget)]
+            remotes = [t for t in targets if isinstance(t, RemoteTarget)]
+            worst = delivered(r, "Forwarded")
+            if locals_:
+                sub = await self.backend.deliver(
+                    self.executor, message, [t.recipient() for t in locals_]
+                )
+                worst = max(
+                    sub, key=lambda x: (x.status is Status.TEMPORARY, x.status is Status.PERMANENT)
+                )
+            # Forward only once no retry of this recipient will come (no duplicates); an
+            # alias reached in a retry forwards like one reached in a session.
+            if remotes and worst.status is not Status.TEMPORARY:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.executor, self.forward, message, remotes)
             results.append(RecipientResult(r, worst.status, worst.code, worst.enhanced, worst.text))
         return results
 
@@ -203,10 +254,9 @@ class Outbound:
         from postier.queue.scheduler import Scheduler
 
         cfg = self.config
-        relay = self.relay
         scheduler = Scheduler(
             self.store,
-            lambda domain: relay,
+            self.next_hops.backend_for,
             hostname=cfg.hostname,
             schedule=cfg.retry_schedule,
             max_age=cfg.max_queue_age,
@@ -214,7 +264,10 @@ class Outbound:
             per_destination_limit=cfg.per_destination_limit,
             executor=self.executor,
             local_deliver=self.local_deliver,
-            is_local=lambda d: self.policy.is_local_domain(d),
+            # A local domain with an smtp: route leaves through the queue's relay.
+            is_local=lambda d: (
+                self.policy.is_local_domain(d) and not self.next_hops.is_routed_local(d)
+            ),
             sign_own=self.sign_own,
         )
         self.scheduler = scheduler

@@ -25,6 +25,7 @@ from postier.ops.doctor_host import (
 )
 from postier.ops.doctor_problem import Problem, dns_problem
 from postier.ops.records import certificate_path, dkim_keys_dir, our_addresses
+from postier.outbound.source import sending_addresses
 
 __all__ = ["diagnose"]
 
@@ -61,7 +62,9 @@ async def diagnose(
     early: list[Problem] = []
     if addresses:
         checks.append(check_addresses(host, lookup))
-        checks.extend(check_ptr(host, lookup, address) for address in addresses)
+        # PTR matters where mail leaves from: the outbound families and bind addresses.
+        sending = sending_addresses(config.outbound_family, config.outbound_bind, addresses)
+        checks.extend(check_ptr(host, lookup, address) for address in sending)
     else:
         early.append(
             Problem(

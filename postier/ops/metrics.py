@@ -70,6 +70,9 @@ class MetricsObserver:
             "auth_verdicts", "Inbound SPF, DKIM (per signature) and DMARC verdicts on mx",
             ("method", "result"),
         )  # fmt: skip
+        self.user_limits = counter(
+            "user_limit_refusals", "MAIL or RCPT refused by a per-user hourly limit", ("limit",)
+        )
         # For `postier status`: accepted messages in the last minute and hour (a counter's
         # rate needs two scrapes; this gauge needs one). Refreshed by refresh_recent().
         self.recent = Gauge(
@@ -186,6 +189,7 @@ class MetricsObserver:
             for result in str(kv.get(method, "")).split(","):
                 if result:
                     self.auth_verdicts.labels(method, result).inc()
+
     def _on_client_rate_limited(self, kv: dict[str, object]) -> None:
         self.rate_limited.labels(str(kv.get("kind", "unknown"))).inc()
 
@@ -203,6 +207,9 @@ class MetricsObserver:
 
     def _on_rspamd_unavailable(self, kv: dict[str, object]) -> None:
         self.rspamd_unavailable.labels(str(kv.get("fail_open", False)).lower()).inc()
+
+    def _on_user_limit(self, kv: dict[str, object]) -> None:
+        self.user_limits.labels(str(kv.get("limit", "unknown"))).inc()
 
     _handlers = {
         "connect": _on_connect,
@@ -222,6 +229,7 @@ class MetricsObserver:
         "greylisted": _on_greylisted,
         "rspamd-scanned": _on_rspamd_scanned,
         "rspamd-unavailable": _on_rspamd_unavailable,
+        "user-limit": _on_user_limit,
     }
 
 

@@ -76,6 +76,8 @@ def _swap_policy(ctx: ServerContext, users: dict | None, aliases: dict | None) -
         old.users if users is None else users,
         old.aliases if aliases is None else aliases,
         ctx.config.recipient_delimiter,
+        old.relay,
+        old.srs,
     )
     ctx.replace_policy(policy)
 

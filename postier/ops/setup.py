@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -112,6 +113,7 @@ def _config_text(args: argparse.Namespace, domain: str, host: str, tls: tuple[st
         f'tls_key = "{tls[1]}"',
     ]
     lines.append('dkim_keys = "dkim"')
+    lines.append('srs_secret_file = "srs-secret"  # forwarded mail keeps passing SPF')
     for role, default in LISTENERS.items():
         lines.append(f"{role} = {_toml_list(getattr(args, role) or default)}")
     return "\n".join(lines) + "\n"
@@ -204,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         f"# alias: target, target\npostmaster@{domain}: {address}\nabuse@{domain}: {address}\n",
     )
     _dkim_keys(out, directory / "dkim", domain)
+    out.write(directory / "srs-secret", secrets.token_urlsafe(32) + "\n", 0o600)
     tls, tls_note = _tls(out, args, host)
     conf = directory / "postier.toml"
     out.write(conf, _config_text(args, domain, host, tls))
