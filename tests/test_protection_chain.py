@@ -50,14 +50,14 @@ def chain(role, protection: Protection) -> CheckChain:  # type: ignore[no-untype
 
 def test_mx_order_is_limits_dnsbl_greylist_then_rspamd_last(tmp_path: Path) -> None:
     names = chain(MX, everything(tmp_path)).names
-    assert names == ("client-rate-limits", "dnsbl", "greylist", "low-disk", "rspamd")
+    assert names == ("client-rate-limits", "dnsbl", "greylist", "low-disk", "hops", "rspamd")
 
 
 def test_submission_is_scanned_but_not_limited_and_listeners_are_configurable(
     tmp_path: Path,
 ) -> None:
     names = chain(SUBMISSION, everything(tmp_path)).names
-    assert names == ("sender-ownership", "low-disk", "submission-headers", "rspamd")
+    assert names == ("sender-ownership", "low-disk", "submission-headers", "hops", "rspamd")
     assert "rspamd" not in chain(LOCAL, everything(tmp_path)).names
     mx_only = everything(tmp_path, rspamd_listeners=("mx",))
     assert "rspamd" not in chain(SUBMISSION, mx_only).names
@@ -66,7 +66,7 @@ def test_submission_is_scanned_but_not_limited_and_listeners_are_configurable(
 
 def test_nothing_configured_adds_nothing(tmp_path: Path) -> None:
     protection = Protection.from_config(Config(queue_dir=tmp_path))
-    assert chain(MX, protection).names == ("low-disk",)
+    assert chain(MX, protection).names == ("low-disk", "hops")
 
 
 class _Fixed:
