@@ -77,7 +77,7 @@ def check_output(out: bytes) -> None:
     pos = 0
     while pos < len(out):
         m = REPLY_LINE.match(out, pos)
-        check(m is not None, f"malformed reply bytes at {pos}: {out[pos:pos + 80]!r}")
+        check(m is not None, f"malformed reply bytes at {pos}: {out[pos : pos + 80]!r}")
         assert m is not None
         check(int(out[pos : pos + 3]) in KNOWN_CODES, f"unexpected code: {m.group()!r}")
         pos = m.end()
@@ -193,10 +193,20 @@ SEEDS: list[list[bytes]] = [
         b"x" * 500,
         b"\r\n.\r\n",
     ],
-    [b"EHLO c.example\r\n", b"STARTTLS\r\n", b"MAIL FROM:<evil@x.example>\r\n",
-     b"EHLO c.example\r\n", b"MAIL FROM:<a@b.example>\r\n"],
-    [b"EHLO c.example\r\n", b"AUTH PLAIN\r\n", b"AGFsaWNlAHNlY3JldA==\r\n",
-     b"AUTH LOGIN YWxpY2U=\r\n", b"*\r\n"],
+    [
+        b"EHLO c.example\r\n",
+        b"STARTTLS\r\n",
+        b"MAIL FROM:<evil@x.example>\r\n",
+        b"EHLO c.example\r\n",
+        b"MAIL FROM:<a@b.example>\r\n",
+    ],
+    [
+        b"EHLO c.example\r\n",
+        b"AUTH PLAIN\r\n",
+        b"AGFsaWNlAHNlY3JldA==\r\n",
+        b"AUTH LOGIN YWxpY2U=\r\n",
+        b"*\r\n",
+    ],
     [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"],
     [b"EHLO c.example\r\n", b"BDAT 10 LAST\r\n0123456789"],
     [b"NOOP " + b"x" * 590, b"y" * 590, b"\r\nEHLO c.example\r\n"],

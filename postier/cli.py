@@ -57,9 +57,7 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-u", "--users", help="local users file: lines 'address [mailbox]'")
     p.add_argument("-a", "--aliases", help="aliases file: lines 'alias: target, target'")
     # "-pass FILE" is the seeds' own spelling; argparse matches it exactly before "-P".
-    p.add_argument(
-        "-P", "--pass", "-pass", dest="passwords", help="credentials for SMTP AUTH"
-    )
+    p.add_argument("-P", "--pass", "-pass", dest="passwords", help="credentials for SMTP AUTH")
     p.add_argument("-Q", "--queue-dir", dest="queue_dir", help="the durable outbound queue")
     for role, text in (
         ("mx", "inbound listener ADDR:PORT (repeatable)"),

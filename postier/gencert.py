@@ -52,14 +52,20 @@ def _normalise_hostname(hostname: str) -> str:
         raise ValueError(f"{hostname!r} is not a valid host name ({exc})") from exc
     labels = ascii_name.split(".")
     for label in labels:
-        if not label or len(label) > 63 or label.startswith("-") or label.endswith("-") \
-                or not all(c.isalnum() or c == "-" for c in label):
+        if (
+            not label
+            or len(label) > 63
+            or label.startswith("-")
+            or label.endswith("-")
+            or not all(c.isalnum() or c == "-" for c in label)
+        ):
             raise ValueError(f"{hostname!r} is not a valid host name")
     return ascii_name
 
 
-def make_self_signed(hostname: str, *, days: int = DEFAULT_DAYS,
-                     key_type: str = "ecdsa") -> tuple[bytes, bytes]:
+def make_self_signed(
+    hostname: str, *, days: int = DEFAULT_DAYS, key_type: str = "ecdsa"
+) -> tuple[bytes, bytes]:
     """(certificate PEM, private key PEM) for `hostname`, also valid for localhost and loopback.
 
     The loopback names are there so local programs (and tests) can connect by address.
@@ -82,10 +88,17 @@ def make_self_signed(hostname: str, *, days: int = DEFAULT_DAYS,
             alt.append(general)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
-    usage = x509.KeyUsage(digital_signature=True, key_encipherment=key_type == "rsa",
-                          content_commitment=False, data_encipherment=False,
-                          key_agreement=False, key_cert_sign=False, crl_sign=False,
-                          encipher_only=False, decipher_only=False)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        key_encipherment=key_type == "rsa",
+        content_commitment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -98,14 +111,18 @@ def make_self_signed(hostname: str, *, days: int = DEFAULT_DAYS,
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(usage, critical=True)
         # clientAuth too: the same pair may identify postier when it relays to a peer.
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
@@ -136,8 +153,15 @@ def _write_atomically(path: Path, data: bytes, mode: int, *, overwrite: bool) ->
         os.close(dir_fd)
 
 
-def write_pair(cert_path: Path, key_path: Path, hostname: str, *, days: int = DEFAULT_DAYS,
-               key_type: str = "ecdsa", overwrite: bool = False) -> None:
+def write_pair(
+    cert_path: Path,
+    key_path: Path,
+    hostname: str,
+    *,
+    days: int = DEFAULT_DAYS,
+    key_type: str = "ecdsa",
+    overwrite: bool = False,
+) -> None:
     """Generate and write a pair; FileExistsError if a file exists and overwrite is False."""
     if not overwrite:
         for path in (cert_path, key_path):
@@ -150,8 +174,9 @@ def write_pair(cert_path: Path, key_path: Path, hostname: str, *, days: int = DE
     _write_atomically(cert_path, cert_pem, 0o644, overwrite=overwrite)
 
 
-def ensure_self_signed(cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str],
-                       hostname: str) -> bool:
+def ensure_self_signed(
+    cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str], hostname: str
+) -> bool:
     """Create a self-signed pair unless both files exist; True when it wrote them.
 
     One file without the other is most likely a real certificate whose key went elsewhere:
@@ -163,8 +188,10 @@ def ensure_self_signed(cert_path: str | os.PathLike[str], key_path: str | os.Pat
         return False
     if present:
         missing = key if present[0] == cert else cert
-        raise ConfigError(f"{present[0]} exists but {missing} does not; "
-                          "give both files of the pair, or remove the one that is there")
+        raise ConfigError(
+            f"{present[0]} exists but {missing} does not; "
+            "give both files of the pair, or remove the one that is there"
+        )
     try:
         write_pair(cert, key, hostname)
     except FileExistsError:  # another process created them first: theirs is as good
@@ -172,26 +199,51 @@ def ensure_self_signed(cert_path: str | os.PathLike[str], key_path: str | os.Pat
     except ValueError as exc:
         raise ConfigError(f"hostname: {exc}") from exc
     except OSError as exc:
-        raise ConfigError(f"{exc.filename or cert}: cannot write the self-signed "
-                          f"certificate: {exc.strerror or exc}") from exc
+        raise ConfigError(
+            f"{exc.filename or cert}: cannot write the self-signed "
+            f"certificate: {exc.strerror or exc}"
+        ) from exc
     return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the gen-cert options on the subcommand's parser."""
-    parser.add_argument("hostname", metavar="HOSTNAME",
-                        help="the name peers connect to (the server's -H name)")
-    parser.add_argument("-o", "--output-dir", metavar="DIR", default=None,
-                        help=f"write DIR/{CHAIN_NAME} and DIR/{KEY_NAME} (certbot's layout, "
-                             "so DIR can also sit in a certificate directory); default: .")
-    parser.add_argument("--cert", metavar="FILE", default=None,
-                        help="certificate file to write (with --key, instead of -o)")
-    parser.add_argument("--key", metavar="FILE", default=None,
-                        help="private key file to write, mode 0600 (with --cert)")
-    parser.add_argument("--days", type=int, default=DEFAULT_DAYS, metavar="N",
-                        help=f"validity in days (default {DEFAULT_DAYS})")
-    parser.add_argument("--key-type", choices=("ecdsa", "rsa"), default="ecdsa",
-                        help="ECDSA P-256 (default, fast) or RSA 2048")
+    parser.add_argument(
+        "hostname", metavar="HOSTNAME", help="the name peers connect to (the server's -H name)"
+    )
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        metavar="DIR",
+        default=None,
+        help=f"write DIR/{CHAIN_NAME} and DIR/{KEY_NAME} (certbot's layout, "
+        "so DIR can also sit in a certificate directory); default: .",
+    )
+    parser.add_argument(
+        "--cert",
+        metavar="FILE",
+        default=None,
+        help="certificate file to write (with --key, instead of -o)",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        default=None,
+        help="private key file to write, mode 0600 (with --cert)",
+    )
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=DEFAULT_DAYS,
+        metavar="N",
+        help=f"validity in days (default {DEFAULT_DAYS})",
+    )
+    parser.add_argument(
+        "--key-type",
+        choices=("ecdsa", "rsa"),
+        default="ecdsa",
+        help="ECDSA P-256 (default, fast) or RSA 2048",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
@@ -220,17 +272,28 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.output_dir or ".")
         cert_path, key_path = out / CHAIN_NAME, out / KEY_NAME
     try:
-        write_pair(cert_path, key_path, args.hostname, days=args.days,
-                   key_type=args.key_type, overwrite=args.force)
+        write_pair(
+            cert_path,
+            key_path,
+            args.hostname,
+            days=args.days,
+            key_type=args.key_type,
+            overwrite=args.force,
+        )
     except FileExistsError as exc:
-        print(f"postier gen-cert: {exc.filename} already exists; "
-              "use --force to replace it", file=sys.stderr)
+        print(
+            f"postier gen-cert: {exc.filename} already exists; use --force to replace it",
+            file=sys.stderr,
+        )
         return 1
     except OSError as exc:
-        print(f"postier gen-cert: {exc.filename or cert_path}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"postier gen-cert: {exc.filename or cert_path}: {exc.strerror or exc}", file=sys.stderr
+        )
         return 1
-    print(f"wrote certificate {cert_path} (self-signed, {args.key_type}, "
-          f"{args.days} days, for {args.hostname}, localhost, 127.0.0.1, ::1)")
+    print(
+        f"wrote certificate {cert_path} (self-signed, {args.key_type}, "
+        f"{args.days} days, for {args.hostname}, localhost, 127.0.0.1, ::1)"
+    )
     print(f"wrote private key {key_path} (mode 0600)")
     return 0

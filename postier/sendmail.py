@@ -54,25 +54,58 @@ class SendmailError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The sendmail options (the lead's cli.py calls this for `postier sendmail`)."""
-    parser.add_argument("-t", dest="extract", action="store_true",
-                        help="also send to the To, Cc and Bcc addresses; remove Bcc")
-    parser.add_argument("-i", dest="ignore_dots", action="store_true",
-                        help="a line with a single dot does not end the message")
-    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
-                        help="sendmail options; -oi is -i, the others are ignored")
-    parser.add_argument("-f", "-r", dest="sender", metavar="SENDER",
-                        help="envelope sender (default: your login name); '<>' for none")
-    parser.add_argument("-F", dest="full_name", metavar="NAME",
-                        help="full name for an added From: header")
-    parser.add_argument("-b", dest="mode", default="m", metavar="MODE",
-                        help="only -bm (the default: read a message) is supported")
+    parser.add_argument(
+        "-t",
+        dest="extract",
+        action="store_true",
+        help="also send to the To, Cc and Bcc addresses; remove Bcc",
+    )
+    parser.add_argument(
+        "-i",
+        dest="ignore_dots",
+        action="store_true",
+        help="a line with a single dot does not end the message",
+    )
+    parser.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="sendmail options; -oi is -i, the others are ignored",
+    )
+    parser.add_argument(
+        "-f",
+        "-r",
+        dest="sender",
+        metavar="SENDER",
+        help="envelope sender (default: your login name); '<>' for none",
+    )
+    parser.add_argument(
+        "-F", dest="full_name", metavar="NAME", help="full name for an added From: header"
+    )
+    parser.add_argument(
+        "-b",
+        dest="mode",
+        default="m",
+        metavar="MODE",
+        help="only -bm (the default: read a message) is supported",
+    )
     parser.add_argument("-B", dest="body_type", help=argparse.SUPPRESS)
     parser.add_argument("-N", dest="dsn_notify", help=argparse.SUPPRESS)
     parser.add_argument("-v", dest="verbose", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("-Q", "--queue-dir", default=None, metavar="DIR",
-                        help=f"the queue directory (default {DEFAULT_QUEUE_DIR})")
-    parser.add_argument("--hostname", default=None,
-                        help="domain for unqualified addresses (default: this host's FQDN)")
+    parser.add_argument(
+        "-Q",
+        "--queue-dir",
+        default=None,
+        metavar="DIR",
+        help=f"the queue directory (default {DEFAULT_QUEUE_DIR})",
+    )
+    parser.add_argument(
+        "--hostname",
+        default=None,
+        help="domain for unqualified addresses (default: this host's FQDN)",
+    )
     parser.add_argument("recipients", nargs="*", metavar="RECIPIENT")
 
 
@@ -184,8 +217,7 @@ def submit(args: argparse.Namespace, stdin: BinaryIO) -> str:
 
     def write_body(f: IO[bytes]) -> None:
         size = 0
-        for chunk in ([b"".join(fl) for fl in fields] + [a.encode() for a in added]
-                      + [b"\n"]):
+        for chunk in [b"".join(fl) for fl in fields] + [a.encode() for a in added] + [b"\n"]:
             f.write(chunk)
             size += len(chunk)
         for piece in itertools.chain(body_start, lines):
@@ -199,18 +231,22 @@ def submit(args: argparse.Namespace, stdin: BinaryIO) -> str:
         try:
             ensure_maildrop_dir(directory)
         except OSError as exc:
-            raise SendmailError(f"{maildrop_dir(directory)}: {exc.strerror or exc} (has the "
-                                "daemon run once?)", EX_CANTCREAT) from None
+            raise SendmailError(
+                f"{maildrop_dir(directory)}: {exc.strerror or exc} (has the daemon run once?)",
+                EX_CANTCREAT,
+            ) from None
     try:
         return drop(directory, sender, recipients, write_body)
     except OSError as exc:
         code = EX_TEMPFAIL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EX_CANTCREAT
-        raise SendmailError(f"cannot write to {maildrop_dir(directory)}: "
-                            f"{exc.strerror or exc}", code) from None
+        raise SendmailError(
+            f"cannot write to {maildrop_dir(directory)}: {exc.strerror or exc}", code
+        ) from None
 
 
-def run(args: argparse.Namespace, *, stdin: BinaryIO | None = None,
-        err: TextIO | None = None) -> int:
+def run(
+    args: argparse.Namespace, *, stdin: BinaryIO | None = None, err: TextIO | None = None
+) -> int:
     """`postier sendmail`: returns a sysexits code; one line on stderr when not 0."""
     err = err or sys.stderr
     try:

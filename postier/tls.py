@@ -47,12 +47,19 @@ StrPath = str | os.PathLike[str]
 
 #: Mozilla "intermediate" (v5.7) for TLS 1.2: forward secrecy and AEAD only. TLS 1.3 suites are
 #: configured separately by OpenSSL and its defaults are already the right ones.
-INTERMEDIATE_CIPHERS = ":".join([
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
-])
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 # RFC 7919 ffdhe2048, the group Mozilla recommends. Without DH parameters OpenSSL silently never
 # picks the DHE suites above, which would leave RSA-certificate peers without ECDHE stranded.
@@ -75,6 +82,7 @@ _EXPIRY_WARNING = dt.timedelta(days=14)
 
 
 # --- loading one certificate/key pair ---------------------------------------------------------
+
 
 def _read(path: Path, what: str) -> bytes:
     try:
@@ -101,26 +109,35 @@ def _check_pair(cert_file: Path, key_file: Path) -> tuple[list[str], dt.datetime
     """
     cert_pem, key_pem = _read(cert_file, "certificate"), _read(key_file, "key")
     if b"PRIVATE KEY-----" in cert_pem and b"CERTIFICATE-----" in key_pem:
-        raise ConfigError(f"{cert_file}: holds a private key and {key_file} a certificate; "
-                          "the certificate and key files are swapped")
+        raise ConfigError(
+            f"{cert_file}: holds a private key and {key_file} a certificate; "
+            "the certificate and key files are swapped"
+        )
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError as exc:
-        raise ConfigError(f"{cert_file}: no valid PEM certificate (expected "
-                          "'-----BEGIN CERTIFICATE-----' blocks, leaf first)") from exc
+        raise ConfigError(
+            f"{cert_file}: no valid PEM certificate (expected "
+            "'-----BEGIN CERTIFICATE-----' blocks, leaf first)"
+        ) from exc
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError as exc:
-        raise ConfigError(f"{key_file}: the private key is protected by a passphrase; "
-                          "postier needs an unencrypted key (readable by it alone)") from exc
+        raise ConfigError(
+            f"{key_file}: the private key is protected by a passphrase; "
+            "postier needs an unencrypted key (readable by it alone)"
+        ) from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"{key_file}: no valid PEM private key (expected a "
-                          "'-----BEGIN ... PRIVATE KEY-----' block)") from exc
+        raise ConfigError(
+            f"{key_file}: no valid PEM private key (expected a "
+            "'-----BEGIN ... PRIVATE KEY-----' block)"
+        ) from exc
     pem = serialization.Encoding.PEM
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(pem, spki) != chain[0].public_key().public_bytes(pem, spki):
-        raise ConfigError(f"{key_file}: this private key does not belong to the first "
-                          f"certificate in {cert_file}")
+        raise ConfigError(
+            f"{key_file}: this private key does not belong to the first certificate in {cert_file}"
+        )
     leaf = chain[0]
     not_after = leaf.not_valid_after_utc
     left = not_after - dt.datetime.now(dt.UTC)
@@ -139,8 +156,13 @@ def _server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     # No compression (CRIME). No renegotiation: a client-triggered CPU sink we never need.
     # Session tickets are decided by the front context each connection starts with (see
     # front_tls_context): off on mx, on for submission and submissions.
-    ctx.options |= (ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
-                    | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE)
+    ctx.options |= (
+        ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_NO_COMPRESSION
+        | ssl.OP_NO_RENEGOTIATION
+        | ssl.OP_SINGLE_DH_USE
+        | ssl.OP_SINGLE_ECDH_USE
+    )
     ctx.verify_mode = ssl.CERT_NONE  # never ask SMTP clients for a certificate
     with tempfile.NamedTemporaryFile("w", suffix=".pem") as dh:  # the API only takes a path
         dh.write(_FFDHE2048)
@@ -168,8 +190,9 @@ def _stamp(path: Path) -> _Stamp:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _lookup(exact: dict[str, ssl.SSLContext], wildcard: dict[str, ssl.SSLContext],
-            server_name: str) -> ssl.SSLContext | None:
+def _lookup(
+    exact: dict[str, ssl.SSLContext], wildcard: dict[str, ssl.SSLContext], server_name: str
+) -> ssl.SSLContext | None:
     """The context for an SNI name: exact match first, then a one-label wildcard (RFC 6125)."""
     name = server_name.rstrip(".").lower()
     found = exact.get(name)
@@ -188,8 +211,10 @@ class _Snapshot:
     summary: str
 
 
-def _sni_callback(exact: dict[str, ssl.SSLContext], wildcard: dict[str, ssl.SSLContext],
-                  ) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
+def _sni_callback(
+    exact: dict[str, ssl.SSLContext],
+    wildcard: dict[str, ssl.SSLContext],
+) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
     """Bind the callback to one load's maps, so a handshake is consistent across a reload.
 
     It holds the maps, not the snapshot: no reference cycle through the default context, so
@@ -204,8 +229,7 @@ def _sni_callback(exact: dict[str, ssl.SSLContext], wildcard: dict[str, ssl.SSLC
                 if chosen is not None:
                     ssl_object.context = chosen
         except Exception:
-            log.exception("SNI selection failed for %r; using the default certificate",
-                          server_name)
+            log.exception("SNI selection failed for %r; using the default certificate", server_name)
 
     return callback
 
@@ -218,8 +242,9 @@ class CertificateStore:
     signal handler on the loop and from `watch()` at the same time.
     """
 
-    def __init__(self, cert_file: StrPath, key_file: StrPath,
-                 cert_dir: StrPath | None = None) -> None:
+    def __init__(
+        self, cert_file: StrPath, key_file: StrPath, cert_dir: StrPath | None = None
+    ) -> None:
         self.cert_file = Path(cert_file)
         self.key_file = Path(key_file)
         self.cert_dir = Path(cert_dir) if cert_dir is not None else None
@@ -280,8 +305,9 @@ class CertificateStore:
         try:
             entries = sorted(p for p in self.cert_dir.iterdir() if p.is_dir())
         except OSError as exc:
-            raise ConfigError(f"{self.cert_dir}: cannot list the certificate directory: "
-                              f"{exc.strerror or exc}") from exc
+            raise ConfigError(
+                f"{self.cert_dir}: cannot list the certificate directory: {exc.strerror or exc}"
+            ) from exc
         pairs = []
         for entry in entries:
             chain, key = entry / CHAIN_NAME, entry / KEY_NAME
@@ -323,13 +349,16 @@ class CertificateStore:
         shown = ", ".join(names[:3]) or "(no names)"
         summary = f"default {self.cert_file} for {shown}"
         if self.cert_dir is not None:
-            summary += (f"; {len(loaded)} certificate(s) in {self.cert_dir} for "
-                        f"{len(exact) + len(wildcard)} SNI name(s)")
+            summary += (
+                f"; {len(loaded)} certificate(s) in {self.cert_dir} for "
+                f"{len(exact) + len(wildcard)} SNI name(s)"
+            )
         default.sni_callback = _sni_callback(exact, wildcard)
         return _Snapshot(default, exact, wildcard, summary)
 
 
 # --- outbound and reporting ------------------------------------------------------------------
+
 
 def client_context(*, verify: bool, ca_file: StrPath | None = None) -> ssl.SSLContext:
     """A context for outbound SMTP.
@@ -344,8 +373,9 @@ def client_context(*, verify: bool, ca_file: StrPath | None = None) -> ssl.SSLCo
         try:
             ctx = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{ca_file}: cannot load CA certificates: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from exc
+            raise ConfigError(
+                f"{ca_file}: cannot load CA certificates: {getattr(exc, 'strerror', None) or exc}"
+            ) from exc
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False

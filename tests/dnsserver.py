@@ -99,7 +99,10 @@ class DnsServer:
             values = entry.get(rdtype, [])
             if values:
                 rrset = dns.rrset.from_text_list(
-                    question.name, 60, dns.rdataclass.IN, rdtype,
+                    question.name,
+                    60,
+                    dns.rdataclass.IN,
+                    rdtype,
                     [_rdata_text(rdtype, v) for v in values],
                 )
                 response.answer.append(rrset)
@@ -159,8 +162,9 @@ class DnsServer:
         self.port = port
         self._servers = [udp, tcp]
         for server in self._servers:
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                      daemon=True)
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         return self

@@ -157,11 +157,18 @@ def running_dovecot(
     stop it however the block ends."""
     imap_port, lmtp_port = free_port(), free_port()
     config = workdir / "dovecot.conf"
-    config.write_text(CONFIG.format(
-        wd=workdir, protocols=" ".join(protocols), mail_location=mail_location,
-        mail_user=MAIL_USER, mail_group=MAIL_GROUP, imap_port=imap_port, lmtp_port=lmtp_port,
-        extra=extra_config,
-    ))
+    config.write_text(
+        CONFIG.format(
+            wd=workdir,
+            protocols=" ".join(protocols),
+            mail_location=mail_location,
+            mail_user=MAIL_USER,
+            mail_group=MAIL_GROUP,
+            imap_port=imap_port,
+            lmtp_port=lmtp_port,
+            extra=extra_config,
+        )
+    )
     passwd = workdir / "passwd"
     passwd.write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in users.items()))
     passwd.chmod(0o644)  # read by the auth process, which runs as `dovecot`
@@ -172,8 +179,9 @@ def running_dovecot(
         os.chown(home, uid, gid)
     dc = Dovecot(workdir, config, imap_port, lmtp_port, workdir / "dovecot.log", dict(users))
     out = open(workdir / "dovecot.out", "wb")  # noqa: SIM115 - closed in finally
-    master = subprocess.Popen(["dovecot", "-c", str(config)], stdout=out, stderr=out,
-                              stdin=subprocess.DEVNULL)
+    master = subprocess.Popen(
+        ["dovecot", "-c", str(config)], stdout=out, stderr=out, stdin=subprocess.DEVNULL
+    )
     try:
         master.wait(timeout=60)  # forks the daemon and exits
         _wait_listening(imap_port, dc, master)

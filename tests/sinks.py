@@ -65,10 +65,28 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
     """(cert.pem, key.pem): self-signed P-256 for localhost, 127.0.0.1 and ::1."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -81,8 +99,15 @@ class SmtpSink:
     one file per message into `dump_dir` (read them with `messages()`).
     """
 
-    def __init__(self, dump_dir: Path, *, host: str = "127.0.0.1", options: tuple[str, ...] = (),
-                 hostname: str = "sink.test", port: int = 0) -> None:
+    def __init__(
+        self,
+        dump_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        options: tuple[str, ...] = (),
+        hostname: str = "sink.test",
+        port: int = 0,
+    ) -> None:
         self.dump_dir = dump_dir
         self.host = host
         self.options = options
@@ -100,9 +125,20 @@ class SmtpSink:
             host = f"[{self.host}]" if ":" in self.host else self.host
             listen = f"{host}:{self.port}"
             self.proc = subprocess.Popen(
-                [SMTP_SINK, "-u", "nobody", "-h", self.hostname, "-d", f"{self.dump_dir}/msg.",
-                 *self.options, listen, "64"],
-                stdout=log, stderr=log,
+                [
+                    SMTP_SINK,
+                    "-u",
+                    "nobody",
+                    "-h",
+                    self.hostname,
+                    "-d",
+                    f"{self.dump_dir}/msg.",
+                    *self.options,
+                    listen,
+                    "64",
+                ],
+                stdout=log,
+                stderr=log,
             )
             if wait_for_port(self.host, self.port):
                 log.close()
@@ -145,8 +181,9 @@ class RecordingProxy:
     gets plaintext: an SMTPS front for a plaintext sink. Runs in the caller's event loop.
     """
 
-    def __init__(self, target_host: str, target_port: int, *,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.target = (target_host, target_port)
         self.tls = tls
         self.sent = bytearray()
@@ -184,8 +221,10 @@ class RecordingProxy:
             finally:
                 dst.close()
 
-        tasks = [asyncio.ensure_future(pump(reader, up_writer, True)),
-                 asyncio.ensure_future(pump(up_reader, writer, False))]
+        tasks = [
+            asyncio.ensure_future(pump(reader, up_writer, True)),
+            asyncio.ensure_future(pump(up_reader, writer, False)),
+        ]
         self._tasks.update(tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -225,9 +264,17 @@ class PrivatePostfix:
     STARTTLS is offered with a self-signed certificate when `tls` is true.
     """
 
-    def __init__(self, root: Path, domain: str, users: list[str], *,
-                 access: dict[str, str] | None = None, tls: bool = True,
-                 hostname: str = "peer.test", extra: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        domain: str,
+        users: list[str],
+        *,
+        access: dict[str, str] | None = None,
+        tls: bool = True,
+        hostname: str = "peer.test",
+        extra: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.domain = domain
         self.users = users
@@ -249,33 +296,48 @@ class PrivatePostfix:
         os.chown(data, pw.pw_uid, pw.pw_gid)  # master.lock and tls caches are written as postfix
         (etc / "access").write_text("".join(f"{k} {v}\n" for k, v in self.access.items()))
         (etc / "vmailbox").write_text(
-            "".join(f"{u}@{self.domain} {self.domain}/{u}/\n" for u in self.users))
+            "".join(f"{u}@{self.domain} {self.domain}/{u}/\n" for u in self.users)
+        )
         settings = {
             "compatibility_level": "3.6",
-            "queue_directory": str(spool), "data_directory": str(data),
-            "maillog_file": str(self.log_file), "maillog_file_prefixes": str(self.root),
-            "myhostname": self.hostname, "mydomain": "peer.test", "myorigin": "peer.test",
-            "mydestination": "", "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8", "alias_maps": "", "alias_database": "",
+            "queue_directory": str(spool),
+            "data_directory": str(data),
+            "maillog_file": str(self.log_file),
+            "maillog_file_prefixes": str(self.root),
+            "myhostname": self.hostname,
+            "mydomain": "peer.test",
+            "myorigin": "peer.test",
+            "mydestination": "",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "alias_maps": "",
+            "alias_database": "",
             "smtpd_recipient_restrictions": f"check_recipient_access texthash:{etc}/access, "
-                                            "permit_mynetworks, reject_unauth_destination",
+            "permit_mynetworks, reject_unauth_destination",
             "virtual_mailbox_domains": self.domain,
             "virtual_mailbox_base": str(self.maildir_base),
             "virtual_mailbox_maps": f"texthash:{etc}/vmailbox",
-            "virtual_uid_maps": "static:65534", "virtual_gid_maps": "static:65534",
-            "smtpd_tls_loglevel": "1", "smtpd_tls_received_header": "yes",
+            "virtual_uid_maps": "static:65534",
+            "virtual_gid_maps": "static:65534",
+            "smtpd_tls_loglevel": "1",
+            "smtpd_tls_received_header": "yes",
         }
         if self.tls:
             cert, key = make_cert(etc)
-            settings |= {"smtpd_tls_security_level": "may", "smtpd_tls_cert_file": str(cert),
-                         "smtpd_tls_key_file": str(key)}
+            settings |= {
+                "smtpd_tls_security_level": "may",
+                "smtpd_tls_cert_file": str(cert),
+                "smtpd_tls_key_file": str(key),
+            }
         settings |= self.extra
         (etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         (etc / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([POSTFIX, "-c", str(self.config_dir), *args],
-                              capture_output=True, timeout=60)
+        return subprocess.run(
+            [POSTFIX, "-c", str(self.config_dir), *args], capture_output=True, timeout=60
+        )
 
     def start(self) -> PrivatePostfix:
         self.port = free_port()

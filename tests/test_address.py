@@ -509,8 +509,10 @@ def test_xtext_round_trip(text: str) -> None:
 
 
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
-HOSTNAME = st.lists(LABEL, min_size=1, max_size=4).map(".".join).filter(
-    lambda d: not d.rpartition(".")[2].isdigit()
+HOSTNAME = (
+    st.lists(LABEL, min_size=1, max_size=4)
+    .map(".".join)
+    .filter(lambda d: not d.rpartition(".")[2].isdigit())
 )
 LITERAL = st.ip_addresses(v=4).map(lambda ip: f"[{ip}]") | st.ip_addresses(v=6).map(
     lambda ip: f"[IPv6:{ip.compressed}]"

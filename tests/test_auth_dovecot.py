@@ -65,7 +65,9 @@ def set_password(passwd: Path, address: str, password: str, *extra: str) -> None
     """Run the real command, password piped on stdin as a script would."""
     done = subprocess.run(
         [sys.executable, "-c", SET_PASSWORD, str(passwd), address, *extra],
-        input=f"{password}\n", capture_output=True, text=True,
+        input=f"{password}\n",
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
 
@@ -125,7 +127,8 @@ def _read(path: Path) -> str:
 def auth_test(config: Path, user: str, password: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [DOVEADM, "-c", str(config), "auth", "test", user, password],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
 
 

@@ -149,9 +149,11 @@ def test_mechanisms_advertised():
     assert sasl.MECHANISMS == ("PLAIN", "LOGIN")
 
 
-@given(mechanism=st.sampled_from(["PLAIN", "LOGIN", "X"]),
-       initial=st.none() | st.text(max_size=40),
-       lines=st.lists(st.text(max_size=40) | st.binary(max_size=30).map(b64), max_size=4))
+@given(
+    mechanism=st.sampled_from(["PLAIN", "LOGIN", "X"]),
+    initial=st.none() | st.text(max_size=40),
+    lines=st.lists(st.text(max_size=40) | st.binary(max_size=30).map(b64), max_size=4),
+)
 def test_any_input_yields_a_step_never_an_exception(mechanism, initial, lines):
     step = sasl.start(mechanism, initial)
     for line in lines:

@@ -34,11 +34,21 @@ def blocks(msg: EmailMessage, subtype: str = "delivery-status") -> list[dict[str
 
 def bounce(**kw: object) -> bytes:
     args: dict[str, object] = {
-        "hostname": "mx.example.org", "queue_id": "1K0TSCTAR6700DWA",
-        "sender": "alice@example.org", "arrival": ARRIVAL, "original_headers": HEADERS,
+        "hostname": "mx.example.org",
+        "queue_id": "1K0TSCTAR6700DWA",
+        "sender": "alice@example.org",
+        "arrival": ARRIVAL,
+        "original_headers": HEADERS,
         "now": ARRIVAL + 600,
-        "recipients": [DsnRecipient("bob@example.net", "5.1.1", "550 5.1.1 <bob>: no such user",
-                                    "mx.example.net", ARRIVAL + 590)],
+        "recipients": [
+            DsnRecipient(
+                "bob@example.net",
+                "5.1.1",
+                "550 5.1.1 <bob>: no such user",
+                "mx.example.net",
+                ARRIVAL + 590,
+            )
+        ],
     }
     args.update(kw)
     return build_dsn(**args).data  # type: ignore[arg-type]
@@ -51,7 +61,10 @@ def test_failure_report_structure() -> None:
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
     assert [p.get_content_type() for p in msg.iter_parts()] == [
-        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
     assert msg["From"].addresses[0].addr_spec == "MAILER-DAEMON@mx.example.org"
     assert msg["To"].addresses[0].addr_spec == "alice@example.org"
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
@@ -83,11 +96,16 @@ def test_original_headers_attached_verbatim() -> None:
 
 
 def test_several_recipients_and_expiry_status() -> None:
-    rcpts = [DsnRecipient("a@example.net", EXPIRED_STATUS, "451 4.4.1 connection refused"),
-             DsnRecipient("b@example.com", "5.2.2", "552 5.2.2 mailbox full")]
+    rcpts = [
+        DsnRecipient("a@example.net", EXPIRED_STATUS, "451 4.4.1 connection refused"),
+        DsnRecipient("b@example.com", "5.2.2", "552 5.2.2 mailbox full"),
+    ]
     _, a, b = blocks(parse(bounce(recipients=rcpts)))
     assert (a["Final-Recipient"], a["Action"], a["Status"]) == (
-        "rfc822; a@example.net", "failed", "4.4.7")
+        "rfc822; a@example.net",
+        "failed",
+        "4.4.7",
+    )
     assert "Remote-MTA" not in a and "Last-Attempt-Date" not in a
     assert (b["Status"], b["Diagnostic-Code"]) == ("5.2.2", "smtp; 552 5.2.2 mailbox full")
 
@@ -114,29 +132,47 @@ def test_never_to_the_null_sender() -> None:
 
 def test_utf8_uses_rfc6533_types_and_keeps_raw_bytes() -> None:
     raw = b"Subject: caf\xc3\xa9\nX-Broken: \xff\xfe\n"
-    dsn = build_dsn(hostname="mx.example.org", queue_id="Q", sender="j\u00f6rg@example.org",
-                    arrival=ARRIVAL, now=ARRIVAL, original_headers=raw,
-                    recipients=[DsnRecipient("b\u00fc@example.net", "5.1.1", "550 5.1.1 no")])
+    dsn = build_dsn(
+        hostname="mx.example.org",
+        queue_id="Q",
+        sender="j\u00f6rg@example.org",
+        arrival=ARRIVAL,
+        now=ARRIVAL,
+        original_headers=raw,
+        recipients=[DsnRecipient("b\u00fc@example.net", "5.1.1", "550 5.1.1 no")],
+    )
     assert dsn.smtputf8
     msg = parse(dsn.data)
     assert [p.get_content_type() for p in msg.iter_parts()] == [
-        "text/plain", "message/global-delivery-status", "message/global-headers"]
+        "text/plain",
+        "message/global-delivery-status",
+        "message/global-headers",
+    ]
     assert raw in dsn.data  # byte for byte, even the invalid UTF-8
     assert b"Final-Recipient: utf-8; b\xc3\xbc@example.net\n" in dsn.data
-    assert not build_dsn(hostname="h", queue_id="Q", sender="a@b.c", arrival=0, now=0,
-                         original_headers=HEADERS,
-                         recipients=[DsnRecipient("x@y.z", "5.0.0")]).smtputf8
+    assert not build_dsn(
+        hostname="h",
+        queue_id="Q",
+        sender="a@b.c",
+        arrival=0,
+        now=0,
+        original_headers=HEADERS,
+        recipients=[DsnRecipient("x@y.z", "5.0.0")],
+    ).smtputf8
 
 
-@pytest.mark.parametrize(("code", "enhanced", "failed", "expected"), [
-    (550, "5.1.1", True, "5.1.1"),
-    (550, "", True, "5.0.0"),
-    (554, "2.0.0", True, "5.0.0"),
-    (451, "4.4.1", True, "4.4.1"),  # expired: failed with the temporary reason
-    (451, "", True, "4.0.0"),
-    (451, "4.7.1", False, "4.7.1"),
-    (451, "", False, "4.0.0"),
-    (550, "5.1.1", False, "4.0.0"),
-])
+@pytest.mark.parametrize(
+    ("code", "enhanced", "failed", "expected"),
+    [
+        (550, "5.1.1", True, "5.1.1"),
+        (550, "", True, "5.0.0"),
+        (554, "2.0.0", True, "5.0.0"),
+        (451, "4.4.1", True, "4.4.1"),  # expired: failed with the temporary reason
+        (451, "", True, "4.0.0"),
+        (451, "4.7.1", False, "4.7.1"),
+        (451, "", False, "4.0.0"),
+        (550, "5.1.1", False, "4.0.0"),
+    ],
+)
 def test_status_for(code: int, enhanced: str, failed: bool, expected: str) -> None:
     assert status_for(code, enhanced, failed=failed) == expected

@@ -19,8 +19,14 @@ from tests.dnsserver import DnsServer
 from tests.sinks import free_port
 
 ZONE = {
-    "example.test": {"MX": [(20, "mx2.example.test"), (10, "mx1a.example.test"),
-                            (10, "mx1b.example.test"), (30, "mx3.example.test")]},
+    "example.test": {
+        "MX": [
+            (20, "mx2.example.test"),
+            (10, "mx1a.example.test"),
+            (10, "mx1b.example.test"),
+            (30, "mx3.example.test"),
+        ]
+    },
     "mx1a.example.test": {"A": ["127.0.0.1"]},
     "dual.test": {"A": ["127.0.0.1", "127.0.0.2"], "AAAA": ["::1"]},
     "v4only.test": {"A": ["127.0.0.1"]},
@@ -32,8 +38,9 @@ ZONE = {
     "half.test": {"A": ["127.0.0.3"], "AAAA": "SERVFAIL"},
     "halfbad.test": {"AAAA": "SERVFAIL"},
     "xn--bcher-kva.test": {"A": ["127.0.0.4"]},
-    "big.test": {"MX": [(i, f"a-rather-long-mail-exchanger-name-{i:03}.example.test")
-                        for i in range(60)]},
+    "big.test": {
+        "MX": [(i, f"a-rather-long-mail-exchanger-name-{i:03}.example.test") for i in range(60)]
+    },
 }
 
 
@@ -60,20 +67,25 @@ def error_of(coro) -> DeliveryError:  # type: ignore[no-untyped-def]
 # --- pure helpers ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("192.0.2.1", ("192.0.2.1", 53)),
-    ("192.0.2.1:5353", ("192.0.2.1", 5353)),
-    ("::1", ("::1", 53)),
-    ("[::1]", ("::1", 53)),
-    ("[::1]:5353", ("::1", 5353)),
-    (" 127.0.0.1:53 ", ("127.0.0.1", 53)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.1", ("192.0.2.1", 53)),
+        ("192.0.2.1:5353", ("192.0.2.1", 5353)),
+        ("::1", ("::1", 53)),
+        ("[::1]", ("::1", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+        (" 127.0.0.1:53 ", ("127.0.0.1", 53)),
+    ],
+)
 def test_parse_dns_server(text: str, expected: tuple[str, int]) -> None:
     assert parse_dns_server(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "dns.example", "1.2.3.4:0", "1.2.3.4:70000",
-                                  "1.2.3.4:x", "[::1", "[::1]x", "300.1.1.1"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "dns.example", "1.2.3.4:0", "1.2.3.4:70000", "1.2.3.4:x", "[::1", "[::1]x", "300.1.1.1"],
+)
 def test_parse_dns_server_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_dns_server(text)
@@ -206,12 +218,24 @@ def test_addresses_failure_classes(dns_server: DnsServer) -> None:
 def test_with_dnsmasq(tmp_path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     proc = subprocess.Popen(
-        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", f"--port={port}",
-         "--no-resolv", "--no-hosts", "--listen-address=127.0.0.1", "--bind-interfaces",
-         "--local=/test/", f"--pid-file={tmp_path}/dnsmasq.pid",
-         "--mx-host=dm.test,mx2.dm.test,20", "--mx-host=dm.test,mx1.dm.test,10",
-         "--host-record=mx1.dm.test,127.0.0.1,::1", "--host-record=mx2.dm.test,127.0.0.2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            f"--port={port}",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--local=/test/",
+            f"--pid-file={tmp_path}/dnsmasq.pid",
+            "--mx-host=dm.test,mx2.dm.test,20",
+            "--mx-host=dm.test,mx1.dm.test,10",
+            "--host-record=mx1.dm.test,127.0.0.1,::1",
+            "--host-record=mx2.dm.test,127.0.0.2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         res = Resolver("127.0.0.1", port, timeout=1.0)

@@ -139,12 +139,17 @@ def test_round_trip_any_body(lines: list[bytes], cuts: list[int]) -> None:
     assert reader.rest == b""
 
 
-@settings(
-    max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    lines=st.lists(st.one_of(dotted_line, st.binary(min_size=9, max_size=60).map(
-        lambda b: b.replace(b"\r", b"x").replace(b"\n", b"y"))), max_size=20),
+    lines=st.lists(
+        st.one_of(
+            dotted_line,
+            st.binary(min_size=9, max_size=60).map(
+                lambda b: b.replace(b"\r", b"x").replace(b"\n", b"y")
+            ),
+        ),
+        max_size=20,
+    ),
     cuts=st.lists(st.integers(min_value=0, max_value=1500), max_size=12),
 )
 def test_round_trip_with_long_lines_cut_into_pieces(lines: list[bytes], cuts: list[int]) -> None:

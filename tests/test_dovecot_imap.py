@@ -18,8 +18,7 @@ from postier.delivery.base import Recipient, Status, StoredMessage
 from postier.delivery.mbox import MboxBackend
 from tests import dovecot
 
-pytestmark = pytest.mark.skipif(dovecot.available() is not None,
-                                reason=str(dovecot.available()))
+pytestmark = pytest.mark.skipif(dovecot.available() is not None, reason=str(dovecot.available()))
 
 PLAIN = b"From: bob@example.net\nSubject: plain\n\nHello Alice,\n\n  two spaces\ttab\nbye\n"
 QUOTED = b"Subject: quoted\n\nFrom the start of a line\n>From already quoted\nFromage\n"
@@ -33,8 +32,14 @@ class Box:
         self.workdir, self.dc, self.root = workdir, dc, root
         self.count = 0
 
-    def deliver(self, content: bytes, to: str = "alice", sender: str = "bob@example.net",
-                template: str | None = None, user: str = "") -> bytes:
+    def deliver(
+        self,
+        content: bytes,
+        to: str = "alice",
+        sender: str = "bob@example.net",
+        template: str | None = None,
+        user: str = "",
+    ) -> bytes:
         self.count += 1
         return_path = f"Return-Path: <{sender}>\n".encode()
         data = return_path + b"Received: from client by mx.test; id Q\n" + content
@@ -138,8 +143,7 @@ def test_delivery_while_dovecot_has_the_mailbox_open(box: Box) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="files are given to the user only as root")
 def test_home_template_gives_the_mbox_to_its_user(box: Box) -> None:
     # no chown by the test: owner_for() finds the system user `nobody` through {user}
-    box.deliver(PLAIN, to="nobody-box", template=f"{box.root}/{{user}}",
-                user="nobody@example.org")
+    box.deliver(PLAIN, to="nobody-box", template=f"{box.root}/{{user}}", user="nobody@example.org")
     path = box.root / "nobody"
     assert (path.stat().st_uid, path.stat().st_gid) == dovecot.mail_owner()
     imap = box.dc.login("nobody")

@@ -74,14 +74,20 @@ class Dovecot:
         (self.root / "mail").mkdir()
         os.chown(self.root / "mail", 65534, 65534)
         users = self.root / "users"
-        users.write_text("".join(f"{u}:{{PLAIN}}unused:65534:65534::{self.root}/mail/{u}::\n"
-                                 for u in self.users))
+        users.write_text(
+            "".join(
+                f"{u}:{{PLAIN}}unused:65534:65534::{self.root}/mail/{u}::\n" for u in self.users
+            )
+        )
         users.chmod(0o644)  # Dovecot's auth process reads it as the dovecot user
         config = self.root / "dovecot.conf"
         config.write_text(CONFIG.format(dir=self.root, port=self.port))
         with open(self.root / "dovecot.out", "wb") as out:  # a file, never a pipe
-            self.proc = subprocess.Popen([DOVECOT, "-F", "-c", str(config)],  # type: ignore[list-item]
-                                         stdout=out, stderr=out)
+            self.proc = subprocess.Popen(
+                [DOVECOT, "-F", "-c", str(config)],  # type: ignore[list-item]
+                stdout=out,
+                stderr=out,
+            )
         if not wait_for_port("127.0.0.1", self.port):
             self.stop()
             pytest.fail(f"Dovecot did not start:\n{self.log()}")
@@ -154,13 +160,17 @@ def test_dovecot_per_recipient_results_and_content(dovecot: Dovecot, pub: Path) 
     backend = LmtpBackend(f"127.0.0.1:{dovecot.port}", timeouts=TIMEOUTS)
 
     async def go() -> tuple[list[RecipientResult], list[RecipientResult]]:
-        first = await backend.deliver(stored(pub, BODY), [
-            Recipient("alice@example.test", user="alice@example.test"),
-            Recipient("ghost@example.test"),
-            Recipient("alias@example.test", user="bob@example.test"),  # an alias of bob's
-        ])
-        second = await backend.deliver(stored(pub, b"Subject: again\n\nsecond\n"),
-                                       [Recipient("carol@example.test")])
+        first = await backend.deliver(
+            stored(pub, BODY),
+            [
+                Recipient("alice@example.test", user="alice@example.test"),
+                Recipient("ghost@example.test"),
+                Recipient("alias@example.test", user="bob@example.test"),  # an alias of bob's
+            ],
+        )
+        second = await backend.deliver(
+            stored(pub, b"Subject: again\n\nsecond\n"), [Recipient("carol@example.test")]
+        )
         await backend.close()
         return first, second
 
@@ -186,7 +196,7 @@ def test_connection_reuse_and_reconnect(dovecot: Dovecot, pub: Path) -> None:
 
     async def go() -> None:
         assert (await backend.deliver(stored(pub, BODY), carol))[0].status is Status.DELIVERED
-        (stream, _), = backend._idle
+        ((stream, _),) = backend._idle
         assert (await backend.deliver(stored(pub, BODY), carol))[0].status is Status.DELIVERED
         assert backend._idle[0][0] is stream  # the same connection, after an RSET
         stream.writer.close()  # as if the server had closed it while idle
@@ -205,8 +215,9 @@ def test_concurrent_deliveries_share_few_connections(dovecot: Dovecot, pub: Path
     alice = [Recipient("alice@example.test")]
 
     async def go() -> list[list[RecipientResult]]:
-        results = await asyncio.gather(*(backend.deliver(stored(pub, b"Subject: %d\n\nx\n" % i),
-                                                         alice) for i in range(12)))
+        results = await asyncio.gather(
+            *(backend.deliver(stored(pub, b"Subject: %d\n\nx\n" % i), alice) for i in range(12))
+        )
         assert len(backend._idle) <= 3
         await backend.close()
         return results
@@ -220,20 +231,25 @@ def test_concurrent_deliveries_share_few_connections(dovecot: Dovecot, pub: Path
 # --- failure classes, from smtp-sink in LMTP mode -----------------------------------------
 
 
-@pytest.mark.parametrize(("options", "expected"), [
-    (("-r", "RCPT"), (Status.TEMPORARY, 450)),
-    (("-f", "RCPT"), (Status.PERMANENT, 500)),
-    (("-r", "."), (Status.TEMPORARY, 450)),
-    (("-f", "MAIL"), (Status.PERMANENT, 500)),
-])
-def test_sink_reply_classes(pub: Path, options: tuple[str, ...],
-                            expected: tuple[Status, int]) -> None:
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (("-r", "RCPT"), (Status.TEMPORARY, 450)),
+        (("-f", "RCPT"), (Status.PERMANENT, 500)),
+        (("-r", "."), (Status.TEMPORARY, 450)),
+        (("-f", "MAIL"), (Status.PERMANENT, 500)),
+    ],
+)
+def test_sink_reply_classes(
+    pub: Path, options: tuple[str, ...], expected: tuple[Status, int]
+) -> None:
     with SmtpSink(pub / "sink", options=("-L", *options)) as sink:
         backend = LmtpBackend(f"127.0.0.1:{sink.port}", timeouts=TIMEOUTS)
 
         async def go() -> list[RecipientResult]:
-            res = await backend.deliver(stored(pub, BODY), [Recipient("a@x.test"),
-                                                            Recipient("b@x.test")])
+            res = await backend.deliver(
+                stored(pub, BODY), [Recipient("a@x.test"), Recipient("b@x.test")]
+            )
             await backend.close()
             return res
 
@@ -247,6 +263,9 @@ def test_sink_lmtp_delivers_and_refused_is_temporary(pub: Path) -> None:
         res = asyncio.run(backend.deliver(stored(pub, BODY), [Recipient("a@x.test")]))
         assert res[0].status is Status.DELIVERED
         assert b"X-Client-Proto: LMTP" in sink.messages()[0]
-    res = asyncio.run(LmtpBackend(f"127.0.0.1:{free_port()}", timeouts=TIMEOUTS).deliver(
-        stored(pub, BODY), [Recipient("a@x.test")]))
+    res = asyncio.run(
+        LmtpBackend(f"127.0.0.1:{free_port()}", timeouts=TIMEOUTS).deliver(
+            stored(pub, BODY), [Recipient("a@x.test")]
+        )
+    )
     assert (res[0].status, res[0].code, res[0].enhanced) == (Status.TEMPORARY, 451, "4.4.1")

@@ -179,8 +179,22 @@ def test_path_template(spool: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a/b", "a\\b", ".hidden", ".", "..", "a..b", "nul\0", "tab\t", "del\x7f", "c1\x85",
-     "x" * 256, "é" * 128, "\udcff"],
+    [
+        "",
+        "a/b",
+        "a\\b",
+        ".hidden",
+        ".",
+        "..",
+        "a..b",
+        "nul\0",
+        "tab\t",
+        "del\x7f",
+        "c1\x85",
+        "x" * 256,
+        "é" * 128,
+        "\udcff",
+    ],
 )
 def test_unsafe_mailbox_names_are_rejected(name: str) -> None:
     with pytest.raises(ValueError):
@@ -248,8 +262,9 @@ def _deliver_batch(root: str, spool: str, indexes: list[int]) -> list[str]:
     def one(i: int) -> str:
         data = (Path(spool) / f"spool-Q{i}").read_bytes()
         rp_len = data.index(b"\n") + 1
-        msg = StoredMessage(Path(spool) / f"spool-Q{i}", len(data), rp_len, "bob@example.net",
-                            f"Q{i}", time.time())
+        msg = StoredMessage(
+            Path(spool) / f"spool-Q{i}", len(data), rp_len, "bob@example.net", f"Q{i}", time.time()
+        )
         return backend.deliver(msg, [rcpt()])[0].reply_line
 
     with ThreadPoolExecutor(max_workers=len(indexes)) as pool:
@@ -312,7 +327,9 @@ def test_respects_an_fcntl_lock_held_by_another_process(spool: Path, root: Path)
     before = (root / "alice").read_bytes()
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_FCNTL, str(root / "alice")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
@@ -421,11 +438,14 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     mnt.mkdir()
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(mnt)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); ENOSPC is simulated "
-                    "by test_enospc_in_the_middle_of_a_write_is_undone instead")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip()}); ENOSPC is simulated "
+            "by test_enospc_in_the_middle_of_a_write_is_undone instead"
+        )
     try:
         yield mnt
     finally:
@@ -442,4 +462,3 @@ def test_full_disk_leaves_the_mbox_as_it_was(spool: Path, tiny_fs: Path) -> None
     # the space came back: a small message fits again
     assert backend.deliver(make_message(spool, body(2), qid="Q2"), [rcpt()])[0].code == 250
     assert len(read_mbox(path)) == 2
-

@@ -87,7 +87,13 @@ def test_numbers_from_one_with_recent_status(spool: Path, root: Path) -> None:
     assert stat.S_IMODE(box.stat().st_mode) == 0o700
     assert {stat.S_IMODE(p.stat().st_mode) for p in box.iterdir()} == {0o600}
     assert sorted(p.name for p in box.iterdir()) == [
-        ".lock", "1", "1.status", "2", "2.status", "3", "3.status"
+        ".lock",
+        "1",
+        "1.status",
+        "2",
+        "2.status",
+        "3",
+        "3.status",
     ]
     assert (box / ".lock").read_text() == "3\n"
 
@@ -187,8 +193,9 @@ def _deliver_batch(root: str, spool: str, indexes: list[int]) -> list[str]:
     def one(i: int) -> str:
         path = Path(spool) / f"spool-Q{i}"
         data = path.read_bytes()
-        msg = StoredMessage(path, len(data), data.index(b"\n") + 1, "bob@example.net", f"Q{i}",
-                            time.time())
+        msg = StoredMessage(
+            path, len(data), data.index(b"\n") + 1, "bob@example.net", f"Q{i}", time.time()
+        )
         return backend.deliver(msg, [rcpt()])[0].reply_line
 
     with ThreadPoolExecutor(max_workers=len(indexes)) as pool:
@@ -216,8 +223,12 @@ sys.stdin.read()
 
 def test_a_lock_held_elsewhere_gives_451_after_a_bounded_wait(three: Path, spool: Path) -> None:
     before = snapshot(three)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(three / ".lock")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(three / ".lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         backend = NumberedSpoolBackend(three.parent, lock_timeout=0.2)
@@ -288,8 +299,11 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs: a really full disk, not a simulated one."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); see the fsync tests")
     try:
@@ -352,6 +366,7 @@ def test_ensure_dir_creates_parents_with_mode_and_fsyncs_them(
 @pytest.mark.parametrize("kernel", [True, False])
 def test_copy_from_offset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool) -> None:
     if not kernel:
+
         def no_sendfile(*args: object) -> int:
             raise OSError(errno.EINVAL, "unsupported")
 

@@ -66,7 +66,7 @@ def reply_lines(out: bytes) -> list[bytes]:
     found, pos = [], 0
     while pos < len(out):
         m = REPLY_LINE.match(out, pos)
-        assert m is not None, f"malformed output at {pos}: {out[pos:pos + 80]!r}"
+        assert m is not None, f"malformed output at {pos}: {out[pos : pos + 80]!r}"
         found.append(m.group())
         pos = m.end()
     for line in found:
@@ -146,9 +146,7 @@ tokens = st.one_of(
 )
 # A stream is a list of reads; each read holds a few tokens (often one, as a client that waits
 # for replies would send), and the reads may be cut again anywhere.
-reads = st.lists(
-    st.lists(tokens, min_size=1, max_size=4).map(b"".join), max_size=40
-)
+reads = st.lists(st.lists(tokens, min_size=1, max_size=4).map(b"".join), max_size=40)
 # A plausible session with random tokens inserted: reaches DATA, STARTTLS and AUTH far more often.
 SCRIPT = [
     b"EHLO a.example\r\n",
@@ -268,8 +266,12 @@ def test_any_bytes_accepting_every_decision(
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=configs, chunks=streams, cuts=st.lists(st.integers(min_value=0), max_size=20),
-       draw=st.data())
+@given(
+    config=configs,
+    chunks=streams,
+    cuts=st.lists(st.integers(min_value=0), max_size=20),
+    draw=st.data(),
+)
 def test_any_bytes_with_random_decisions(
     config: ServerConfig, chunks: list[bytes], cuts: list[int], draw: st.DataObject
 ) -> None:
@@ -347,8 +349,9 @@ class SmtpSession(RuleBasedStateMachine):
                     if self.decisions.pop(0) if self.decisions else True:
                         self.conn.accept()
                     else:
-                        self.conn.reject(R.NO_SUCH_USER if not isinstance(event, Data)
-                                         else R.LOW_DISK)
+                        self.conn.reject(
+                            R.NO_SUCH_USER if not isinstance(event, Data) else R.LOW_DISK
+                        )
             out += self.conn.data_to_send()
         got = final_codes(bytes(out))
         if self.closed:
@@ -374,17 +377,24 @@ class SmtpSession(RuleBasedStateMachine):
     # -- rules --
     @rule(extended=st.booleans(), accept=accepts, cuts=cuts_st)
     def hello(self, extended: bool, accept: bool, cuts: list[int]) -> None:
-        got = self.send(b"%s client.example\r\n" % (b"EHLO" if extended else b"HELO"), cuts,
-                        [accept])
+        got = self.send(
+            b"%s client.example\r\n" % (b"EHLO" if extended else b"HELO"), cuts, [accept]
+        )
         self.expect(got, 250 if accept else 550)
         if accept and not self.closed:
             self.helo, self.esmtp = True, extended
             self.reset()
 
-    @rule(local=locals_, domain=domains, size=st.none() | st.integers(0, 2 * MAX_SIZE),
-          accept=accepts, cuts=cuts_st)
-    def mail_from(self, local: str, domain: str, size: int | None, accept: bool,
-                  cuts: list[int]) -> None:
+    @rule(
+        local=locals_,
+        domain=domains,
+        size=st.none() | st.integers(0, 2 * MAX_SIZE),
+        accept=accepts,
+        cuts=cuts_st,
+    )
+    def mail_from(
+        self, local: str, domain: str, size: int | None, accept: bool, cuts: list[int]
+    ) -> None:
         line = f"MAIL FROM:<{local}@{domain}>"
         if size is not None:
             line += f" SIZE={size}"
@@ -414,8 +424,7 @@ class SmtpSession(RuleBasedStateMachine):
         if code == 250:
             self.rcpts += 1
 
-    @rule(n=st.integers(1, 5), accept=st.lists(accepts, min_size=6, max_size=6),
-          cuts=cuts_st)
+    @rule(n=st.integers(1, 5), accept=st.lists(accepts, min_size=6, max_size=6), cuts=cuts_st)
     def pipelined(self, n: int, accept: list[bool], cuts: list[int]) -> None:
         """MAIL and n RCPT in one write: one reply per command, in order."""
         data = b"MAIL FROM:<p@b.example>\r\n" + b"".join(
@@ -456,10 +465,12 @@ class SmtpSession(RuleBasedStateMachine):
         if not self.closed and mail and expected_codes[0] == 250:
             self.mail = True
 
-    @rule(lines=body_lines, bare=st.booleans(), accept_data=accepts,
-          accept_end=accepts, cuts=cuts_st)
-    def data(self, lines: list[bytes], bare: bool, accept_data: bool, accept_end: bool,
-             cuts: list[int]) -> None:
+    @rule(
+        lines=body_lines, bare=st.booleans(), accept_data=accepts, accept_end=accepts, cuts=cuts_st
+    )
+    def data(
+        self, lines: list[bytes], bare: bool, accept_data: bool, accept_end: bool, cuts: list[int]
+    ) -> None:
         got = self.send(b"DATA\r\n", [], [accept_data])
         if self.closed:
             return
@@ -490,10 +501,15 @@ class SmtpSession(RuleBasedStateMachine):
         kinds = [type(e) for e in self.events if not isinstance(e, ConnectionClosed)]
         assert kinds[-1] in (EndOfData, DataRejected)
 
-    @rule(lines=body_lines, bare=st.booleans(), accept=st.lists(accepts, min_size=4, max_size=4),
-          cuts=cuts_st)
-    def transaction(self, lines: list[bytes], bare: bool, accept: list[bool],
-                    cuts: list[int]) -> None:
+    @rule(
+        lines=body_lines,
+        bare=st.booleans(),
+        accept=st.lists(accepts, min_size=4, max_size=4),
+        cuts=cuts_st,
+    )
+    def transaction(
+        self, lines: list[bytes], bare: bool, accept: list[bool], cuts: list[int]
+    ) -> None:
         """MAIL, RCPT, DATA and content, one command at a time (the common case)."""
         self.mail_from("s", "b.example", None, accept[0], [])
         self.rcpt_to("r", "example.org", accept[1], [])
@@ -504,8 +520,10 @@ class SmtpSession(RuleBasedStateMachine):
         self.expect(self.send(b"RSET\r\n", cuts), 250)
         self.reset()
 
-    @rule(arg=st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
-          cuts=cuts_st)
+    @rule(
+        arg=st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        cuts=cuts_st,
+    )
     def noop(self, arg: bytes, cuts: list[int]) -> None:
         try:
             code = 501 if "\x00" in arg.decode("utf-8") else 250
@@ -513,8 +531,12 @@ class SmtpSession(RuleBasedStateMachine):
             code = 501
         self.expect(self.send(b"NOOP " + arg + b"\r\n", cuts), code)
 
-    @rule(junk=st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
-          n=st.integers(490, 3000), long=st.booleans(), cuts=cuts_st)
+    @rule(
+        junk=st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        n=st.integers(490, 3000),
+        long=st.booleans(),
+        cuts=cuts_st,
+    )
     def junk(self, junk: bytes, n: int, long: bool, cuts: list[int]) -> None:
         """An unknown verb ("Z..." is never one we know), or a line around the 512 limit."""
         if long:

@@ -20,8 +20,14 @@ NOW = 2_000_000_000.0
 REPO = Path(__file__).resolve().parents[1]
 
 
-def queue(store: QueueStore, tmp: Path, sender: str, rcpts: list[str], age: float,
-          subject: bytes = b"hello") -> str:
+def queue(
+    store: QueueStore,
+    tmp: Path,
+    sender: str,
+    rcpts: list[str],
+    age: float,
+    subject: bytes = b"hello",
+) -> str:
     qid = new_queue_id()
     head = f"Return-Path: <{sender}>\n".encode()
     data = head + b"From: x\nSubject: " + subject + b"\n\nbody\n"
@@ -35,22 +41,31 @@ def call(qdir: Path, *argv: str) -> tuple[int, str, str]:
     parser = argparse.ArgumentParser(prog="postier queue")
     cli.add_arguments(parser)
     out, err = io.StringIO(), io.StringIO()
-    code = cli.run(parser.parse_args(["-Q", str(qdir), *argv]), out=out, err=err,
-                   clock=lambda: NOW)
+    code = cli.run(parser.parse_args(["-Q", str(qdir), *argv]), out=out, err=err, clock=lambda: NOW)
     return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
 def populated(tmp_path: Path) -> tuple[QueueStore, list[str]]:
     store = QueueStore(tmp_path / "q")
-    a = queue(store, tmp_path, "alice@example.org", ["bob@example.net", "carol@example.com"],
-              age=2 * 3600 + 5 * 60)
+    a = queue(
+        store,
+        tmp_path,
+        "alice@example.org",
+        ["bob@example.net", "carol@example.com"],
+        age=2 * 3600 + 5 * 60,
+    )
     entry = store.load(a)
     bob, carol = entry.recipients
     bob.attempts, bob.code, bob.enhanced, bob.reply = 3, 451, "4.7.1", "greylisted"
     bob.next_attempt, bob.last_attempt, bob.remote_mta = NOW + 14 * 60, NOW - 60, "mx.example.net"
     carol.state, carol.attempts, carol.code, carol.enhanced, carol.reply = (
-        DELIVERED, 1, 250, "2.0.0", "ok")
+        DELIVERED,
+        1,
+        250,
+        "2.0.0",
+        "ok",
+    )
     store.update(entry)
     b = queue(store, tmp_path, "", ["postmaster@example.com"], age=30)
     return store, [a, b]
@@ -63,8 +78,9 @@ def test_list_like_mailq(populated: tuple[QueueStore, list[str]]) -> None:
     lines = out.splitlines()
     assert lines[0].split() == ["ID", "AGE", "SIZE", "SENDER"]
     assert re.fullmatch(rf"{a}\s+2h05m\s+\d+\s+<alice@example.org>", lines[1])
-    assert lines[2] == ("    bob@example.net: pending, 3 attempts, next in 14m: "
-                        "451 4.7.1 greylisted")
+    assert lines[2] == (
+        "    bob@example.net: pending, 3 attempts, next in 14m: 451 4.7.1 greylisted"
+    )
     assert lines[3] == "    carol@example.com: delivered, 1 attempt: 250 2.0.0 ok"
     assert re.fullmatch(rf"{b}\s+30s\s+\d+\s+<>", lines[4])
     assert lines[5] == "    postmaster@example.com: pending"
@@ -88,8 +104,7 @@ def test_show(populated: tuple[QueueStore, list[str]]) -> None:
 
 def test_show_escapes_control_characters(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "q")
-    qid = queue(store, tmp_path, "a@example.org", ["b@example.net"], 0,
-                subject=b"\x1b[2Jgotcha")
+    qid = queue(store, tmp_path, "a@example.org", ["b@example.net"], 0, subject=b"\x1b[2Jgotcha")
     code, out, _ = call(store.directory, "show", qid)
     assert code == 0 and "\x1b" not in out and "Subject: \\x1b[2Jgotcha" in out
 
@@ -125,7 +140,12 @@ def test_errors_and_exit_codes(tmp_path: Path) -> None:
 
 def test_postier_queue_command_end_to_end(populated: tuple[QueueStore, list[str]]) -> None:
     store, (a, _) = populated
-    proc = subprocess.run([sys.executable, "-m", "postier", "queue", "-Q", str(store.directory),
-                           "list"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "postier", "queue", "-Q", str(store.directory), "list"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert a in proc.stdout and "bob@example.net: pending" in proc.stdout

@@ -74,10 +74,12 @@ class Backend:
         self.max_active = 0
         self.gate: asyncio.Event | None = None
 
-    async def deliver(self, message: StoredMessage,
-                      recipients: Sequence[Recipient]) -> list[RecipientResult]:
-        self.calls.append((self.clock(), message.queue_id, message.sender,
-                           [r.address for r in recipients]))
+    async def deliver(
+        self, message: StoredMessage, recipients: Sequence[Recipient]
+    ) -> list[RecipientResult]:
+        self.calls.append(
+            (self.clock(), message.queue_id, message.sender, [r.address for r in recipients])
+        )
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -113,8 +115,9 @@ class _Session:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def send(self, message: StoredMessage,
-                   recipients: Sequence[Recipient]) -> list[RecipientResult]:
+    async def send(
+        self, message: StoredMessage, recipients: Sequence[Recipient]
+    ) -> list[RecipientResult]:
         self.sent.append(message.queue_id)
         return await self.backend.deliver(message, recipients)
 
@@ -143,22 +146,27 @@ def commit(store: QueueStore, tmp: Path, sender: str, rcpts: list[str], arrival:
 
 
 class World:
-    def __init__(self, tmp: Path, script: Script = ok, *, session: bool = False,
-                 **kw: object) -> None:
+    def __init__(
+        self, tmp: Path, script: Script = ok, *, session: bool = False, **kw: object
+    ) -> None:
         self.tmp = tmp
         self.clock = Clock()
         self.store = QueueStore(tmp / "queue")
         self.backend = (SessionBackend if session else Backend)(script, self.clock)
         self.local = Backend(ok, self.clock)
-        opts: dict[str, object] = {"jitter": 0.0, "clock": self.clock, "hostname": "mx.test",
-                                   "rng": random.Random(1)}
+        opts: dict[str, object] = {
+            "jitter": 0.0,
+            "clock": self.clock,
+            "hostname": "mx.test",
+            "rng": random.Random(1),
+        }
         opts.update(kw)
         self.sched = Scheduler(self.store, lambda domain: self.backend, **opts)  # type: ignore[arg-type]
 
-    def add(self, sender: str = "alice@example.org", rcpts: list[str] | None = None,
-            age: float = 0.0) -> str:
-        qid = commit(self.store, self.tmp, sender, rcpts or ["bob@example.net"],
-                     self.clock() - age)
+    def add(
+        self, sender: str = "alice@example.org", rcpts: list[str] | None = None, age: float = 0.0
+    ) -> str:
+        qid = commit(self.store, self.tmp, sender, rcpts or ["bob@example.net"], self.clock() - age)
         self.sched.enqueue(qid)
         return qid
 
@@ -180,7 +188,7 @@ class World:
         out = []
         for e in self.store.list():
             if e.sender == "":
-                data = self.store.body_path(e.queue_id).read_bytes()[e.content_offset:]
+                data = self.store.body_path(e.queue_id).read_bytes()[e.content_offset :]
                 out.append(email.message_from_bytes(data, policy=email.policy.default))
         return out
 
@@ -503,8 +511,12 @@ def dns_server() -> Iterator[DnsServer]:
 
 def relay_world(tmp: Path, dns: DnsServer, port: int, **kw: object) -> World:
     w = World(tmp, ok, **kw)
-    relay = SmtpRelay("client.test", resolver=Resolver("127.0.0.1", dns.port, timeout=2.0),
-                      remote_port=port, timeouts=Timeouts.uniform(10))
+    relay = SmtpRelay(
+        "client.test",
+        resolver=Resolver("127.0.0.1", dns.port, timeout=2.0),
+        remote_port=port,
+        timeouts=Timeouts.uniform(10),
+    )
     w.sched.backend_for_domain = lambda domain: relay
     return w
 
@@ -558,8 +570,7 @@ async def test_relay_5xx_bounce_is_a_dsn(pub: Path, dns_server: DnsServer) -> No
         assert block["Action"] == "failed" and block["Status"].startswith("5.")
         assert block["Diagnostic-Code"].startswith("smtp; 5")
         assert block["Remote-MTA"] == "dns; mx.sink.test"
-        headers = next(p for p in bounce.walk()
-                       if p.get_content_type() == "text/rfc822-headers")
+        headers = next(p for p in bounce.walk() if p.get_content_type() == "text/rfc822-headers")
         assert b"Subject: hello there" in headers.get_payload(decode=True)
         await w.settle()  # the bounce to origin.test is refused too: dropped, no loop
         assert w.store.list() == []
@@ -568,8 +579,11 @@ async def test_relay_5xx_bounce_is_a_dsn(pub: Path, dns_server: DnsServer) -> No
 def queue_cli_flush(directory: Path, qid: str) -> int:
     parser = argparse.ArgumentParser()
     queue_cli.add_arguments(parser)
-    return queue_cli.run(parser.parse_args(["-Q", str(directory), "flush", qid]),
-                         out=io.StringIO(), err=io.StringIO())
+    return queue_cli.run(
+        parser.parse_args(["-Q", str(directory), "flush", qid]),
+        out=io.StringIO(),
+        err=io.StringIO(),
+    )
 
 
 @aio

@@ -52,13 +52,20 @@ def headers(msg: bytes) -> list[str]:
 
 
 def test_t_takes_recipients_from_headers_and_removes_bcc(tmp_path: Path) -> None:
-    data = (b"To: Bob <bob@example.net>, carol@example.com\r\nCc: dave\r\n"
-            b"Bcc: secret@example.net,\r\n  hidden@example.net\r\nSubject: hi\r\n\r\nbody\r\n")
+    data = (
+        b"To: Bob <bob@example.net>, carol@example.com\r\nCc: dave\r\n"
+        b"Bcc: secret@example.net,\r\n  hidden@example.net\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
     assert submit(tmp_path, ["-t", "extra@example.org"], data) == (0, "")
     [(env, msg)] = dropped(tmp_path)
-    assert env["recipients"] == ["extra@example.org", "bob@example.net", "carol@example.com",
-                                 "dave@host.example.org", "secret@example.net",
-                                 "hidden@example.net"]
+    assert env["recipients"] == [
+        "extra@example.org",
+        "bob@example.net",
+        "carol@example.com",
+        "dave@host.example.org",
+        "secret@example.net",
+        "hidden@example.net",
+    ]
     assert b"Bcc" not in msg and b"secret" not in msg and b"hidden" not in msg
     assert b"\r" not in msg
     names = [h.split(":")[0] for h in headers(msg)]
@@ -80,8 +87,14 @@ def test_lone_dot_ends_input_unless_i(tmp_path: Path) -> None:
 
 
 def test_sender_options(tmp_path: Path) -> None:
-    assert submit(tmp_path / "a", ["-f", "robot@example.org", "-F", "Cron Daemon", "b@x.org"],
-                  b"Subject: x\n\n")[0] == 0
+    assert (
+        submit(
+            tmp_path / "a",
+            ["-f", "robot@example.org", "-F", "Cron Daemon", "b@x.org"],
+            b"Subject: x\n\n",
+        )[0]
+        == 0
+    )
     [(env, msg)] = dropped(tmp_path / "a")
     assert env["sender"] == "robot@example.org"
     assert "From: Cron Daemon <robot@example.org>" in headers(msg)
@@ -93,12 +106,17 @@ def test_sender_options(tmp_path: Path) -> None:
 
 
 def test_existing_headers_are_kept_and_missing_ones_added(tmp_path: Path) -> None:
-    data = (b"From mbox-line Mon Jan  1 00:00:00 2024\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n"
-            b"Message-ID: <given@example.org>\nFrom: a@example.org\n\nbody\n")
+    data = (
+        b"From mbox-line Mon Jan  1 00:00:00 2024\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n"
+        b"Message-ID: <given@example.org>\nFrom: a@example.org\n\nbody\n"
+    )
     assert submit(tmp_path / "a", ["b@x.org"], data)[0] == 0
     [(_, msg)] = dropped(tmp_path / "a")
-    assert headers(msg) == ["Date: Mon, 1 Jan 2024 00:00:00 +0000",
-                            "Message-ID: <given@example.org>", "From: a@example.org"]
+    assert headers(msg) == [
+        "Date: Mon, 1 Jan 2024 00:00:00 +0000",
+        "Message-ID: <given@example.org>",
+        "From: a@example.org",
+    ]
     assert submit(tmp_path / "b", ["b@x.org"], b"no header here\njust text\n")[0] == 0
     [(_, msg)] = dropped(tmp_path / "b")
     assert [h.split(":")[0] for h in headers(msg)] == ["From", "Date", "Message-ID"]
@@ -138,8 +156,11 @@ def test_maildrop_permissions(tmp_path: Path) -> None:
 def test_end_to_end_command(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "postier", "sendmail", "-Q", str(tmp_path), "-t", "-i"],
-        input=b"To: bob@example.net\nSubject: cron\n\n.\noutput\n", capture_output=True,
-        cwd=REPO, timeout=60)
+        input=b"To: bob@example.net\nSubject: cron\n\n.\noutput\n",
+        capture_output=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     [(env, msg)] = dropped(tmp_path)
     assert env["recipients"] == ["bob@example.net"] and msg.endswith(b"\n.\noutput\n")
@@ -151,18 +172,36 @@ def pub() -> Iterator[Path]:
         yield path
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
-                    reason="needs root to run sendmail as another user")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
+    reason="needs root to run sendmail as another user",
+)
 def test_unprivileged_user_can_drop_but_not_list(pub: Path) -> None:
     md.ensure_maildrop_dir(pub)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(["/usr/bin/python3", "-m", "postier.sendmail", "-Q", str(pub),
-                           "--hostname", "h.test", "bob@example.net"],
-                          input=b"Subject: from nobody\n\nhi\n", env=env, user=65534,
-                          group=65534, capture_output=True, cwd="/", timeout=60)
+    proc = subprocess.run(
+        [
+            "/usr/bin/python3",
+            "-m",
+            "postier.sendmail",
+            "-Q",
+            str(pub),
+            "--hostname",
+            "h.test",
+            "bob@example.net",
+        ],
+        input=b"Subject: from nobody\n\nhi\n",
+        env=env,
+        user=65534,
+        group=65534,
+        capture_output=True,
+        cwd="/",
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
-    listing = subprocess.run(["/bin/ls", str(md.maildrop_dir(pub))], user=65534,
-                             capture_output=True, timeout=60)
+    listing = subprocess.run(
+        ["/bin/ls", str(md.maildrop_dir(pub))], user=65534, capture_output=True, timeout=60
+    )
     assert listing.returncode != 0  # others cannot see what is waiting
     [(env_, msg)] = dropped(pub)
     assert msg.endswith(b"\n\nhi\n")
@@ -194,8 +233,12 @@ def pickup(box: md.Maildrop, deliver: Callable[..., object]) -> int:
 
 
 def test_pickup_hands_spool_format_and_removes(tmp_path: Path) -> None:
-    assert submit(tmp_path, ["-f", "a@example.org", "b@example.net"],
-                  b"Subject: caf\xc3\xa9\n\nbody\n")[0] == 0
+    assert (
+        submit(
+            tmp_path, ["-f", "a@example.org", "b@example.net"], b"Subject: caf\xc3\xa9\n\nbody\n"
+        )[0]
+        == 0
+    )
     [name] = dropped_names(tmp_path)
     box = md.Maildrop(tmp_path, hostname="mx.test")
     got = Collector()
@@ -203,9 +246,11 @@ def test_pickup_hands_spool_format_and_removes(tmp_path: Path) -> None:
     [(data, message, rcpts)] = got.got
     assert rcpts == ["b@example.net"] and message.sender == "a@example.org"
     assert message.queue_id == name and message.body_8bit and not message.smtputf8
-    assert data.startswith(b"Return-Path: <a@example.org>\nReceived: by mx.test (postier, "
-                           b"from userid 0)\n\tid " + name.encode() + b"; ")
-    assert data[message.content_offset:].startswith(b"Received:")
+    assert data.startswith(
+        b"Return-Path: <a@example.org>\nReceived: by mx.test (postier, "
+        b"from userid 0)\n\tid " + name.encode() + b"; "
+    )
+    assert data[message.content_offset :].startswith(b"Received:")
     assert message.size == len(data)
     assert dropped_names(tmp_path) == [] and os.listdir(tmp_path / "pickup") == []
 

@@ -44,18 +44,23 @@ def test_reply_parser_single_multi_and_split_feeds() -> None:
     assert p.feed(b"250 2.1.0 Ok\r\n") == [Reply(250, "2.1.0", "Ok")]
     data = b"250-mx.test hello\r\n250-PIPELINING\r\n250 SIZE 1000\r\n554 5.7.1 no\r\n"
     out = [r for byte in data for r in p.feed(bytes([byte]))]  # one byte at a time
-    assert out == [Reply(250, None, ("mx.test hello", "PIPELINING", "SIZE 1000")),
-                   Reply(554, "5.7.1", "no")]
+    assert out == [
+        Reply(250, None, ("mx.test hello", "PIPELINING", "SIZE 1000")),
+        Reply(554, "5.7.1", "no"),
+    ]
     assert p.pending == 0
     assert p.feed(b"220 ready\n") == [Reply(220, None, "ready")]  # bare LF tolerated
     assert p.feed(b"550-5.1.1 first\r\n550 5.1.1 second\r\n") == [
-        Reply(550, "5.1.1", ("first", "second"))]
+        Reply(550, "5.1.1", ("first", "second"))
+    ]
     assert p.feed(b"250 5.1.1 not enhanced: class differs\r\n")[0].enhanced is None
     assert p.feed(b"250\r\n") == [Reply(250, None, "")]
 
 
-@pytest.mark.parametrize("bad", [b"hello\r\n", b"25 x\r\n", b"250x\r\n", b"099 x\r\n",
-                                 b"250-a\r\n251 b\r\n", b"2" * 3000])
+@pytest.mark.parametrize(
+    "bad",
+    [b"hello\r\n", b"25 x\r\n", b"250x\r\n", b"099 x\r\n", b"250-a\r\n251 b\r\n", b"2" * 3000],
+)
 def test_reply_parser_rejects(bad: bytes) -> None:
     with pytest.raises(ClientProtocolError):
         ReplyParser().feed(bad)
@@ -67,9 +72,11 @@ def test_reply_parser_limits_lines() -> None:
 
 
 def test_capabilities() -> None:
-    reply = ReplyParser().feed(b"250-mx hi\r\n250-pipelining\r\n250-SIZE 35882577\r\n"
-                               b"250-AUTH PLAIN login\r\n250-AUTH=CRAM-MD5\r\n250-STARTTLS\r\n"
-                               b"250 \r\n")[0]
+    reply = ReplyParser().feed(
+        b"250-mx hi\r\n250-pipelining\r\n250-SIZE 35882577\r\n"
+        b"250-AUTH PLAIN login\r\n250-AUTH=CRAM-MD5\r\n250-STARTTLS\r\n"
+        b"250 \r\n"
+    )[0]
     caps = Capabilities.parse(reply)
     assert "PIPELINING" in caps and "starttls" in caps and "SMTPUTF8" not in caps
     assert caps.size == 35882577
@@ -80,8 +87,10 @@ def test_capabilities() -> None:
 
 def test_commands() -> None:
     assert proto.mail_from("") == b"MAIL FROM:<>\r\n"
-    assert proto.mail_from("a@b", {"SIZE": "10", "SMTPUTF8": None}) == \
-        b"MAIL FROM:<a@b> SIZE=10 SMTPUTF8\r\n"
+    assert (
+        proto.mail_from("a@b", {"SIZE": "10", "SMTPUTF8": None})
+        == b"MAIL FROM:<a@b> SIZE=10 SMTPUTF8\r\n"
+    )
     assert proto.rcpt_to("jos\u00e9@b") == "RCPT TO:<jos\u00e9@b>\r\n".encode()
     for evil in ("a@b>\r\nRCPT TO:<c@d", "a@b\n", "x\ry"):
         with pytest.raises(ValueError):
@@ -163,14 +172,16 @@ def pub() -> Iterator[Path]:
 _counter = iter(range(1_000_000))
 
 
-def stored(directory: Path, body: bytes, sender: str = "sender@origin.test",
-           **flags: bool) -> StoredMessage:
+def stored(
+    directory: Path, body: bytes, sender: str = "sender@origin.test", **flags: bool
+) -> StoredMessage:
     """A spool file as postier.spool writes it: Return-Path line, then the LF content."""
     head = f"Return-Path: <{sender}>\n".encode()
     path = directory / f"spool-{next(_counter)}"
     path.write_bytes(head + body)
-    return StoredMessage(path, len(head) + len(body), len(head), sender, "Q1D", time.time(),
-                         **flags)
+    return StoredMessage(
+        path, len(head) + len(body), len(head), sender, "Q1D", time.time(), **flags
+    )
 
 
 def rcpts(*addresses: str) -> list[Recipient]:
@@ -179,8 +190,12 @@ def rcpts(*addresses: str) -> list[Recipient]:
 
 def relay(dns: DnsServer, port: int, **kwargs: object) -> SmtpRelay:
     kwargs.setdefault("timeouts", TIMEOUTS)
-    return SmtpRelay("client.test", resolver=Resolver("127.0.0.1", dns.port, timeout=2.0),
-                     remote_port=port, **kwargs)  # type: ignore[arg-type]
+    return SmtpRelay(
+        "client.test",
+        resolver=Resolver("127.0.0.1", dns.port, timeout=2.0),
+        remote_port=port,
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 def statuses(results: list[RecipientResult]) -> list[tuple[str, Status, int, str]]:
@@ -193,70 +208,95 @@ BODY = b"Subject: test\nFrom: sender@origin.test\n\nHello.\n"
 # --- routing ------------------------------------------------------------------------------
 
 
-def test_mx_by_preference_skips_refusing_host(dns_server: DnsServer, pub: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_mx_by_preference_skips_refusing_host(
+    dns_server: DnsServer, pub: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, "postier.delivery.smtp")
     with SmtpSink(pub / "sink") as sink:
-        results = asyncio.run(relay(dns_server, sink.port).deliver(
-            stored(pub, BODY), rcpts("a@pref.test", "b@pref.test")))
+        results = asyncio.run(
+            relay(dns_server, sink.port).deliver(
+                stored(pub, BODY), rcpts("a@pref.test", "b@pref.test")
+            )
+        )
         assert [r.status for r in results] == [Status.DELIVERED] * 2
         assert results[0].code == 250 and "up.pref.test[127.0.0.1]" in results[0].text
         assert len(sink.messages()) == 1
     assert ("down.pref.test", "A") in dns_server.queries
     assert ("never.pref.test", "A") not in dns_server.queries
     lines = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("event=connect_failed qid=Q1D host=down.pref.test addr=127.0.0.2")
-               and "refused" in m for m in lines)
-    assert any(m.startswith("event=delivery qid=Q1D backend=smtp domain=pref.test "
-                            "host=up.pref.test addr=127.0.0.1") and "delivered=2 " in m
-               for m in lines)
+    assert any(
+        m.startswith("event=connect_failed qid=Q1D host=down.pref.test addr=127.0.0.2")
+        and "refused" in m
+        for m in lines
+    )
+    assert any(
+        m.startswith(
+            "event=delivery qid=Q1D backend=smtp domain=pref.test host=up.pref.test addr=127.0.0.1"
+        )
+        and "delivered=2 " in m
+        for m in lines
+    )
 
 
 def test_a_fallback_and_aaaa_only_over_ipv6(dns_server: DnsServer, pub: Path) -> None:
     with SmtpSink(pub / "v4") as v4:
-        res = asyncio.run(relay(dns_server, v4.port).deliver(stored(pub, BODY),
-                                                             rcpts("x@afallback.test")))
+        res = asyncio.run(
+            relay(dns_server, v4.port).deliver(stored(pub, BODY), rcpts("x@afallback.test"))
+        )
         assert statuses(res) == [("x@afallback.test", Status.DELIVERED, 250, "2.0.0")]
         assert b"X-Rcpt-Args: <x@afallback.test>" in v4.messages()[0]
     with SmtpSink(pub / "v6", host="::1") as v6:
-        res = asyncio.run(relay(dns_server, v6.port).deliver(stored(pub, BODY),
-                                                             rcpts("y@v6.test")))
+        res = asyncio.run(relay(dns_server, v6.port).deliver(stored(pub, BODY), rcpts("y@v6.test")))
         assert res[0].status is Status.DELIVERED
         assert b"X-Client-Addr: ipv6:::1" in v6.messages()[0]
 
 
-@pytest.mark.parametrize(("domain", "expected"), [
-    ("nullmx.test", (Status.PERMANENT, 556, "5.1.10")),
-    ("nxdomain.test", (Status.PERMANENT, 550, "5.1.2")),
-    ("broken.test", (Status.TEMPORARY, 451, "4.4.3")),
-])
-def test_dns_failures_become_results(dns_server: DnsServer, pub: Path, domain: str,
-                                     expected: tuple[Status, int, str]) -> None:
-    res = asyncio.run(relay(dns_server, free_port()).deliver(
-        stored(pub, BODY), rcpts(f"a@{domain}", f"b@{domain}")))
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("nullmx.test", (Status.PERMANENT, 556, "5.1.10")),
+        ("nxdomain.test", (Status.PERMANENT, 550, "5.1.2")),
+        ("broken.test", (Status.TEMPORARY, 451, "4.4.3")),
+    ],
+)
+def test_dns_failures_become_results(
+    dns_server: DnsServer, pub: Path, domain: str, expected: tuple[Status, int, str]
+) -> None:
+    res = asyncio.run(
+        relay(dns_server, free_port()).deliver(
+            stored(pub, BODY), rcpts(f"a@{domain}", f"b@{domain}")
+        )
+    )
     assert [(r.status, r.code, r.enhanced) for r in res] == [expected, expected]
 
 
 def test_connection_refused_is_temporary(dns_server: DnsServer, pub: Path) -> None:
-    res = asyncio.run(relay(dns_server, free_port()).deliver(stored(pub, BODY),
-                                                             rcpts("a@afallback.test")))
+    res = asyncio.run(
+        relay(dns_server, free_port()).deliver(stored(pub, BODY), rcpts("a@afallback.test"))
+    )
     assert res[0].status is Status.TEMPORARY and res[0].code == 451
     assert "refused" in res[0].text.lower()
 
 
 def test_421_greeting_moves_to_next_mx(dns_server: DnsServer, pub: Path) -> None:
-    with SmtpSink(pub / "good") as good, \
-            SmtpSink(pub / "busy", host="127.0.0.2", port=good.port, options=("-Q", "CONNECT")):
-        res = asyncio.run(relay(dns_server, good.port).deliver(stored(pub, BODY),
-                                                               rcpts("a@busy.test")))
+    with (
+        SmtpSink(pub / "good") as good,
+        SmtpSink(pub / "busy", host="127.0.0.2", port=good.port, options=("-Q", "CONNECT")),
+    ):
+        res = asyncio.run(
+            relay(dns_server, good.port).deliver(stored(pub, BODY), rcpts("a@busy.test"))
+        )
         assert res[0].status is Status.DELIVERED and "ok.busy.test" in res[0].text
         assert len(good.messages()) == 1
 
 
 def test_greeting_timeout_is_temporary(dns_server: DnsServer, pub: Path) -> None:
     with SmtpSink(pub / "slow", options=("-W", "CONNECT:30")) as sink:
-        res = asyncio.run(relay(dns_server, sink.port, timeouts=Timeouts.uniform(0.5)).deliver(
-            stored(pub, BODY), rcpts("a@afallback.test")))
+        res = asyncio.run(
+            relay(dns_server, sink.port, timeouts=Timeouts.uniform(0.5)).deliver(
+                stored(pub, BODY), rcpts("a@afallback.test")
+            )
+        )
     assert res[0].status is Status.TEMPORARY and "timeout" in res[0].text
 
 
@@ -265,16 +305,22 @@ def test_greeting_timeout_is_temporary(dns_server: DnsServer, pub: Path) -> None
 
 def test_5xx_at_mail_fails_every_recipient(dns_server: DnsServer, pub: Path) -> None:
     with SmtpSink(pub / "s", options=("-f", "MAIL")) as sink:
-        res = asyncio.run(relay(dns_server, sink.port).deliver(
-            stored(pub, BODY), rcpts("a@afallback.test", "b@afallback.test")))
+        res = asyncio.run(
+            relay(dns_server, sink.port).deliver(
+                stored(pub, BODY), rcpts("a@afallback.test", "b@afallback.test")
+            )
+        )
     assert [(r.status, r.code) for r in res] == [(Status.PERMANENT, 500)] * 2
     assert "MAIL FROM" in res[0].text
 
 
 def test_4xx_at_rcpt_is_temporary(dns_server: DnsServer, pub: Path) -> None:
     with SmtpSink(pub / "s", options=("-r", "RCPT")) as sink:
-        res = asyncio.run(relay(dns_server, sink.port).deliver(
-            stored(pub, BODY), rcpts("a@afallback.test", "b@afallback.test")))
+        res = asyncio.run(
+            relay(dns_server, sink.port).deliver(
+                stored(pub, BODY), rcpts("a@afallback.test", "b@afallback.test")
+            )
+        )
         assert sink.messages() == []
     assert [(r.status, r.code, r.enhanced) for r in res] == [(Status.TEMPORARY, 450, "4.3.0")] * 2
 
@@ -307,8 +353,10 @@ def test_dot_stuffing_and_no_bare_cr_on_the_wire(dns_server: DnsServer, pub: Pat
         sent, res = asyncio.run(go(sink))
         assert [r.status for r in res] == [Status.DELIVERED] * 2
         dumps = sink.messages()
-    expected = (b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\nbare\r\nCR\r\n..\r\n"
-                b"last line without LF\r\n.\r\n")
+    expected = (
+        b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\nbare\r\nCR\r\n..\r\n"
+        b"last line without LF\r\n.\r\n"
+    )
     assert expected in sent
     assert b"\r\n" + b"".join(b"..%d\r\n" % i for i in range(20000)) + b".\r\n" in sent
     assert sent.count(b"\r") == sent.count(b"\r\n") == sent.count(b"\n")
@@ -322,20 +370,31 @@ def test_dot_stuffing_and_no_bare_cr_on_the_wire(dns_server: DnsServer, pub: Pat
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[PrivatePostfix]:
     with public_tmpdir() as root:
-        pf = PrivatePostfix(root / "pf", "example.test", ["alice", "bob"],
-                            access={"later@example.test": "450 4.2.0 try again later"},
-                            extra={"message_size_limit": "100000"})
+        pf = PrivatePostfix(
+            root / "pf",
+            "example.test",
+            ["alice", "bob"],
+            access={"later@example.test": "450 4.2.0 try again later"},
+            extra={"message_size_limit": "100000"},
+        )
         with pf:
             yield pf
 
 
-def test_postfix_starttls_and_mixed_recipients(dns_server: DnsServer, pub: Path,
-                                               postfix: PrivatePostfix) -> None:
+def test_postfix_starttls_and_mixed_recipients(
+    dns_server: DnsServer, pub: Path, postfix: PrivatePostfix
+) -> None:
     async def go() -> tuple[list[RecipientResult], bool]:
         async with relay(dns_server, postfix.port).session("example.test") as s:
-            res = await s.send(stored(pub, BODY), rcpts(
-                "alice@example.test", "later@example.test", "nobody@example.test",
-                "bob@example.test"))
+            res = await s.send(
+                stored(pub, BODY),
+                rcpts(
+                    "alice@example.test",
+                    "later@example.test",
+                    "nobody@example.test",
+                    "bob@example.test",
+                ),
+            )
             return res, s.tls
 
     res, tls = asyncio.run(go())
@@ -352,8 +411,9 @@ def test_postfix_starttls_and_mixed_recipients(dns_server: DnsServer, pub: Path,
     assert b"with ESMTPS" in got[0] and b"Return-Path: <sender@origin.test>" in got[0]
 
 
-def test_postfix_size_limit_is_permanent(dns_server: DnsServer, pub: Path,
-                                         postfix: PrivatePostfix) -> None:
+def test_postfix_size_limit_is_permanent(
+    dns_server: DnsServer, pub: Path, postfix: PrivatePostfix
+) -> None:
     big = stored(pub, b"Subject: big\n\n" + (b"x" * 76 + b"\n") * 3000)
     res = asyncio.run(relay(dns_server, postfix.port).deliver(big, rcpts("bob@example.test")))
     assert statuses(res) == [("bob@example.test", Status.PERMANENT, 552, "5.3.4")]
@@ -362,8 +422,12 @@ def test_postfix_size_limit_is_permanent(dns_server: DnsServer, pub: Path,
 def test_smarthost_starttls_verified(pub: Path, postfix: PrivatePostfix) -> None:
     cert = postfix.config_dir / "cert.pem"
     smart = Smarthost("127.0.0.1", postfix.port, ca_file=str(cert))
-    r = SmtpRelay("client.test", smarthost=smart, timeouts=TIMEOUTS,
-                  resolver=Resolver("127.0.0.1", free_port(), timeout=0.5))  # never asked
+    r = SmtpRelay(
+        "client.test",
+        smarthost=smart,
+        timeouts=TIMEOUTS,
+        resolver=Resolver("127.0.0.1", free_port(), timeout=0.5),
+    )  # never asked
     res = asyncio.run(r.deliver(stored(pub, BODY), rcpts("bob@example.test")))
     assert res[0].status is Status.DELIVERED
     wrong = Smarthost("127.0.0.1", postfix.port)  # system CAs: the self-signed cert fails
@@ -381,8 +445,14 @@ class ScriptedServer:
     that are not TLS in answer to the client's hello) or "inject" (220 plus a fake reply in
     the same write: the STARTTLS injection attack)."""
 
-    def __init__(self, *, starttls: str | None = None, tls: ssl.SSLContext | None = None,
-                 ehlo: bool = True, auth: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        starttls: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        ehlo: bool = True,
+        auth: str = "",
+    ) -> None:
         self.starttls, self.tls, self.ehlo, self.auth = starttls, tls, ehlo, auth
         self.lines: list[bytes] = []
         self.bodies: list[bytes] = []
@@ -419,8 +489,12 @@ class ScriptedServer:
                         caps.append(b"STARTTLS")
                     if self.auth:
                         caps.append(b"AUTH " + self.auth.encode())
-                    writer.write(b"".join(b"250-" + c + b"\r\n" for c in caps[:-1])
-                                 + b"250 " + caps[-1] + b"\r\n")
+                    writer.write(
+                        b"".join(b"250-" + c + b"\r\n" for c in caps[:-1])
+                        + b"250 "
+                        + caps[-1]
+                        + b"\r\n"
+                    )
                 elif verb == b"HELO":
                     writer.write(b"250 scripted\r\n")
                 elif verb == b"STAR" and self.starttls == "ok":
@@ -464,29 +538,36 @@ class ScriptedServer:
 
 
 @pytest.mark.parametrize("mode", ["garbage", "inject"])
-def test_failed_starttls_retries_in_plaintext(dns_server: DnsServer, pub: Path, mode: str,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_starttls_retries_in_plaintext(
+    dns_server: DnsServer, pub: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, "postier.delivery.smtp")
 
     async def go() -> tuple[list[RecipientResult], bool, ScriptedServer]:
-        async with ScriptedServer(starttls=mode) as server, \
-                relay(dns_server, server.port).session("afallback.test") as s:
+        async with (
+            ScriptedServer(starttls=mode) as server,
+            relay(dns_server, server.port).session("afallback.test") as s,
+        ):
             res = await s.send(stored(pub, BODY), rcpts("a@afallback.test"))
             return res, s.tls, server
 
     res, tls, server = asyncio.run(go())
     assert res[0].status is Status.DELIVERED and not tls
     assert server.connections == 2 and len(server.bodies) == 1
-    assert any(r.getMessage().startswith("event=tls_failed qid=Q1D host=afallback.test")
-               and "action=plaintext" in r.getMessage()
-               for r in caplog.records if r.levelno == logging.WARNING)
+    assert any(
+        r.getMessage().startswith("event=tls_failed qid=Q1D host=afallback.test")
+        and "action=plaintext" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
 
 
 def test_helo_fallback_without_pipelining(dns_server: DnsServer, pub: Path) -> None:
     async def go() -> tuple[list[RecipientResult], ScriptedServer]:
         async with ScriptedServer(ehlo=False) as server:
             res = await relay(dns_server, server.port).deliver(
-                stored(pub, BODY, body_8bit=True), rcpts("a@afallback.test", "b@afallback.test"))
+                stored(pub, BODY, body_8bit=True), rcpts("a@afallback.test", "b@afallback.test")
+            )
             return res, server
 
     res, server = asyncio.run(go())
@@ -504,14 +585,17 @@ def server_tls(pub: Path) -> tuple[ssl.SSLContext, Path]:
     return ctx, cert
 
 
-def test_smarthost_starttls_auth_login(pub: Path,
-                                       server_tls: tuple[ssl.SSLContext, Path]) -> None:
+def test_smarthost_starttls_auth_login(pub: Path, server_tls: tuple[ssl.SSLContext, Path]) -> None:
     ctx, cert = server_tls
 
     async def go() -> tuple[list[RecipientResult], ScriptedServer]:
         async with ScriptedServer(starttls="ok", tls=ctx, auth="LOGIN") as server:
-            smart = Smarthost.parse(f"127.0.0.1:{server.port}", username="me@origin.test",
-                                    password="s3cret", ca_file=str(cert))
+            smart = Smarthost.parse(
+                f"127.0.0.1:{server.port}",
+                username="me@origin.test",
+                password="s3cret",
+                ca_file=str(cert),
+            )
             r = SmtpRelay("client.test", smarthost=smart, timeouts=TIMEOUTS)
             return await r.deliver(stored(pub, BODY), rcpts("x@anywhere.test")), server
 
@@ -522,17 +606,28 @@ def test_smarthost_starttls_auth_login(pub: Path,
     assert server.lines.index(b"STARTTLS\r\n") < server.lines.index(b"AUTH LOGIN\r\n")
 
 
-def test_smarthost_implicit_tls_auth_plain(pub: Path,
-                                           server_tls: tuple[ssl.SSLContext, Path]) -> None:
+def test_smarthost_implicit_tls_auth_plain(
+    pub: Path, server_tls: tuple[ssl.SSLContext, Path]
+) -> None:
     ctx, cert = server_tls
 
     async def go(sink: SmtpSink) -> tuple[list[RecipientResult], bytes]:
         async with RecordingProxy("127.0.0.1", sink.port, tls=ctx) as proxy:
             # Named "localhost": found through /etc/hosts, and checked against the certificate.
-            smart = Smarthost("localhost", proxy.port, username="u", password="p",
-                              ca_file=str(cert), implicit_tls=True)
-            r = SmtpRelay("client.test", smarthost=smart, timeouts=TIMEOUTS,
-                          resolver=Resolver("127.0.0.1", free_port(), timeout=0.5))  # unused
+            smart = Smarthost(
+                "localhost",
+                proxy.port,
+                username="u",
+                password="p",
+                ca_file=str(cert),
+                implicit_tls=True,
+            )
+            r = SmtpRelay(
+                "client.test",
+                smarthost=smart,
+                timeouts=TIMEOUTS,
+                resolver=Resolver("127.0.0.1", free_port(), timeout=0.5),
+            )  # unused
             return await r.deliver(stored(pub, BODY), rcpts("x@anywhere.test")), proxy.sent
 
     with SmtpSink(pub / "s") as sink:
@@ -545,22 +640,23 @@ def test_smarthost_implicit_tls_auth_plain(pub: Path,
 
 def test_smarthost_without_tls_is_refused(pub: Path) -> None:
     with SmtpSink(pub / "s") as sink:
-        r = SmtpRelay("client.test", smarthost=Smarthost("127.0.0.1", sink.port),
-                      timeouts=TIMEOUTS)
+        r = SmtpRelay("client.test", smarthost=Smarthost("127.0.0.1", sink.port), timeouts=TIMEOUTS)
         res = asyncio.run(r.deliver(stored(pub, BODY), rcpts("x@anywhere.test")))
         assert sink.messages() == []
     assert (res[0].status, res[0].enhanced) == (Status.TEMPORARY, "4.7.10")
 
 
-def test_lost_connection_after_dot_is_temporary_and_body_8bit(dns_server: DnsServer,
-                                                              pub: Path) -> None:
+def test_lost_connection_after_dot_is_temporary_and_body_8bit(
+    dns_server: DnsServer, pub: Path
+) -> None:
     with SmtpSink(pub / "ok") as sink:
         msg = stored(pub, "Subject: caf\u00e9\n\n8bit\n".encode(), body_8bit=True)
         res = asyncio.run(relay(dns_server, sink.port).deliver(msg, rcpts("a@afallback.test")))
         assert res[0].status is Status.DELIVERED
         assert b"X-Mail-Args: <sender@origin.test> BODY=8BITMIME" in sink.messages()[0]
     with SmtpSink(pub / "drop", options=("-q", ".")) as sink:
-        res = asyncio.run(relay(dns_server, sink.port).deliver(stored(pub, BODY),
-                                                               rcpts("a@afallback.test")))
+        res = asyncio.run(
+            relay(dns_server, sink.port).deliver(stored(pub, BODY), rcpts("a@afallback.test"))
+        )
     assert (res[0].status, res[0].code, res[0].enhanced) == (Status.TEMPORARY, 451, "4.4.2")
     assert "lost connection" in res[0].text

@@ -40,6 +40,7 @@ SAFETY = 30  # seconds: only keeps a broken test from hanging, never a pass/fail
 
 # --- helpers ---------------------------------------------------------------------------------
 
+
 def pair(directory: Path, hostname: str, key_type: str = "ecdsa") -> tuple[Path, Path]:
     """A self-signed chain and key for hostname under directory, certbot-style names."""
     cert, key = directory / "fullchain.pem", directory / "privkey.pem"
@@ -52,17 +53,26 @@ def wildcard_pair(directory: Path, name: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "fullchain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "privkey.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    (directory / "privkey.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
 
 
 def peer_names(sock: ssl.SSLSocket) -> list[str]:
@@ -105,23 +115,31 @@ class EchoServer:
         async def stop() -> None:
             self.server.close()
             await self.server.wait_closed()
+
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(SAFETY)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(SAFETY)
         self.loop.close()
 
-    def connect(self, ctx: ssl.SSLContext | None = None, server_name: str | None = None,
-                session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+    def connect(
+        self,
+        ctx: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=SAFETY)
         ctx = ctx or client_context(verify=False)
         return ctx.wrap_socket(raw, server_hostname=server_name, session=session)
 
     def s_client(self, *args: str) -> subprocess.CompletedProcess[str]:
         assert OPENSSL is not None
-        return subprocess.run([OPENSSL, "s_client", "-brief", "-connect",
-                               f"127.0.0.1:{self.port}", *args],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=SAFETY)
+        return subprocess.run(
+            [OPENSSL, "s_client", "-brief", "-connect", f"127.0.0.1:{self.port}", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SAFETY,
+        )
 
 
 def echo(sock: ssl.SSLSocket, text: bytes = b"ping\n") -> None:
@@ -160,6 +178,7 @@ def server(store: CertificateStore) -> Iterator[EchoServer]:
 
 # --- protocol versions and ciphers -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_python_client_tls12_and_13(server: EchoServer, version: ssl.TLSVersion) -> None:
     ctx = client_context(verify=False)
@@ -180,9 +199,11 @@ def test_openssl_client_tls12_and_13(server: EchoServer, flag: str, expected: st
     assert f"Protocol version: {expected}" in result.stderr
 
 
-def permissive_server(pair_files: tuple[Path, Path],
-                      version: ssl.TLSVersion) -> Callable[[], ssl.SSLContext]:
+def permissive_server(
+    pair_files: tuple[Path, Path], version: ssl.TLSVersion
+) -> Callable[[], ssl.SSLContext]:
     """Contexts for a server that speaks TLS 1.0 up to `version`, weak suites included."""
+
     def make() -> ssl.SSLContext:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -192,12 +213,14 @@ def permissive_server(pair_files: tuple[Path, Path],
             ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
         ctx.load_cert_chain(*pair_files)
         return ctx
+
     return make
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
-def test_old_protocols_refused(server: EchoServer, default_pair: tuple[Path, Path],
-                               version: ssl.TLSVersion) -> None:
+def test_old_protocols_refused(
+    server: EchoServer, default_pair: tuple[Path, Path], version: ssl.TLSVersion
+) -> None:
     # Control: a permissive server shows whether this client can speak the old version here.
     # If the local OpenSSL could not offer it at all, the refusal below would prove less, but
     # the property that matters (no handshake below TLS 1.2) is asserted either way.
@@ -228,8 +251,9 @@ def test_server_cipher_preference_and_dhe(tmp_path: Path) -> None:
     cert, key = pair(tmp_path, "rsa.example.org", key_type="rsa")
     with EchoServer(CertificateStore(cert, key).context) as srv:
         # The client prefers DHE; the server's order (ECDHE first) must win.
-        both = srv.s_client("-tls1_2", "-cipher",
-                            "DHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
+        both = srv.s_client(
+            "-tls1_2", "-cipher", "DHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+        )
         assert "Ciphersuite: ECDHE-RSA-AES128-GCM-SHA256" in both.stderr, both.stderr
         # DHE alone works, so the DH parameters really are loaded.
         dhe = srv.s_client("-tls1_2", "-cipher", "DHE-RSA-AES128-GCM-SHA256")
@@ -254,6 +278,7 @@ def test_session_tickets_resume_tls12(server: EchoServer) -> None:
 
 # --- SNI -------------------------------------------------------------------------------------
 
+
 def test_sni_picks_certificate(tmp_path: Path, default_pair: tuple[Path, Path]) -> None:
     certs = tmp_path / "live"
     pair(certs / "a.example.org", "a.example.org")
@@ -263,12 +288,14 @@ def test_sni_picks_certificate(tmp_path: Path, default_pair: tuple[Path, Path]) 
     (certs / "half").mkdir()  # no files: skipped with a warning, not fatal
     store = CertificateStore(*default_pair, cert_dir=certs)
     with EchoServer(store.context) as srv:
-        for name, expected in [("a.example.org", "a.example.org"),
-                               ("B.Example.COM.", "b.example.com"),
-                               ("mx.example.net", "*.example.net"),
-                               ("deep.mx.example.net", "mail.example.org"),
-                               ("unknown.example", "mail.example.org"),
-                               (None, "mail.example.org")]:
+        for name, expected in [
+            ("a.example.org", "a.example.org"),
+            ("B.Example.COM.", "b.example.com"),
+            ("mx.example.net", "*.example.net"),
+            ("deep.mx.example.net", "mail.example.org"),
+            ("unknown.example", "mail.example.org"),
+            (None, "mail.example.org"),
+        ]:
             with srv.connect(server_name=name) as sock:
                 echo(sock)
                 assert peer_names(sock)[0] == expected, name
@@ -279,9 +306,13 @@ def test_sni_picks_certificate(tmp_path: Path, default_pair: tuple[Path, Path]) 
 
 # --- reload ----------------------------------------------------------------------------------
 
-def test_reload_swaps_for_new_connections_only(server: EchoServer, store: CertificateStore,
-                                               default_pair: tuple[Path, Path],
-                                               caplog: pytest.LogCaptureFixture) -> None:
+
+def test_reload_swaps_for_new_connections_only(
+    server: EchoServer,
+    store: CertificateStore,
+    default_pair: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     cert, _ = default_pair
     with server.connect() as old:
         echo(old)
@@ -310,16 +341,22 @@ def missing_cert(cert: Path, key: Path) -> None:
     cert.unlink()
 
 
-@pytest.mark.parametrize("breakage,message", [
-    (garbage_key, "no valid PEM private key"),
-    (foreign_key, "does not belong"),
-    (missing_cert, "cannot read the TLS certificate"),
-])
-def test_bad_files_on_reload_keep_old_cert(server: EchoServer, store: CertificateStore,
-                                           default_pair: tuple[Path, Path],
-                                           caplog: pytest.LogCaptureFixture,
-                                           breakage: Callable[[Path, Path], object],
-                                           message: str) -> None:
+@pytest.mark.parametrize(
+    "breakage,message",
+    [
+        (garbage_key, "no valid PEM private key"),
+        (foreign_key, "does not belong"),
+        (missing_cert, "cannot read the TLS certificate"),
+    ],
+)
+def test_bad_files_on_reload_keep_old_cert(
+    server: EchoServer,
+    store: CertificateStore,
+    default_pair: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+    breakage: Callable[[Path, Path], object],
+    message: str,
+) -> None:
     breakage(*default_pair)
     with caplog.at_level(logging.ERROR, logger="postier.tls"):
         assert not store.reload()
@@ -331,8 +368,9 @@ def test_bad_files_on_reload_keep_old_cert(server: EchoServer, store: Certificat
         assert peer_names(sock)[0] == "mail.example.org"
 
 
-def test_watch_follows_certbot_symlink_flip(tmp_path: Path,
-                                            default_pair: tuple[Path, Path]) -> None:
+def test_watch_follows_certbot_symlink_flip(
+    tmp_path: Path, default_pair: tuple[Path, Path]
+) -> None:
     live, archive = tmp_path / "live", tmp_path / "archive"
     pair(archive / "1", "site.example.org")
     pair(archive / "2", "site.example.org")
@@ -368,6 +406,7 @@ def test_watch_follows_certbot_symlink_flip(tmp_path: Path,
 
 # --- construction errors ---------------------------------------------------------------------
 
+
 def test_startup_errors_name_the_file(tmp_path: Path, default_pair: tuple[Path, Path]) -> None:
     cert, key = default_pair
     with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "missing.pem"))):
@@ -378,9 +417,13 @@ def test_startup_errors_name_the_file(tmp_path: Path, default_pair: tuple[Path, 
         CertificateStore(garbage, key)
     locked = tmp_path / "locked.pem"
     loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
-    locked.write_bytes(loaded.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"secret")))
+    locked.write_bytes(
+        loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     with pytest.raises(ConfigError, match="passphrase"):
         CertificateStore(cert, locked)
     with pytest.raises(ConfigError, match="swapped"):
@@ -391,8 +434,10 @@ def test_startup_errors_name_the_file(tmp_path: Path, default_pair: tuple[Path, 
 
 # --- outbound client contexts ----------------------------------------------------------------
 
-def test_client_context_verified_and_opportunistic(server: EchoServer,
-                                                   default_pair: tuple[Path, Path]) -> None:
+
+def test_client_context_verified_and_opportunistic(
+    server: EchoServer, default_pair: tuple[Path, Path]
+) -> None:
     cert, _ = default_pair
     verified = client_context(verify=True, ca_file=cert)
     with server.connect(verified, server_name="mail.example.org") as sock:
@@ -408,6 +453,7 @@ def test_client_context_verified_and_opportunistic(server: EchoServer,
 
 
 # --- gen-cert --------------------------------------------------------------------------------
+
 
 def gen_cert(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="postier gen-cert")
@@ -434,21 +480,29 @@ def test_gen_cert_writes_usable_pair(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cert.read_bytes() == before and "--force" in capsys.readouterr().err
     assert gen_cert("mx.example.org", "-o", str(out), "--force", "--key-type", "rsa") == 0
     assert cert.read_bytes() != before
-    assert gen_cert("mx.example.org", "--cert", str(tmp_path / "c.pem"),
-                    "--key", str(tmp_path / "k.pem")) == 0
+    assert (
+        gen_cert(
+            "mx.example.org", "--cert", str(tmp_path / "c.pem"), "--key", str(tmp_path / "k.pem")
+        )
+        == 0
+    )
     assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-@pytest.mark.parametrize("argv", [
-    ["mx.example.org", "--cert", "c.pem"],
-    ["mx.example.org", "-o", "d", "--cert", "c.pem", "--key", "k.pem"],
-    ["mx.example.org", "--days", "0"],
-    ["not a host name"],
-    ["mx.example.org", "--cert", "same.pem", "--key", "same.pem"],
-])
-def test_gen_cert_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               argv: list[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["mx.example.org", "--cert", "c.pem"],
+        ["mx.example.org", "-o", "d", "--cert", "c.pem", "--key", "k.pem"],
+        ["mx.example.org", "--days", "0"],
+        ["not a host name"],
+        ["mx.example.org", "--cert", "same.pem", "--key", "same.pem"],
+    ],
+)
+def test_gen_cert_usage_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert gen_cert(*argv) == 2
     assert list(tmp_path.iterdir()) == []

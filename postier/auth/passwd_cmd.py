@@ -73,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _valid_address(address: str) -> bool:
     """What a passwd-file line can hold as its first field, and not look like a comment."""
-    return bool(address) and not address.startswith("#") and ":" not in address and not any(
-        c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in address
+    return (
+        bool(address)
+        and not address.startswith("#")
+        and ":" not in address
+        and not any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in address)
     )
 
 

@@ -79,12 +79,21 @@ class ClientStream:
 
     @classmethod
     async def open(
-        cls, host: str, port: int, timeout: float, *, tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None, local_addr: tuple[str, int] | None = None,
+        cls,
+        host: str,
+        port: int,
+        timeout: float,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        local_addr: tuple[str, int] | None = None,
     ) -> ClientStream:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(
-                host, port, ssl=tls, server_hostname=server_hostname if tls else None,
+                host,
+                port,
+                ssl=tls,
+                server_hostname=server_hostname if tls else None,
                 local_addr=local_addr,
             )
         stream = cls(reader, writer)
@@ -118,8 +127,9 @@ class ClientStream:
         await self.drain(timeout)
         return await self.read_reply(timeout)
 
-    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None,
-                       timeout: float) -> None:
+    async def starttls(
+        self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
+    ) -> None:
         # Anything the server sent after its 220 arrived in plaintext and would be taken as
         # coming over TLS (the STARTTLS injection bug class): refuse rather than use it.
         if self._ready or self.parser.pending:
@@ -163,14 +173,18 @@ def result_from_reply(r: Recipient, reply: Reply, where: str) -> RecipientResult
 def outcome_fields(results: Sequence[RecipientResult]) -> dict[str, object]:
     """Log fields for one attempt: counts per class and each recipient's reply."""
     count = {s: sum(r.status is s for r in results) for s in Status}
-    return {"delivered": count[Status.DELIVERED], "deferred": count[Status.TEMPORARY],
-            "bounced": count[Status.PERMANENT],
-            "replies": "; ".join(f"<{r.recipient.address}> {r.reply_line}" for r in results)}
+    return {
+        "delivered": count[Status.DELIVERED],
+        "deferred": count[Status.TEMPORARY],
+        "bounced": count[Status.PERMANENT],
+        "replies": "; ".join(f"<{r.recipient.address}> {r.reply_line}" for r in results),
+    }
 
 
 def needs_smtputf8(message: StoredMessage, addresses: Sequence[str]) -> bool:
-    return message.smtputf8 or not message.sender.isascii() or not all(
-        a.isascii() for a in addresses)
+    return (
+        message.smtputf8 or not message.sender.isascii() or not all(a.isascii() for a in addresses)
+    )
 
 
 async def _read_chunk(f: IO[bytes]) -> bytes:
@@ -178,8 +192,14 @@ async def _read_chunk(f: IO[bytes]) -> bytes:
 
 
 async def run_transaction(
-    stream: ClientStream, caps: Capabilities, message: StoredMessage,
-    recipients: Sequence[Recipient], t: Timeouts, *, peer: str, lmtp: bool = False,
+    stream: ClientStream,
+    caps: Capabilities,
+    message: StoredMessage,
+    recipients: Sequence[Recipient],
+    t: Timeouts,
+    *,
+    peer: str,
+    lmtp: bool = False,
     address_of: Callable[[Recipient], str] = lambda r: r.address,
 ) -> list[RecipientResult]:
     """MAIL, RCPT..., DATA, the body, the final reply (LMTP: one per accepted recipient).
@@ -193,11 +213,19 @@ async def run_transaction(
     size = message.size - message.content_offset
     early: DeliveryError | None = None
     if utf8 and "SMTPUTF8" not in caps:
-        early = DeliveryError(f"{peer} does not support SMTPUTF8, which this message needs",
-                              permanent=True, code=553, enhanced="5.6.7")
+        early = DeliveryError(
+            f"{peer} does not support SMTPUTF8, which this message needs",
+            permanent=True,
+            code=553,
+            enhanced="5.6.7",
+        )
     elif caps.size and size > caps.size:
-        early = DeliveryError(f"message size {size} exceeds the limit {caps.size} of {peer}",
-                              permanent=True, code=552, enhanced="5.3.4")
+        early = DeliveryError(
+            f"message size {size} exceeds the limit {caps.size} of {peer}",
+            permanent=True,
+            code=552,
+            enhanced="5.3.4",
+        )
     plan = AS_USUAL
     if early is None:
         try:
@@ -205,8 +233,12 @@ async def run_transaction(
         except DeliveryError as exc:
             early = exc
         except OSError as exc:
-            early = DeliveryError(f"cannot read the queued message: {exc}", permanent=False,
-                                  code=451, enhanced="4.3.0")
+            early = DeliveryError(
+                f"cannot read the queued message: {exc}",
+                permanent=False,
+                code=451,
+                enhanced="4.3.0",
+            )
     if early is not None:
         return [result_from_error(r, early) for r in recipients]
     params: dict[str, str | None] = {}
@@ -227,34 +259,62 @@ async def run_transaction(
         params["REQUIRETLS"] = None
     try:
         body: IO[bytes] = (
-            io.BytesIO(plan.replacement) if plan.replacement is not None
+            io.BytesIO(plan.replacement)
+            if plan.replacement is not None
             else open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
         )
     except OSError as exc:
-        return [RecipientResult(r, Status.TEMPORARY, 451, "4.3.0",
-                                f"cannot read the queued message: {exc}") for r in recipients]
+        return [
+            RecipientResult(
+                r, Status.TEMPORARY, 451, "4.3.0", f"cannot read the queued message: {exc}"
+            )
+            for r in recipients
+        ]
     lost = f"lost connection with {peer} before its reply"
     results = [RecipientResult(r, Status.TEMPORARY, 451, "4.4.2", lost) for r in recipients]
     try:
-        await _transaction(stream, caps, message, recipients, addresses, params, body, t,
-                           results, peer=peer, lmtp=lmtp, rcpt_params=rcpt_params, plan=plan)
+        await _transaction(
+            stream,
+            caps,
+            message,
+            recipients,
+            addresses,
+            params,
+            body,
+            t,
+            results,
+            peer=peer,
+            lmtp=lmtp,
+            rcpt_params=rcpt_params,
+            plan=plan,
+        )
     except (OSError, ClientProtocolError) as exc:
         stream.broken = True
         stream.writer.close()
         what = "timeout" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
         for i, res in enumerate(results):
             if res.text == lost:
-                results[i] = RecipientResult(res.recipient, Status.TEMPORARY, 451, "4.4.2",
-                                             f"{lost} ({what})")
+                results[i] = RecipientResult(
+                    res.recipient, Status.TEMPORARY, 451, "4.4.2", f"{lost} ({what})"
+                )
     finally:
         body.close()
     return mark_passed(results) if dsn else results
 
 
 async def _transaction(
-    stream: ClientStream, caps: Capabilities, message: StoredMessage,
-    recipients: Sequence[Recipient], addresses: list[str], params: dict[str, str | None],
-    body: IO[bytes], t: Timeouts, results: list[RecipientResult], *, peer: str, lmtp: bool,
+    stream: ClientStream,
+    caps: Capabilities,
+    message: StoredMessage,
+    recipients: Sequence[Recipient],
+    addresses: list[str],
+    params: dict[str, str | None],
+    body: IO[bytes],
+    t: Timeouts,
+    results: list[RecipientResult],
+    *,
+    peer: str,
+    lmtp: bool,
     rcpt_params: list[dict[str, str | None]],
     plan: BodyPlan = AS_USUAL,
 ) -> None:
@@ -278,8 +338,9 @@ async def _transaction(
             if use_data and any(_ok(rr) for rr in rcpt_replies):
                 data_reply = await stream.command(proto.DATA, t.data_init)
     if not _ok(mail_reply):
-        results[:] = [result_from_reply(r, mail_reply, f"{peer}, in reply to MAIL FROM")
-                      for r in recipients]
+        results[:] = [
+            result_from_reply(r, mail_reply, f"{peer}, in reply to MAIL FROM") for r in recipients
+        ]
         await _abandon_data(stream, data_reply, t)
         return
     accepted = []
@@ -289,14 +350,24 @@ async def _transaction(
         else:
             results[i] = result_from_reply(recipients[i], rr, f"{peer}, in reply to RCPT TO")
     if plan.chunking and accepted:
-        await _send_chunks(stream, body, message.content_offset, recipients, accepted, t,
-                           results, peer=peer, lmtp=lmtp)
+        await _send_chunks(
+            stream,
+            body,
+            message.content_offset,
+            recipients,
+            accepted,
+            t,
+            results,
+            peer=peer,
+            lmtp=lmtp,
+        )
         return
     if not accepted or data_reply is None or data_reply.code != 354:
         for i in accepted:
             if data_reply is not None:
-                results[i] = result_from_reply(recipients[i], data_reply,
-                                               f"{peer}, in reply to DATA")
+                results[i] = result_from_reply(
+                    recipients[i], data_reply, f"{peer}, in reply to DATA"
+                )
         await _abandon_data(stream, data_reply, t)
         return
     body.seek(0 if plan.replacement is not None else message.content_offset)
@@ -309,13 +380,19 @@ async def _transaction(
     for i in accepted if lmtp else [None]:
         final = await stream.read_reply(t.data_end)
         for j in [i] if i is not None else accepted:
-            results[j] = result_from_reply(recipients[j], final,
-                                           f"{peer}, in reply to end of data")
+            results[j] = result_from_reply(recipients[j], final, f"{peer}, in reply to end of data")
 
 
 async def _send_chunks(
-    stream: ClientStream, body: IO[bytes], offset: int, recipients: Sequence[Recipient],
-    accepted: list[int], t: Timeouts, results: list[RecipientResult], *, peer: str,
+    stream: ClientStream,
+    body: IO[bytes],
+    offset: int,
+    recipients: Sequence[Recipient],
+    accepted: list[int],
+    t: Timeouts,
+    results: list[RecipientResult],
+    *,
+    peer: str,
     lmtp: bool,
 ) -> None:
     """The body as BDAT chunks (RFC 3030), each answered before the next is sent; a refused
@@ -340,8 +417,7 @@ async def _send_chunks(
     for i in accepted if lmtp else [None]:
         final = await stream.read_reply(t.data_end)
         for j in [i] if i is not None else accepted:
-            results[j] = result_from_reply(recipients[j], final,
-                                           f"{peer}, in reply to BDAT LAST")
+            results[j] = result_from_reply(recipients[j], final, f"{peer}, in reply to BDAT LAST")
 
 
 async def _abandon_data(stream: ClientStream, data_reply: Reply | None, t: Timeouts) -> None:
@@ -367,8 +443,6 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
-
-
 class LmtpBackend:
     """Deliver to an LMTP server: `target` is `HOST:PORT` (port 24 by default), `[v6]:PORT`,
     or a UNIX socket path (absolute, or prefixed `unix:`).
@@ -377,8 +451,14 @@ class LmtpBackend:
     that is the name the LMTP server's user database knows, else as the envelope address.
     """
 
-    def __init__(self, target: str, *, hostname: str = "localhost",
-                 timeouts: Timeouts | None = None, max_connections: int = 4) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        hostname: str = "localhost",
+        timeouts: Timeouts | None = None,
+        max_connections: int = 4,
+    ) -> None:
         self.target = target
         self.hostname = hostname  # our name in LHLO
         self.timeouts = timeouts or Timeouts()
@@ -400,12 +480,25 @@ class LmtpBackend:
                 results = [result_from_error(r, exc) for r in recipients]
             else:
                 results = await run_transaction(
-                    stream, caps, message, recipients, self.timeouts, peer=self.target,
-                    lmtp=True, address_of=lambda r: r.user or r.address)
+                    stream,
+                    caps,
+                    message,
+                    recipients,
+                    self.timeouts,
+                    peer=self.target,
+                    lmtp=True,
+                    address_of=lambda r: r.user or r.address,
+                )
                 if stream.usable():
                     self._idle.append((stream, caps))
-        event("delivery", logger=log, qid=message.queue_id, backend="lmtp", target=self.target,
-              **outcome_fields(results))
+        event(
+            "delivery",
+            logger=log,
+            qid=message.queue_id,
+            backend="lmtp",
+            target=self.target,
+            **outcome_fields(results),
+        )
         return results
 
     async def close(self) -> None:
@@ -436,25 +529,41 @@ class LmtpBackend:
             else:
                 stream = await ClientStream.open(self.host, self.port, t.connect)
         except OSError as exc:
-            what = "timeout" if isinstance(exc, TimeoutError) else (
-                os.strerror(exc.errno) if exc.errno else str(exc))
-            raise DeliveryError(f"connect to LMTP {self.target}: {what}", permanent=False,
-                                code=451, enhanced="4.4.1") from None
+            what = (
+                "timeout"
+                if isinstance(exc, TimeoutError)
+                else (os.strerror(exc.errno) if exc.errno else str(exc))
+            )
+            raise DeliveryError(
+                f"connect to LMTP {self.target}: {what}",
+                permanent=False,
+                code=451,
+                enhanced="4.4.1",
+            ) from None
         try:
             greeting = await stream.read_reply(t.greeting)
             if greeting.code != 220:
-                raise DeliveryError(f"LMTP {self.target} greeted us with: {greeting}",
-                                    permanent=False, code=451, enhanced="4.4.1")
+                raise DeliveryError(
+                    f"LMTP {self.target} greeted us with: {greeting}",
+                    permanent=False,
+                    code=451,
+                    enhanced="4.4.1",
+                )
             reply = await stream.command(proto.lhlo(self.hostname), t.command)
             if not _ok(reply):
-                raise DeliveryError(f"LMTP {self.target} refused LHLO: {reply}",
-                                    permanent=False, code=451, enhanced="4.4.1")
+                raise DeliveryError(
+                    f"LMTP {self.target} refused LHLO: {reply}",
+                    permanent=False,
+                    code=451,
+                    enhanced="4.4.1",
+                )
         except DeliveryError:
             stream.writer.close()
             raise
         except (OSError, ClientProtocolError) as exc:
             stream.writer.close()
             what = "timeout" if isinstance(exc, TimeoutError) else (str(exc) or repr(exc))
-            raise DeliveryError(f"LMTP {self.target}: {what}", permanent=False, code=451,
-                                enhanced="4.4.2") from None
+            raise DeliveryError(
+                f"LMTP {self.target}: {what}", permanent=False, code=451, enhanced="4.4.2"
+            ) from None
         return stream, Capabilities.parse(reply)

@@ -124,8 +124,15 @@ class MboxBackend:
                     os.ftruncate(fd, old_size)
                     os.fsync(fd)
             except OSError as exc:  # the disk may be gone; say so loudly, keep the first error
-                log_event("undo_failed", logging.ERROR, log, qid=message.queue_id,
-                          backend="mbox", mailbox=path, error=repr(exc))
+                log_event(
+                    "undo_failed",
+                    logging.ERROR,
+                    log,
+                    qid=message.queue_id,
+                    backend="mbox",
+                    mailbox=path,
+                    error=repr(exc),
+                )
             raise
 
 

@@ -110,8 +110,10 @@ class NumberedSpoolBackend:
     def _next_number(self, lock_fd: int, directory: Path) -> int:
         """The next free N. Called under the lock; scans only when the hint is in doubt."""
         hint = _read_hint(lock_fd)
-        if hint is None or directory not in self._verified or os.path.lexists(
-            directory / str(hint + 1)
+        if (
+            hint is None
+            or directory not in self._verified
+            or os.path.lexists(directory / str(hint + 1))
         ):
             # max with the hint: numbers of messages a reader deleted are not handed out again
             hint = max(hint or 0, _scan(directory))
@@ -146,9 +148,7 @@ def _place(directory: Path, number: int, tmp_msg: Path, tmp_status: Path) -> Non
         raise
 
 
-def _write_file(
-    path: Path, owner: tuple[int, int] | None, fill: Callable[[int], object]
-) -> None:
+def _write_file(path: Path, owner: tuple[int, int] | None, fill: Callable[[int], object]) -> None:
     """Create `path` 0600 (owned by `owner`), let `fill(fd)` write it, then fsync and close."""
     fd = os.open(path, FILE_FLAGS, 0o600)
     try:

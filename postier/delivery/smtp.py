@@ -94,9 +94,15 @@ class SmtpRelay:
     """
 
     def __init__(
-        self, hostname: str, *, resolver: Resolver | None = None, remote_port: int = 25,
-        smarthost: Smarthost | None = None, timeouts: Timeouts | None = None,
-        tls_context: ssl.SSLContext | None = None, tls_policy: TlsPolicy | None = None,
+        self,
+        hostname: str,
+        *,
+        resolver: Resolver | None = None,
+        remote_port: int = 25,
+        smarthost: Smarthost | None = None,
+        timeouts: Timeouts | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        tls_policy: TlsPolicy | None = None,
         ca_file: str | None = None,
     ) -> None:
         self.hostname = hostname  # our name in EHLO
@@ -199,8 +205,9 @@ class RelaySession:
             self._log(qid, results, connected=self.stream is not None)
             return results
         assert self.stream is not None
-        results = await run_transaction(self.stream, self.caps, message, recipients,
-                                        self.relay.timeouts, peer=self.peer)
+        results = await run_transaction(
+            self.stream, self.caps, message, recipients, self.relay.timeouts, peer=self.peer
+        )
         results = self._with_tls(results)
         self._log(qid, results, connected=True)
         if self.stream.broken:
@@ -209,10 +216,19 @@ class RelaySession:
 
     def _log(self, qid: str, results: list[RecipientResult], *, connected: bool) -> None:
         """The one line per attempt: where it went and what each recipient got."""
-        event("delivery", logger=log, qid=qid, backend="smtp", domain=self.domain,
-              host=self.host if connected else None, addr=self.address if connected else None,
-              port=self.port if connected else None, tls=self.tls_state(connected),
-              policy=self.host_tls.source.value, **outcome_fields(results))
+        event(
+            "delivery",
+            logger=log,
+            qid=qid,
+            backend="smtp",
+            domain=self.domain,
+            host=self.host if connected else None,
+            addr=self.address if connected else None,
+            port=self.port if connected else None,
+            tls=self.tls_state(connected),
+            policy=self.host_tls.source.value,
+            **outcome_fields(results),
+        )
 
     async def _ready(self, qid: str) -> None:
         """Reuse the open connection (after an RSET probe) or open a new one."""
@@ -269,16 +285,26 @@ class RelaySession:
                     await self._open(qid, host_tls)
                     return
                 except DeliveryError as exc:
-                    event("connect_failed", logger=log, qid=qid, host=host, addr=address,
-                          port=port, reason=str(exc))
+                    event(
+                        "connect_failed",
+                        logger=log,
+                        qid=qid,
+                        host=host,
+                        addr=address,
+                        port=port,
+                        reason=str(exc),
+                    )
                     errors.append(exc)
         if errors and all(e.permanent for e in errors):
             raise errors[-1]
         last = next((e for e in reversed(errors) if not e.permanent), None)
         text = str(last) if last else "no host to try"
-        raise DeliveryError(f"all hosts for {self.domain} failed; last: {text}", permanent=False,
-                            code=last.code if last else 451,
-                            enhanced=last.enhanced if last else "4.4.1")
+        raise DeliveryError(
+            f"all hosts for {self.domain} failed; last: {text}",
+            permanent=False,
+            code=last.code if last else 451,
+            enhanced=last.enhanced if last else "4.4.1",
+        )
 
     async def _open(self, qid: str, host_tls: HostTls) -> None:
         """Connect to (host, address, port): greeting, EHLO, STARTTLS, AUTH."""
@@ -290,10 +316,14 @@ class RelaySession:
         sni = None if is_ip_address(self.host) else self.host
         implicit = smart is not None and smart.implicit_tls
         try:
-            stream = await ClientStream.open(self.address, self.port, t.connect,
-                                             tls=relay.tls_context if implicit else None,
-                                             server_hostname=sni or self.address,
-                                             local_addr=relay.source.local_addr(self.address))
+            stream = await ClientStream.open(
+                self.address,
+                self.port,
+                t.connect,
+                tls=relay.tls_context if implicit else None,
+                server_hostname=sni or self.address,
+                local_addr=relay.source.local_addr(self.address),
+            )
         except TimeoutError:
             raise _host_failure(f"connect to {self.peer}: timeout") from None
         except OSError as exc:
@@ -315,8 +345,9 @@ class RelaySession:
                     retry = self._after_tls_failure(qid, host_tls, failure)
                     return await self._open(qid, retry)
             if smart is not None and not stream.tls:
-                raise _host_failure(f"smarthost {self.peer} offers no TLS, which is required",
-                                    "4.7.10")
+                raise _host_failure(
+                    f"smarthost {self.peer} offers no TLS, which is required", "4.7.10"
+                )
             if smart is not None and smart.username:
                 await self._auth(stream, caps, smart)
         except DeliveryError:
@@ -526,16 +557,19 @@ class RelaySession:
         not a reason to bounce mail), as Postfix's smtp_sasl_auth_soft_bounce does."""
         t = self.relay.timeouts
         if "PLAIN" in caps.auth:
-            reply = await stream.command(proto.auth_plain(smart.username, smart.password),
-                                         t.command)
+            reply = await stream.command(
+                proto.auth_plain(smart.username, smart.password), t.command
+            )
         elif "LOGIN" in caps.auth:
             for line in proto.auth_login_steps(smart.username, smart.password):
                 reply = await stream.command(line, t.command)
                 if reply.code != 334:
                     break
         else:
-            raise _host_failure(f"smarthost {self.peer} offers no AUTH PLAIN or LOGIN "
-                                f"(it offers: {' '.join(sorted(caps.auth)) or 'none'})", "4.7.0")
+            raise _host_failure(
+                f"smarthost {self.peer} offers no AUTH PLAIN or LOGIN "
+                f"(it offers: {' '.join(sorted(caps.auth)) or 'none'})",
+                "4.7.0",
+            )
         if not 200 <= reply.code < 300:  # 235 per RFC 4954; any 2xx, as Postfix accepts
-            raise _host_failure(f"smarthost {self.peer} refused our credentials: {reply}",
-                                "4.7.8")
+            raise _host_failure(f"smarthost {self.peer} refused our credentials: {reply}", "4.7.8")

@@ -181,9 +181,7 @@ def parse_path(
     if _CONTROL.search(path_text):
         raise _syntax(sender, "control characters are not allowed")
     if not utf8 and not path_text.isascii():
-        raise AddressError(
-            Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
-        )
+        raise AddressError(Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"))
     inner = path_text[1:-1]
     if not inner:
         if null_ok:

@@ -59,7 +59,7 @@ class MaildropError(Exception):
 
 def valid_address(address: str) -> bool:
     """Loose mailbox syntax: something@domain, no spaces, brackets or control characters."""
-    if not address or len(address) > 512 or any(c in address for c in " <>\t,\"\\"):
+    if not address or len(address) > 512 or any(c in address for c in ' <>\t,"\\'):
         return False
     if not address.isprintable():
         return False
@@ -84,8 +84,14 @@ def ensure_maildrop_dir(queue_dir: str | os.PathLike[str], *, uid: int = -1, gid
     return path
 
 
-def drop(queue_dir: str | os.PathLike[str], sender: str, recipients: list[str],
-         write_body: Callable[[IO[bytes]], None], *, now: float | None = None) -> str:
+def drop(
+    queue_dir: str | os.PathLike[str],
+    sender: str,
+    recipients: list[str],
+    write_body: Callable[[IO[bytes]], None],
+    *,
+    now: float | None = None,
+) -> str:
     """Write one maildrop file atomically; `write_body(f)` writes the message (LF endings).
 
     Returns the queue id. Raises OSError (caller maps it to a sysexits code).
@@ -93,8 +99,11 @@ def drop(queue_dir: str | os.PathLike[str], sender: str, recipients: list[str],
     directory = maildrop_dir(queue_dir)
     queue_id = new_queue_id()
     tmp = directory / f"{queue_id}.tmp"
-    envelope = {"sender": sender, "recipients": recipients,
-                "time": time.time() if now is None else now}
+    envelope = {
+        "sender": sender,
+        "recipients": recipients,
+        "time": time.time() if now is None else now,
+    }
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -125,9 +134,15 @@ class Maildrop:
     Blocking file work goes through `executor` (None: the loop's default pool).
     """
 
-    def __init__(self, queue_dir: str | os.PathLike[str], *, hostname: str,
-                 max_size: int = 35 * 1024 * 1024, executor: Executor | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        queue_dir: str | os.PathLike[str],
+        *,
+        hostname: str,
+        max_size: int = 35 * 1024 * 1024,
+        executor: Executor | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.directory = ensure_maildrop_dir(queue_dir)
         self.work = Path(queue_dir) / PICKUP  # spool copies; same fs as the queue: links
         self.work.mkdir(mode=0o700, exist_ok=True)
@@ -193,20 +208,32 @@ class Maildrop:
         sender, rcpts = env.get("sender"), env.get("recipients")
         if not isinstance(sender, str) or (sender and not valid_address(sender)):
             raise MaildropError(f"bad sender {sender!r}")
-        if (not isinstance(rcpts, list) or not rcpts
-                or not all(isinstance(r, str) and valid_address(r) for r in rcpts)):
+        if (
+            not isinstance(rcpts, list)
+            or not rcpts
+            or not all(isinstance(r, str) and valid_address(r) for r in rcpts)
+        ):
             raise MaildropError(f"bad recipients {rcpts!r}")
         if not isinstance(env.get("time"), int | float):
             raise MaildropError("bad time")
         return env
 
-    def _spool_copy(self, name: str, f: IO[bytes], env: dict[str, object], uid: int,
-                    received_at: float, lock_fd: int) -> Picked:
+    def _spool_copy(
+        self,
+        name: str,
+        f: IO[bytes],
+        env: dict[str, object],
+        uid: int,
+        received_at: float,
+        lock_fd: int,
+    ) -> Picked:
         sender = str(env["sender"])
         recipients = [str(r) for r in env["recipients"]]  # type: ignore[attr-defined]
         head = f"Return-Path: <{sender}>\n".encode()
-        received = (f"Received: by {self.hostname} (postier, from userid {uid})\n"
-                    f"\tid {name}; {formatdate(self.clock())}\n").encode()
+        received = (
+            f"Received: by {self.hostname} (postier, from userid {uid})\n"
+            f"\tid {name}; {formatdate(self.clock())}\n"
+        ).encode()
         target = self.work / name
         eight_bit = False
         with open(target, "wb") as out:
@@ -219,9 +246,14 @@ class Maildrop:
             os.fsync(out.fileno())  # QueueStore.commit links this inode and relies on it
         utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         message = StoredMessage(
-            path=target, size=size, content_offset=len(head), sender=sender, queue_id=name,
+            path=target,
+            size=size,
+            content_offset=len(head),
+            sender=sender,
+            queue_id=name,
             received_at=received_at,
-            smtputf8=utf8, body_8bit=eight_bit,
+            smtputf8=utf8,
+            body_8bit=eight_bit,
         )
         return Picked(message, recipients, lock_fd)
 
@@ -274,13 +306,18 @@ class Maildrop:
                 if not delivered:  # also on cancellation; an unlink and a close: quick
                     self.release(picked)
             await loop.run_in_executor(self.executor, self.finish, picked)
-            log.info("event=pickup qid=%s from=<%s> nrcpt=%d", name, picked.message.sender,
-                     len(picked.recipients))
+            log.info(
+                "event=pickup qid=%s from=<%s> nrcpt=%d",
+                name,
+                picked.message.sender,
+                len(picked.recipients),
+            )
             done += 1
         return done
 
-    async def run(self, deliver: Deliver, *, interval: float = 1.0,
-                  stop: asyncio.Event | None = None) -> None:
+    async def run(
+        self, deliver: Deliver, *, interval: float = 1.0, stop: asyncio.Event | None = None
+    ) -> None:
         """Poll the maildrop every `interval` seconds until `stop` is set."""
         stop = stop or asyncio.Event()
         while not stop.is_set():
