@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from postier.delivery.base import Recipient, RecipientResult, Status, StoredMessage
-from postier.delivery.lmtp import LmtpBackend, Timeouts, parse_hostport
+from postier.delivery.client import Timeouts, parse_hostport
+from postier.delivery.lmtp import LmtpBackend
 from tests.sinks import SmtpSink, free_port, public_tmpdir, wait_for_port
 
 DOVECOT = shutil.which("dovecot") or shutil.which("dovecot", path="/usr/sbin")

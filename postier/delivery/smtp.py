@@ -13,7 +13,7 @@ retry later, permanent → bounce. Where each class comes from:
   5.6.7) or one larger than its SIZE limit (552 5.3.4) is permanent, as retrying cannot help.
 
 The transaction itself (MAIL, RCPT, DATA, body, replies) and the connection wrapper are shared
-with the LMTP backend and live in postier.delivery.lmtp.
+with the LMTP backend and live in postier.delivery.client.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from postier.delivery.base import Recipient, RecipientResult, StoredMessage, result_from_error
-from postier.delivery.lmtp import (
+from postier.delivery.client import (
     ClientStream,
     Timeouts,
     outcome_fields,

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from postier.delivery.lmtp import parse_hostport
+from postier.delivery.client import parse_hostport
 
 _STATUS = re.compile(r"^([45])\.(\d{1,3})\.(\d{1,3})$")
 
