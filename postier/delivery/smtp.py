@@ -24,7 +24,7 @@ import os
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from postier.delivery.base import Recipient, RecipientResult, StoredMessage, result_from_error
@@ -35,14 +35,14 @@ from postier.delivery.client import (
     parse_hostport,
     run_transaction,
 )
+from postier.delivery.relay_tls import NextHopTls, host_failure
 from postier.dns import Resolver, is_ip_address
 from postier.errors import DeliveryError
 from postier.log import event
-from postier.outbound import dane, requiretls
+from postier.outbound import requiretls
 from postier.outbound.source import OutboundSource
 from postier.outbound.tls_policy import (
     OPPORTUNISTIC,
-    DomainTls,
     HostTls,
     Level,
     Source,
@@ -51,7 +51,7 @@ from postier.outbound.tls_policy import (
 )
 from postier.protocol import client as proto
 from postier.protocol.client import Capabilities, ClientProtocolError
-from postier.tls import client_context, peer_chain
+from postier.tls import client_context
 
 __all__ = ["RelaySession", "Smarthost", "SmtpRelay", "Timeouts"]
 
@@ -80,10 +80,6 @@ class Smarthost:
         host, port = parse_hostport(text, 587)
         kwargs.setdefault("implicit_tls", port == 465)
         return cls(host, port, **kwargs)
-
-
-def _host_failure(text: str, enhanced: str = "4.4.1") -> DeliveryError:
-    return DeliveryError(text, permanent=False, code=451, enhanced=enhanced)
 
 
 class SmtpRelay:
@@ -140,7 +136,7 @@ class SmtpRelay:
         return [r for r in results if r is not None]
 
 
-class RelaySession:
+class RelaySession(NextHopTls):
     """A connection to one destination, opened on the first `send()` and reused after.
 
     If no host could be reached, later sends in this session fail at once with the same
@@ -264,7 +260,7 @@ class RelaySession:
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise _host_failure(f"smarthost {host}: {exc}", "4.4.3") from None
+            raise host_failure(f"smarthost {host}: {exc}", "4.4.3") from None
         return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     async def _connect(self, qid: str) -> None:
@@ -325,15 +321,15 @@ class RelaySession:
                 local_addr=relay.source.local_addr(self.address),
             )
         except TimeoutError:
-            raise _host_failure(f"connect to {self.peer}: timeout") from None
+            raise host_failure(f"connect to {self.peer}: timeout") from None
         except OSError as exc:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise _host_failure(f"connect to {self.peer}: {why}") from None
+            raise host_failure(f"connect to {self.peer}: {why}") from None
         try:
             self.local_ip = str((stream.writer.get_extra_info("sockname") or ("",))[0])
             greeting = await stream.read_reply(t.greeting)
             if greeting.code != 220:
-                raise _host_failure(f"{self.peer} greeted us with: {greeting}")
+                raise host_failure(f"{self.peer} greeted us with: {greeting}")
             caps = await self._hello(stream)
             if stream.tls:
                 self.tls_verified = smart is not None and smart.verify
@@ -345,7 +341,7 @@ class RelaySession:
                     retry = self._after_tls_failure(qid, host_tls, failure)
                     return await self._open(qid, retry)
             if smart is not None and not stream.tls:
-                raise _host_failure(
+                raise host_failure(
                     f"smarthost {self.peer} offers no TLS, which is required", "4.7.10"
                 )
             if smart is not None and smart.username:
@@ -355,191 +351,11 @@ class RelaySession:
             raise
         except TimeoutError:
             stream.writer.close()
-            raise _host_failure(f"timeout talking to {self.peer}", "4.4.2") from None
+            raise host_failure(f"timeout talking to {self.peer}", "4.4.2") from None
         except (OSError, ClientProtocolError) as exc:
             stream.writer.close()
-            raise _host_failure(f"{self.peer}: {exc}", "4.4.2") from None
+            raise host_failure(f"{self.peer}: {exc}", "4.4.2") from None
         self.stream, self.caps = stream, caps
-
-    # --- TLS toward the next hop: what the policy demands, and what happens when it fails ---
-
-    def tls_state(self, connected: bool = True) -> str:
-        """`verified`, `encrypted` or `none`: the `tls=` field of the delivery log line."""
-        if not connected or not self.tls:
-            return "none"
-        return "verified" if self.tls_verified else "encrypted"
-
-    def _with_tls(self, results: list[RecipientResult]) -> list[RecipientResult]:
-        """Stamp each result with the policy that applied and the last TLS failure, so the
-        queue can show them per recipient (`postier queue show`)."""
-        policy = self.host_tls.source.value
-        return [replace(r, tls_policy=policy, tls_failure=self.tls_failure) for r in results]
-
-    async def _domain_tls(self) -> DomainTls:
-        """A smarthost is always `verify` (or `encrypt` when so configured); MX hosts get
-        what the policy decides for the domain (tls_policy table, DANE, MTA-STS, `may`)."""
-        smart = self.relay.smarthost
-        if smart is not None:
-            level = Level.VERIFY if smart.verify else Level.ENCRYPT
-            return DomainTls.fixed(self.domain, HostTls(level, Source.SMARTHOST))
-        try:
-            return await self.relay.tls_policy.for_domain(self.domain)
-        except DeliveryError:
-            raise
-        except Exception as exc:  # a bug must defer the message, neither crash nor downgrade
-            log.exception("TLS policy decision for %s failed", self.domain)
-            raise _host_failure(
-                f"TLS policy decision for {self.domain} failed: {exc!r}", "4.7.5"
-            ) from None
-
-    async def _host_tls(self, qid: str, domain_tls: DomainTls, host: str) -> HostTls:
-        """The requirement for one MX host; DeliveryError when the policy refuses the host
-        (an MX outside an enforced MTA-STS policy) or its TLSA look-up failed."""
-        try:
-            host_tls = await domain_tls.for_host(host)
-            if host_tls.noted is not None:  # MTA-STS testing: report, log and go on
-                self._note_failure(qid, host, host_tls.noted)
-            return host_tls
-        except TlsFailure as failure:
-            if self.relaxed:  # TLS-Required: No: counted and logged, then tried anyway
-                self._note_failure(qid, host, failure)
-                return requiretls.relaxed_host(failure)
-            self.tls_failure = f"{failure.result_type}: {failure}"
-            if failure.host_tls is not None:
-                self.host_tls = failure.host_tls
-                self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
-            event(
-                "tls_refused",
-                logging.WARNING,
-                log,
-                qid=qid,
-                domain=self.domain,
-                host=host,
-                policy=failure.source,
-                result=failure.result_type,
-                reason=str(failure),
-            )
-            raise _host_failure(str(failure), failure.enhanced) from None
-        except DeliveryError:
-            raise
-        except Exception as exc:  # as in _domain_tls: defer, never crash nor downgrade
-            log.exception("TLS policy decision for %s failed", host)
-            raise _host_failure(
-                f"TLS policy decision for {host} failed: {exc!r}", "4.7.5"
-            ) from None
-
-    def _note_failure(self, qid: str, host: str, failure: TlsFailure) -> None:
-        self.tls_failure = f"{failure.result_type}: {failure}"
-        if failure.host_tls is not None:
-            self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
-        event(
-            "tls_failed",
-            logging.WARNING,
-            log,
-            qid=qid,
-            domain=self.domain,
-            host=host,
-            policy=failure.source,
-            result=failure.result_type,
-            reason=str(failure),
-            action="continue",
-        )
-
-    async def _starttls(
-        self, stream: ClientStream, caps: Capabilities, host_tls: HostTls, sni: str
-    ) -> Capabilities:
-        """STARTTLS as `host_tls` asks, then the checks the handshake cannot do (DANE).
-
-        Returns the capabilities said again over TLS (what was said in plaintext is
-        forgotten), or the plaintext ones when a `may` host offers no STARTTLS. Raises
-        TlsFailure, with its TLS-RPT result type, when the host falls short.
-        """
-        relay, t = self.relay, self.relay.timeouts
-        smart = host_tls.source is Source.SMARTHOST
-        if "STARTTLS" not in caps and not smart:
-            if host_tls.level is Level.MAY:
-                return caps
-            raise TlsFailure("starttls-not-supported", f"{self.peer} does not offer STARTTLS")
-        verify = host_tls.level is Level.VERIFY and not smart
-        context = relay.verify_context if verify else relay.tls_context
-        try:
-            reply = await stream.command(proto.STARTTLS, t.command)
-            if reply.code != 220:
-                if host_tls.level is Level.MAY:
-                    event(
-                        "starttls_refused",
-                        logger=log,
-                        domain=self.domain,
-                        host=self.host,
-                        addr=self.address,
-                        reply=str(reply),
-                    )
-                    return caps
-                raise TlsFailure("starttls-not-supported", f"{self.peer} refused STARTTLS: {reply}")
-            await stream.starttls(context, sni, t.command)
-        except ssl.SSLCertVerificationError as exc:
-            raise TlsFailure.from_verification(exc, self.peer) from None
-        except (OSError, ClientProtocolError) as exc:
-            why = "timeout" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-            raise TlsFailure(
-                "validation-failure", f"TLS handshake with {self.peer}: {why}", enhanced="4.7.5"
-            ) from None
-        if host_tls.level is Level.DANE and not smart:
-            dane.check(host_tls.tlsa, peer_chain(stream), self.host)  # TlsFailure: no match
-        if smart:
-            self.tls_verified = relay.smarthost is not None and relay.smarthost.verify
-        else:
-            self.tls_verified = host_tls.level in (Level.VERIFY, Level.DANE)
-        relay.tls_policy.record_success(host_tls, self.host, self.address, sending_ip=self.local_ip)
-        return await self._hello(stream)
-
-    def _after_tls_failure(self, qid: str, host_tls: HostTls, failure: TlsFailure) -> HostTls:
-        """Defer when the level requires TLS; else the level to reconnect with.
-
-        `may` falls back to plaintext (RFC 7435: plaintext beats no delivery); MTA-STS
-        `testing` reports the failure and goes on with opportunistic TLS (RFC 8461 §5).
-        """
-        self.tls_failure = f"{failure.result_type}: {failure}"
-        self.relay.tls_policy.record_failure(
-            host_tls, failure, self.host, self.address, sending_ip=self.local_ip
-        )
-        if host_tls.source is Source.SMARTHOST:
-            raise _host_failure(
-                f"TLS with smarthost {self.peer} failed: {failure}", failure.enhanced
-            )
-        if host_tls.required:
-            event(
-                "tls_refused",
-                logging.WARNING,
-                log,
-                qid=qid,
-                domain=self.domain,
-                host=self.host,
-                addr=self.address,
-                port=self.port,
-                policy=host_tls.source.value,
-                result=failure.result_type,
-                reason=str(failure),
-            )
-            raise _host_failure(
-                f"TLS required by {host_tls.source.value} policy for {self.host}: {failure}",
-                failure.enhanced,
-            )
-        fallback = Level.NONE if host_tls.level is Level.MAY else Level.MAY
-        event(
-            "tls_failed",
-            logging.WARNING,
-            log,
-            qid=qid,
-            host=self.host,
-            addr=self.address,
-            port=self.port,
-            policy=host_tls.source.value,
-            result=failure.result_type,
-            reason=str(failure),
-            action="plaintext" if fallback is Level.NONE else "may",
-        )
-        return HostTls(fallback, host_tls.source, enforce=False)
 
     async def _hello(self, stream: ClientStream) -> Capabilities:
         t = self.relay.timeouts
@@ -550,7 +366,7 @@ class RelaySession:
             reply = await stream.command(proto.helo(self.relay.hostname), t.command)
             if reply.code // 100 == 2:
                 return Capabilities()
-        raise _host_failure(f"{self.peer} refused our EHLO/HELO: {reply}")
+        raise host_failure(f"{self.peer} refused our EHLO/HELO: {reply}")
 
     async def _auth(self, stream: ClientStream, caps: Capabilities, smart: Smarthost) -> None:
         """AUTH PLAIN, else LOGIN. A refusal is temporary (a configuration problem to fix,
@@ -566,10 +382,10 @@ class RelaySession:
                 if reply.code != 334:
                     break
         else:
-            raise _host_failure(
+            raise host_failure(
                 f"smarthost {self.peer} offers no AUTH PLAIN or LOGIN "
                 f"(it offers: {' '.join(sorted(caps.auth)) or 'none'})",
                 "4.7.0",
             )
         if not 200 <= reply.code < 300:  # 235 per RFC 4954; any 2xx, as Postfix accepts
-            raise _host_failure(f"smarthost {self.peer} refused our credentials: {reply}", "4.7.8")
+            raise host_failure(f"smarthost {self.peer} refused our credentials: {reply}", "4.7.8")
