@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from postier.delivery.base import RecipientResult
-from postier.delivery.client import (
-    ClientStream,
-)
+from postier.delivery.client import ClientStream, Timeouts
 from postier.errors import DeliveryError
 from postier.log import event
 from postier.outbound import dane, requiretls
@@ -26,13 +24,11 @@ from postier.outbound.tls_policy import (
     Level,
     Source,
     TlsFailure,
+    TlsPolicy,
 )
 from postier.protocol import client as proto
 from postier.protocol.client import Capabilities, ClientProtocolError
 from postier.tls import peer_chain
-
-if TYPE_CHECKING:
-    from postier.delivery.smtp import SmtpRelay
 
 log = logging.getLogger("postier.delivery.smtp")
 
@@ -42,10 +38,24 @@ def host_failure(text: str, enhanced: str = "4.4.1") -> DeliveryError:
     return DeliveryError(text, permanent=False, code=451, enhanced=enhanced)
 
 
+class SmarthostTls(Protocol):
+    verify: bool  # verify its certificate (else encrypt only)
+
+
+class RelayTlsSettings(Protocol):
+    """What the TLS half needs of the relay (`SmtpRelay` has it)."""
+
+    smarthost: SmarthostTls | None
+    tls_policy: TlsPolicy
+    timeouts: Timeouts
+    tls_context: ssl.SSLContext  # encrypt only
+    verify_context: ssl.SSLContext  # certificate and name checked
+
+
 class NextHopTls:
     """Mixed into `RelaySession`: the policy decisions and the STARTTLS step."""
 
-    relay: SmtpRelay
+    relay: RelayTlsSettings
     domain: str
     stream: ClientStream | None
     host: str
