@@ -109,21 +109,9 @@ class NextHopTls:
             if self.relaxed:  # TLS-Required: No: counted and logged, then tried anyway
                 self._note_failure(qid, host, failure)
                 return requiretls.relaxed_host(failure)
-            self.tls_failure = f"{failure.result_type}: {failure}"
             if failure.host_tls is not None:
                 self.host_tls = failure.host_tls
-                self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
-            event(
-                "tls_refused",
-                logging.WARNING,
-                log,
-                qid=qid,
-                domain=self.domain,
-                host=host,
-                policy=failure.source,
-                result=failure.result_type,
-                reason=str(failure),
-            )
+            self._record_failure("tls_refused", qid, host, failure)
             raise host_failure(str(failure), failure.enhanced) from None
         except DeliveryError:
             raise
@@ -132,11 +120,18 @@ class NextHopTls:
             raise host_failure(f"TLS policy decision for {host} failed: {exc!r}", "4.7.5") from None
 
     def _note_failure(self, qid: str, host: str, failure: TlsFailure) -> None:
+        """A failure the policy lets pass (MTA-STS testing, `TLS-Required: No`)."""
+        self._record_failure("tls_failed", qid, host, failure, action="continue")
+
+    def _record_failure(
+        self, name: str, qid: str, host: str, failure: TlsFailure, **extra: object
+    ) -> None:
+        """Keep the failure for the queue, count it for TLS-RPT, and log it."""
         self.tls_failure = f"{failure.result_type}: {failure}"
         if failure.host_tls is not None:
             self.relay.tls_policy.record_failure(failure.host_tls, failure, host, "")
         event(
-            "tls_failed",
+            name,
             logging.WARNING,
             log,
             qid=qid,
@@ -145,7 +140,7 @@ class NextHopTls:
             policy=failure.source,
             result=failure.result_type,
             reason=str(failure),
-            action="continue",
+            **extra,
         )
 
     async def _starttls(
