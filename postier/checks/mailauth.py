@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 
 from postier.checks.base import ACCEPT, ReceivedMessage, Verdict, refuse
 from postier.dns import Resolver
-from postier.inbound.header_scan import DropField
+from postier.inbound.header_scan import DropField, NamedDrop
 from postier.inbound.transaction import Transaction
 from postier.log import event
 from postier.mailauth import AuthVerdicts, SpfResult, authenticate, check_spf, claims_authserv_id
@@ -47,12 +47,10 @@ def foreign_results_filter(hostname: str) -> DropField:
     readers (Sieve, mail clients) trust our name; one from another host stays.
     """
 
-    def drop(name: bytes, field: bytes) -> bool:
-        if name != b"authentication-results":
-            return False
+    def claims_us(name: bytes, field: bytes) -> bool:
         return claims_authserv_id(field.partition(b":")[2], hostname)
 
-    return drop
+    return NamedDrop(frozenset({b"authentication-results"}), claims_us)
 
 
 class MessageAuthentication:
