@@ -9,7 +9,7 @@ once, and the inbound handler skips an empty one without a call.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -140,32 +140,16 @@ class CheckChain:
         return tuple(c.name for c in self.checks)
 
     async def at_connect(self, peer: Peer) -> Verdict:
-        for check in self.connect:
-            verdict = await check.at_connect(peer)
-            if verdict.refused:
-                return dataclasses.replace(verdict, check=check.name)
-        return ACCEPT
+        return await _first_refusal((c, c.at_connect(peer)) for c in self.connect)
 
     async def at_mail(self, txn: Transaction) -> Verdict:
-        for check in self.mail:
-            verdict = await check.at_mail(txn)
-            if verdict.refused:
-                return dataclasses.replace(verdict, check=check.name)
-        return ACCEPT
+        return await _first_refusal((c, c.at_mail(txn)) for c in self.mail)
 
     async def at_rcpt(self, txn: Transaction, rcpt: Address) -> Verdict:
-        for check in self.rcpt:
-            verdict = await check.at_rcpt(txn, rcpt)
-            if verdict.refused:
-                return dataclasses.replace(verdict, check=check.name)
-        return ACCEPT
+        return await _first_refusal((c, c.at_rcpt(txn, rcpt)) for c in self.rcpt)
 
     async def at_refused_rcpt(self, txn: Transaction, rcpt: Address) -> Verdict:
-        for check in self.refused_rcpt:
-            verdict = await check.at_refused_rcpt(txn, rcpt)
-            if verdict.refused:
-                return dataclasses.replace(verdict, check=check.name)
-        return ACCEPT
+        return await _first_refusal((c, c.at_refused_rcpt(txn, rcpt)) for c in self.refused_rcpt)
 
     async def at_end_of_data(self, txn: Transaction, message: ReceivedMessage) -> Verdict:
         """The first refusal, else every accepting check's header lines, in chain order."""
@@ -189,3 +173,13 @@ class CheckChain:
             remove_fields=frozenset(remove),
             spam=spam,
         )
+
+
+async def _first_refusal(calls: Iterator[tuple[Check, Awaitable[Verdict]]]) -> Verdict:
+    """Await a stage's checks in order (lazily: each call is made only when its turn comes)
+    and return the first refusal, named after its check, or ACCEPT."""
+    for check, pending in calls:
+        verdict = await pending
+        if verdict.refused:
+            return dataclasses.replace(verdict, check=check.name)
+    return ACCEPT
