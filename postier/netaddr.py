@@ -132,3 +132,16 @@ def resolve_bind_addresses(spec: ListenSpec) -> list[str | None]:
     if not addrs:
         raise ConfigError(f"interface {spec.host!r} does not exist or has no usable address")
     return list(addrs)
+
+
+def client_network(ip: str, ipv4_prefix: int) -> str:
+    """The unit a client is judged by: its IPv6 /64 (one site gets a /64), or its IPv4
+    address within `ipv4_prefix` (32: the address itself). IPv4-mapped IPv6 counts as IPv4."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is None:
+            return str(ipaddress.IPv6Network((addr, 64), strict=False))
+        addr = addr.ipv4_mapped
+    if ipv4_prefix >= 32:
+        return str(addr)
+    return str(ipaddress.IPv4Network((addr, ipv4_prefix), strict=False))

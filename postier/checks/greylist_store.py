@@ -10,12 +10,12 @@ from another address of the same pool.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from postier import netaddr
 from postier.checks.sqlite_state import StateFile
 
 _SCHEMA = """
@@ -29,13 +29,8 @@ CREATE TABLE IF NOT EXISTS passed (net TEXT PRIMARY KEY, until REAL NOT NULL);
 
 
 def client_network(ip: str) -> str:
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        else:
-            return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(ipaddress.IPv4Network((addr, 24), strict=False))
+    """Greylisting's unit: a /24 or a /64, since large senders retry from their pool."""
+    return netaddr.client_network(ip, 24)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,12 @@ Times are integer nanoseconds, so "exactly N" holds without floating-point edge 
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from postier.checks.sqlite_state import StateFile
+from postier.netaddr import client_network
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate (key TEXT PRIMARY KEY, tat INTEGER NOT NULL);
@@ -27,12 +27,7 @@ _SWEEP_EVERY = 1000
 
 def client_key(ip: str) -> str:
     """The unit a client is counted by: its IPv4 address, or its IPv6 /64."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
+    return client_network(ip, 32)
 
 
 class RateLimiter:
