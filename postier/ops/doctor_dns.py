@@ -1,11 +1,12 @@
-"""DNS look-ups for `postier doctor`: one resolver, answers cached for the run, failures kept apart.
+"""DNS look-ups for `postier doctor`: one resolver, answers shared for the run, failures named.
 
-Why not `postier.dns.Resolver` as is: it answers the queue's question (deliverable or not) and
-folds "no record" into a bounce code. Doctor needs the opposite care: a missing record is a
-finding, while a time-out or SERVFAIL says nothing about the record and must never be reported
-as "missing". So every look-up here returns the records (empty for NXDOMAIN or NODATA) or
-raises `DnsFailure`, which the checks turn into one DNS problem. The resolver is configured like
-`postier.dns.Resolver`: the `--dns-server` given, else the system's, with no search list.
+Why not `postier.dns.Resolver.lookup`, which has the same classes (records, or [] for
+NXDOMAIN/NODATA, or a temporary failure): doctor tells the operator *which* failure it was
+("no answer within 5s", "SERVFAIL"), since that is what they go and fix, and it shares one
+query among the checks that ask the same name at once during a run. A missing record is a
+finding; a time-out or SERVFAIL says nothing about the record and is never reported as
+"missing". The resolver is configured like `postier.dns.Resolver`: the `--dns-server` given,
+else the system's, with no search list.
 
 pyspf evaluates SPF itself and asks DNS through a module-level function; `spf_lookup()` gives
 it one that goes through this same resolver, bound to the evaluating thread only by
