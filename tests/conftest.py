@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import PostierServer, make_server
+from tests.sinks import public_tmpdir
 
 
 @pytest.fixture
@@ -18,3 +19,10 @@ def server(tmp_path: Path) -> Iterator[PostierServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def pub() -> Iterator[Path]:
+    """A temporary directory that daemons running as other users can enter."""
+    with public_tmpdir() as path:
+        yield path

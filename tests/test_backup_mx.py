@@ -20,7 +20,7 @@ import pytest
 from postier.outbound.backup_mx import load_relay_recipients
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, free_port, make_server
-from tests.sinks import PrivatePostfix, SmtpSink, have, public_tmpdir
+from tests.sinks import PrivatePostfix, SmtpSink, have
 
 pytestmark = pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")
 
@@ -51,12 +51,6 @@ def queue_cmd(srv: PostierServer, *args: str) -> str:
         timeout=60,
     )
     return done.stdout
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

@@ -47,12 +47,6 @@ def dns() -> Iterator[DnsServer]:
         yield server
 
 
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
-
-
 @pytest.fixture(scope="module")
 def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostierServer]:
     srv = make_server(

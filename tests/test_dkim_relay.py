@@ -22,7 +22,7 @@ from postier.dkim.keys import DkimKey, generate_key
 from tests.dkim_peer import available, fields_of, key_zone, only_signature, opendkim_verify
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, make_server
-from tests.sinks import PrivatePostfix, have, public_tmpdir
+from tests.sinks import PrivatePostfix, have
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONE = {
@@ -43,12 +43,6 @@ MESSAGE = (
     "Grüße aus Köln.\r\n"
     ".a line that was dot-stuffed\r\n"
 ).encode()
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, make_server
-from tests.sinks import PrivatePostfix, SmtpSink, have, public_tmpdir
+from tests.sinks import PrivatePostfix, SmtpSink, have
 
 pytestmark = pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")
 
@@ -41,12 +41,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.1)
     return predicate()
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

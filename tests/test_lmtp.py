@@ -124,12 +124,6 @@ def dovecot() -> Iterator[Dovecot]:
             server.stop()
 
 
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
-
-
 _n = iter(range(1_000_000))
 
 

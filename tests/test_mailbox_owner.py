@@ -12,22 +12,14 @@ from __future__ import annotations
 import os
 import pwd
 import smtplib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.server import PostierServer, make_server
-from tests.sinks import public_tmpdir
 
 USER = "nobody"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to a user needs root")
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 def deliver_one(pub: Path, fmt: str, leaf: str) -> tuple[PostierServer, Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import smtplib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from postier.errors import ConfigError, DeliveryError
 from postier.outbound.source import OutboundSource, parse_binds, sending_addresses
 from tests.dnsserver import DnsServer
 from tests.server import free_port, make_server
-from tests.sinks import SmtpSink, have, public_tmpdir
+from tests.sinks import SmtpSink, have
 
 
 def test_family_filters_addresses_in_order() -> None:
@@ -61,12 +60,6 @@ def test_doctor_checks_ptr_of_the_sending_addresses_only() -> None:
 
 
 # ---- through the daemon --------------------------------------------------------------------
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from tests.server import PostierServer, make_server
-from tests.sinks import public_tmpdir
 
 USER = "nobody"
 
@@ -73,12 +72,6 @@ PRELOAD = (
     "sys.argv[0] = 'postier'\n"
     "sys.exit(main())\n"
 )
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, make_server
-from tests.sinks import PrivatePostfix, SmtpSink, have, public_tmpdir
+from tests.sinks import PrivatePostfix, SmtpSink, have
 
 pytestmark = pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")
 
@@ -47,12 +47,6 @@ def queue_cmd(srv: PostierServer, *args: str) -> subprocess.CompletedProcess[str
         text=True,
         timeout=60,
     )
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

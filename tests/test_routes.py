@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import smtplib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from postier.errors import ConfigError
 from postier.outbound.routes import Route, RouteTable, parse_routes_table
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, make_server
-from tests.sinks import SmtpSink, have, public_tmpdir
+from tests.sinks import SmtpSink, have
 
 # ---- syntax and matching -------------------------------------------------------------------
 
@@ -104,12 +103,6 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-unt
             return True
         time.sleep(0.1)
     return bool(predicate())
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 def routed_server(

@@ -36,7 +36,7 @@ from postier.queue import ids
 from postier.queue.scheduler import Scheduler
 from postier.queue.store import DELIVERED, PENDING, EntryNotFound, QueueStore
 from tests.dnsserver import DnsServer
-from tests.sinks import RecordingProxy, SmtpSink, public_tmpdir
+from tests.sinks import RecordingProxy, SmtpSink
 
 Script = Callable[[StoredMessage, Recipient], RecipientResult]
 
@@ -495,12 +495,6 @@ ZONE = {
     "origin.test": {"MX": [(10, "mx.sink.test")]},
     "mx.sink.test": {"A": ["127.0.0.1"]},
 }
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from postier import sendmail
 from postier.delivery.base import StoredMessage
 from postier.queue import maildrop as md
 from postier.queue.store import EntryExists, QueueStore
-from tests.sinks import public_tmpdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,12 +163,6 @@ def test_end_to_end_command(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     [(env, msg)] = dropped(tmp_path)
     assert env["recipients"] == ["bob@example.net"] and msg.endswith(b"\n.\noutput\n")
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 @pytest.mark.skipif(

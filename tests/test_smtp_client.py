@@ -163,12 +163,6 @@ def dns_server() -> Iterator[DnsServer]:
         yield server
 
 
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
-
-
 _counter = iter(range(1_000_000))
 
 

@@ -31,7 +31,7 @@ from tests.dnsserver import DnsServer
 from tests.mailauth_dns import txt
 from tests.mailauth_sign import genkey, key_record, sign
 from tests.server import PostierServer, make_server
-from tests.sinks import PrivatePostfix, SmtpSink, have, public_tmpdir
+from tests.sinks import PrivatePostfix, SmtpSink, have
 
 SECRET = "a test secret, not a real one"
 
@@ -78,12 +78,6 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-unt
             return True
         time.sleep(0.1)
     return bool(predicate())
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    with public_tmpdir() as path:
-        yield path
 
 
 def forwarder(root: Path, dns_port: int, remote_port: int) -> PostierServer:
