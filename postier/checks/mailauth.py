@@ -131,7 +131,7 @@ class MessageAuthentication:
             reason = f"DMARC policy of {dmarc.from_domain} is reject: {dmarc.reason}"
             text = f"Message rejected: the DMARC policy of {dmarc.from_domain} says reject"
             return refuse(Reply(550, "5.7.1", text), reason)
-        if disposition == "temperror" and not _passes_whatever_the_record(verdicts):
+        if disposition == "temperror":
             reason = f"DMARC of {dmarc.from_domain} undecided: {dmarc.reason}"
             text = f"DMARC of {dmarc.from_domain} cannot be checked now; try again later"
             return refuse(Reply(451, "4.7.0", text), reason)
@@ -142,17 +142,3 @@ def _action(refusal: Verdict | None) -> str:
     if refusal is None or refusal.reply is None:
         return "deliver"
     return "reject" if refusal.reply.code >= 500 else "tempfail"
-
-
-def _passes_whatever_the_record(verdicts: AuthVerdicts) -> bool:
-    """A pass for the From domain itself, so DMARC passes under any record (strict too).
-
-    When only the record look-up failed, a message with such a pass needs no retry.
-    """
-    domain = verdicts.dmarc.from_domain.lower()
-    if not domain:
-        return False
-    spf = verdicts.spf
-    if spf.result == "pass" and spf.domain.lower() == domain:
-        return True
-    return any(d.result == "pass" and d.domain.lower() == domain for d in verdicts.dkim)

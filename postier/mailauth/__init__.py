@@ -51,8 +51,23 @@ class AuthVerdicts:
         return render(authserv_id, self.spf, self.dkim, self.dmarc)
 
     def dmarc_disposition(self) -> str:
-        """What the sender's policy asks after pct=: none, quarantine, reject or temperror."""
-        return self.dmarc.disposition
+        """What the sender's policy asks after pct=: none, quarantine, reject or temperror.
+
+        A temperror (the record could not be read) asks for nothing when the From domain
+        itself passed SPF or DKIM: DMARC passes under any record then, strict ones too, so
+        a retry would gain nothing."""
+        disposition = self.dmarc.disposition
+        if disposition == "temperror" and self._from_domain_passed():
+            return "none"
+        return disposition
+
+    def _from_domain_passed(self) -> bool:
+        domain = self.dmarc.from_domain.lower()
+        if not domain:
+            return False
+        if self.spf.result == "pass" and self.spf.domain.lower() == domain:
+            return True
+        return any(d.result == "pass" and d.domain.lower() == domain for d in self.dkim)
 
 
 def _read(path: Path, offset: int) -> HeaderSection:
