@@ -16,7 +16,8 @@ that must not be added later oversigned (listed once more in `h=` than they occu
 hashing, the signature and the folding of the field are dkimpy's (`DomainSigner.gen_header`,
 called with the tags `DKIM.sign` would build); only the body hash is computed beside it,
 streaming (`postier.dkim.bodyhash`), so a 35 MB message is read once and never held in
-memory. RSA and Ed25519 share the sha256 body hash: dual signing reads the body once.
+memory. RSA and Ed25519 share the sha256 body hash: dual signing reads the body once. The
+RSA signature itself is OpenSSL's (`postier.dkim.openssl_rsa`: dkimpy's is pure Python).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ import dkim
 import idna
 from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
-from dkim.crypto import parse_pem_private_key
 
 from postier import log
 from postier.delivery.base import StoredMessage
 from postier.delivery.fsutil import copy_from, write_all
+from postier.dkim import openssl_rsa
 from postier.dkim.bodyhash import hash_stream
 from postier.dkim.keys import ED25519_SHA256, DkimKey, a_label, load_keys
 from postier.errors import ConfigError
@@ -74,12 +75,12 @@ class _Signing:
     """A key ready to sign: dkimpy's parsed private key, made once per (re)load."""
 
     key: DkimKey
-    private: Any  # dkimpy's RSA key dict, or a nacl SigningKey
+    private: Any  # an OpenSSL RSA key (openssl_rsa signs with it), or a nacl SigningKey
 
 
 def _prepare(key: DkimKey) -> _Signing:
     if key.algorithm != ED25519_SHA256:
-        return _Signing(key, parse_pem_private_key(key.private_pem))
+        return _Signing(key, openssl_rsa.private_key(key.private_pem))
     try:
         import nacl.signing
     except ImportError:

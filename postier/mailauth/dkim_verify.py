@@ -7,7 +7,8 @@ The work is split in three so that neither the event loop nor memory pays for a 
 2. `fetch_keys` (event loop): the key records, concurrently, through our cached resolver.
 3. `finish` (thread pool): one streaming pass computes every body hash needed (bodyhash.py),
    then dkimpy checks each header signature (`verify_sig_process` with the body-hash step
-   taken out, because we compared bh= ourselves against the streamed hash).
+   taken out, because we compared bh= ourselves against the streamed hash). The RSA
+   arithmetic is OpenSSL's (`postier.dkim.openssl_rsa`), everything around it dkimpy's.
 
 Verdicts (RFC 8601 §2.7.1): pass; fail (signature or body hash does not verify, key revoked);
 permerror (malformed signature or key, no key, unacceptable algorithm or key size); temperror
@@ -29,6 +30,7 @@ import dkim
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import parse_tag_value
 
+from postier.dkim import openssl_rsa
 from postier.dns import DnsTemporaryError, Resolver
 from postier.mailauth.bodyhash import BodySpec, hash_bodies
 from postier.mailauth.headers import HeaderSection
@@ -213,9 +215,16 @@ def finish(path: Path, prepared: Prepared) -> list[DkimResult]:
     return [results[i] for i in sorted(results)]
 
 
-@lru_cache(maxsize=256)  # a sender's key record, parsed once (ASN.1 in pure Python)
+@lru_cache(maxsize=256)
 def _parse_key(record: bytes) -> tuple[Any, int, bytes, bool]:
-    return dkim.evaluate_pk(b"key", record)
+    """A key record parsed once per sender key, not per message: dkimpy's ASN.1 is pure
+    Python, and an RSA key becomes an OpenSSL key. The parse depends on the record's text
+    alone, so the record is the whole cache key (one entry serves every selector that
+    publishes the same key)."""
+    pk, keysize, ktag, seqtlsrpt = dkim.evaluate_pk(b"key", record)
+    if ktag == b"rsa" and pk is not None:
+        pk = openssl_rsa.public_key(pk)
+    return pk, keysize, ktag, seqtlsrpt
 
 
 def _check_signature(verifier: Any, c: _Candidate) -> DkimResult:
