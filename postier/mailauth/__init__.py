@@ -70,10 +70,12 @@ class AuthVerdicts:
         return any(d.result == "pass" and d.domain.lower() == domain for d in self.dkim)
 
 
-def _read(path: Path, offset: int) -> HeaderSection:
-    """The header section, and the Public Suffix List loaded once (tens of ms) in the pool."""
+def _read(path: Path, offset: int) -> tuple[HeaderSection, dkim_verify.Prepared]:
+    """The header section and its DKIM signatures parsed, in one trip to the pool (each trip
+    costs about 0.1 ms of CPU); and the Public Suffix List loaded once (tens of ms)."""
     organizational_domain("example.org")
-    return read_header_section(path, offset)
+    section = read_header_section(path, offset)
+    return section, dkim_verify.prepare(section)
 
 
 async def _warm_dmarc(resolver: Resolver, domains: list[str]) -> None:
@@ -103,8 +105,7 @@ async def authenticate(
     unreadable file raises (OSError): that is the server's trouble, not the message's.
     """
     loop = asyncio.get_running_loop()
-    section = await loop.run_in_executor(executor, _read, message_path, content_offset)
-    prepared = await loop.run_in_executor(executor, dkim_verify.prepare, section)
+    section, prepared = await loop.run_in_executor(executor, _read, message_path, content_offset)
     authors = from_domains(section.raw)
     await asyncio.gather(
         dkim_verify.fetch_keys(resolver, prepared), _warm_dmarc(resolver, authors[:5])
