@@ -22,8 +22,9 @@ DKIM keys and DMARC `p=reject`. The resolver's cache is warm (a repeat sender) e
     python3 bench/mailauth_cost.py --trees /tmp/before,. --messages 300 --repeat 3
     python3 bench/mailauth_cost.py --only dkim-rsa,sign-rsa   # this checkout alone
 
-Profile one row with py-spy (it follows the thread pool): `py-spy record -o out.svg --
-python3 bench/mailauth_cost.py --only dkim-rsa --repeat 1 --messages 2000`.
+Profile one row with py-spy (the work is in the child, in its thread pool too): `py-spy record
+--subprocesses -o out.svg -- python3 bench/mailauth_cost.py --only dkim-rsa --repeat 1
+--messages 2000`.
 """
 
 from __future__ import annotations
