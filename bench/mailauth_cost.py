@@ -47,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "example.test"
 SENDER = f"alice@{DOMAIN}"
-CLIENT_IP = "192.0.2.5"
+CLIENT_IP = "198.51.100.5"  # in the include, so that both look-ups are made
 MODES = (
     "read",
     "spf",
