@@ -29,3 +29,16 @@ def test_every_row_for_two_trees() -> None:
         assert len(rows[row]) == 3, out.stdout  # two trees and the ratio
     assert rows["sign-rsa"][-1].endswith("x") and float(rows["sign-rsa"][0]) > 0
     assert "sign-ed25519" in rows
+
+
+def test_primitives() -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "mailauth_cost.py"), "--primitives", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for op in ("sign, dkimpy", "sign, OpenSSL", "verify, dkimpy", "verify, OpenSSL"):
+        assert op in out.stdout
