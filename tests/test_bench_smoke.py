@@ -143,3 +143,20 @@ def test_bench_modules_import_one_way():
 
     for module in graph:
         visit(module, ())
+
+
+def test_idle_connections_bench(serve_exists, tmp_path, capsys):
+    """bench/idle.py opens its connections, holds them, and reports the server's memory."""
+    from bench import idle
+
+    results = tmp_path / "results"
+    argv = ["-n", "20", "--ehlo", "--workers", "1", "--settle", "0.2"]
+    argv += ["--tmpdir", str(tmp_path), "--results-dir", str(results)]
+    assert idle.main(argv) == 0
+    assert "RSS KiB/conn" in capsys.readouterr().out
+    [doc] = [json.loads(p.read_text()) for p in results.glob("idle-*.json")]
+    assert doc["failures"] == []
+    [row] = doc["rows"]
+    assert (row["open"], row["connections"], row["failed"]) == (20, 20, 0)
+    assert row["held_rss_mib"] > 0 and row["held_pss_mib"] > 0
+    assert row["rss_kib_per_conn"] is not None

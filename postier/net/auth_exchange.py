@@ -37,6 +37,10 @@ class AuthServices(Protocol):
 
 
 class AuthExchange:
+    # One per connection, AUTH or not: slots instead of a __dict__ (about 60 bytes less for
+    # every idle connection).
+    __slots__ = ("conn", "exchange", "failures", "peer", "services")
+
     def __init__(self, conn: ServerConnection, peer: Peer, services: AuthServices) -> None:
         self.conn = conn
         self.peer = peer

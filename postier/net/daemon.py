@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -415,6 +416,13 @@ def _supervise(
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    # Everything built so far (modules, the context, the policy) is shared with the workers
+    # copy-on-write. Their cyclic GC writes into the header of every object it examines, which
+    # copies those pages into each worker: PSS rose by 20 MB at 100 sessions, and by 2 KiB per
+    # idle connection at 10,000. Frozen objects are left out of the workers' collections
+    # (refcounting still frees them; only a cycle among them would stay).
+    gc.collect()
+    gc.freeze()
     for i in range(config.workers):
         spawn(i)
     notifier.ready()
