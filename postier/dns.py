@@ -25,7 +25,9 @@ import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.name
+import dns.rcode
 import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -287,6 +289,30 @@ class Resolver:
         except (dns.exception.DNSException, OSError) as exc:
             raise DnsTemporaryError(f"{name} {rdtype}: {type(exc).__name__}: {exc}") from None
         return [] if answer.rrset is None else list(answer.rrset)
+
+    def cached(self, name: str, rdtype: str) -> list[dns.rdata.Rdata] | None:
+        """What `lookup` would answer now from its cache alone; None when it would have to ask.
+
+        Synchronous, and safe from any thread (dnspython's cache has its own lock): pyspf
+        runs in a pool thread, where a trip to the event loop and back costs ~0.2 ms per
+        look-up even when the answer is cached (spf.py asks this first). A cached NXDOMAIN
+        or NODATA is [] as in `lookup`; a bad name is None (`lookup` says why).
+        """
+        res = self._auth_resolver
+        if res is None or res.cache is None:
+            return None
+        try:
+            qname = dns.name.from_text(to_ascii_domain(name))
+            qtype = dns.rdatatype.RdataType.make(rdtype)
+        except (ValueError, dns.exception.DNSException):
+            return None
+        answer = res.cache.get((qname, qtype, dns.rdataclass.IN))
+        if answer is not None:
+            return [] if answer.rrset is None else list(answer.rrset)
+        answer = res.cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
+            return []
+        return None
 
     async def txt(self, name: str, *, lifetime: float | None = None) -> list[bytes]:
         """TXT records at `name`, each with its character-strings joined (RFC 7208 §3.3)."""

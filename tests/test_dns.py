@@ -255,3 +255,19 @@ def test_with_dnsmasq(tmp_path) -> None:  # type: ignore[no-untyped-def]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_cached_answers_what_lookup_answered_without_asking(dns_server: DnsServer) -> None:
+    """`cached` (pyspf's shortcut from its pool thread) gives lookup's answer once it is
+    cached: records, NODATA and NXDOMAIN alike; before that, and for a bad name, None."""
+    r = resolver(dns_server)
+    cases = [("dual.test", "A"), ("dual.test", "TXT"), ("nowhere.test", "A")]
+    for name, rdtype in cases:
+        assert r.cached(name, rdtype) is None
+    answers = {case: asyncio.run(r.lookup(*case)) for case in cases}
+    asked = len(dns_server.queries)
+    for case in cases:
+        assert r.cached(*case) == answers[case]
+    assert answers[cases[0]] and answers[cases[1]] == [] and answers[cases[2]] == []
+    assert len(dns_server.queries) == asked  # from the cache alone
+    assert r.cached("bad..name", "A") is None

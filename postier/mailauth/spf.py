@@ -93,18 +93,20 @@ def _bridge(
         # pyspf passes what is left of its overall budget; one look-up also gets no more
         # than the resolver's own timeout, so a silent server costs that, not 20 seconds.
         timeout = max(0.1, min(float(timeout), SPF_TIME_LIMIT, resolver.timeout))
-        future = asyncio.run_coroutine_threadsafe(
-            resolver.lookup(name, qtype, lifetime=timeout), loop
-        )
-        try:
-            records = future.result(timeout + 1.0)
-        except ValueError:  # not a DNS name: nothing can be there
-            return []
-        except DnsTemporaryError as exc:
-            raise spf.TempError(f"DNS {exc}") from None
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise spf.TempError(f"DNS {name} {qtype}: timeout") from None
+        records = resolver.cached(name, qtype)  # a repeat sender: no trip to the loop
+        if records is None:
+            future = asyncio.run_coroutine_threadsafe(
+                resolver.lookup(name, qtype, lifetime=timeout), loop
+            )
+            try:
+                records = future.result(timeout + 1.0)
+            except ValueError:  # not a DNS name: nothing can be there
+                return []
+            except DnsTemporaryError as exc:
+                raise spf.TempError(f"DNS {exc}") from None
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise spf.TempError(f"DNS {name} {qtype}: timeout") from None
         key = (name.lower().rstrip("."), qtype)
         out: list = []
         for r in records:
