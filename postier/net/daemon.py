@@ -383,6 +383,7 @@ def _supervise(
 
     def spawn(index: int) -> None:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+        log.flush()  # a line still buffered would be written by the child too
         pid = os.fork()
         if pid != 0:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -394,6 +395,7 @@ def _supervise(
             except BaseException:
                 _LOG.exception("event=worker-crash worker=%s", index)
             finally:
+                log.flush()
                 os._exit(code)
         children[pid] = index
 
