@@ -13,6 +13,7 @@ no observer the cost is one truth test per event.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -158,6 +159,13 @@ def _only_writer(logger: logging.Logger, writer: LineWriter) -> bool:
             return False
         current = current.parent
     return False  # pragma: no cover - every logger's chain ends at the root
+
+
+def attach_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """The worker's loop, on its own thread: its lines are batched per iteration cheaply.
+    Call with None before the loop stops (its lines are then written at once)."""
+    if _writer is not None:
+        _writer.attach_loop(loop)
 
 
 def flush() -> None:

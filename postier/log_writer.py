@@ -53,6 +53,16 @@ class LineWriter(logging.Handler):
         self._buffer_lock = threading.Lock()
         self._second = -1
         self._second_text = ""
+        # The worker's event loop and its thread (attach_loop): asyncio's own look-up of the
+        # running loop makes a getpid() system call each time, and this runs for every line.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = -1
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Batch the lines made on `loop`'s thread from now on (None: write them at once)."""
+        self.flush()
+        self._loop = loop
+        self._loop_thread = threading.get_ident() if loop is not None else -1
 
     # ---- making lines --------------------------------------------------------------------
     def timestamp(self, created: float) -> str:
@@ -91,7 +101,10 @@ class LineWriter(logging.Handler):
 
     # ---- writing them --------------------------------------------------------------------
     def _add(self, line: str) -> None:
-        loop = asyncio._get_running_loop()
+        if threading.get_ident() == self._loop_thread:
+            loop = self._loop
+        else:  # another thread, or a loop the daemon did not attach (inetd, tests)
+            loop = asyncio._get_running_loop()
         with self._buffer_lock:
             self._lines.append(line)
             self._pending += len(line) + 1

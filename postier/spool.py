@@ -146,8 +146,12 @@ class SpoolWriter:
     def flush(self) -> None:
         """Append what is buffered to the file (thread pool)."""
         if self._state is _State.MEMORY:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            try:
+                self._fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:  # the daemon made it at start; someone removed it
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._fd = os.open(self.path, flags, 0o600)
             self._state = _State.OPEN
             prologue = self._prologue()
             self._parts.insert(0, prologue)

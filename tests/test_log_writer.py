@@ -153,3 +153,25 @@ def test_quote_fast_path_and_escapes() -> None:
     assert log.fields(a="plain", b="", c="a b", d='x"y', e="l\nr\r", f=7, g=None) == (
         'a=plain b="" c="a b" d="x\\"y" e=l\\nr\\r f=7'
     )
+
+
+def test_an_attached_loop_batches_without_asking_asyncio(installed) -> None:
+    """The daemon attaches its worker's loop; lines from other threads are still at once."""
+    install, stream = installed
+    install()
+
+    async def session() -> tuple[int, int]:
+        log.attach_loop(asyncio.get_running_loop())
+        log.event("on-loop")
+        before = stream.writes
+        thread = threading.Thread(target=log.event, args=("from-thread",))
+        thread.start()
+        thread.join()
+        return before, stream.writes
+
+    before, after_thread = asyncio.run(session())
+    log.attach_loop(None)
+    assert before == 0
+    assert after_thread == 1  # the thread's line, after the loop's buffered one
+    lines = stream.getvalue().splitlines()
+    assert ["on-loop" in lines[0], "from-thread" in lines[1]] == [True, True]

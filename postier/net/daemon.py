@@ -166,6 +166,7 @@ async def _serve_worker(
     metrics: MetricsRuntime | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
+    log.attach_loop(loop)
     config = ctx.config
     ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if metrics is not None:  # before the first session, so that every event is counted
@@ -277,7 +278,10 @@ def _run_worker(
     metrics: MetricsRuntime | None = None,
 ) -> int:
     _install_uvloop()
-    return asyncio.run(_serve_worker(ctx, bound, worker, notifier, metrics))
+    try:
+        return asyncio.run(_serve_worker(ctx, bound, worker, notifier, metrics))
+    finally:
+        log.attach_loop(None)  # the loop is gone: write what it left, and from now on at once
 
 
 def serve(config: Config) -> int:

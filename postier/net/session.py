@@ -67,6 +67,9 @@ class SmtpSession(asyncio.Protocol):
         self._data_started = 0.0
         self._bytes_in = 0
         self._task: asyncio.Task[None] | None = None
+        # asyncio.get_running_loop() costs a getpid() system call (fork detection) at each
+        # call; the session keeps the loop it was made on.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,7 +85,7 @@ class SmtpSession(asyncio.Protocol):
         self.auth = AuthExchange(conn, self.peer, ctx)
         self.inbound = ctx.inbound_handler(self.role, self.peer, conn)
         ctx.sessions.add(self)
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         if ctx.config.reverse_dns:
             self.peer.rdns = ctx.reverse_names.cached(ip)
             if self.peer.rdns is None:
@@ -115,8 +118,8 @@ class SmtpSession(asyncio.Protocol):
             self._write_paused.set_result(None)
 
     def pause_writing(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._write_paused = loop.create_future()
+        assert self._loop is not None
+        self._write_paused = self._loop.create_future()
 
     def resume_writing(self) -> None:
         if self._write_paused is not None and not self._write_paused.done():
@@ -154,7 +157,8 @@ class SmtpSession(asyncio.Protocol):
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
         timeout = min(self._timeout_for_phase(), deadline - loop.time())
@@ -190,8 +194,8 @@ class SmtpSession(asyncio.Protocol):
     async def _run(self) -> None:
         conn = self.conn
         transport = self.transport
-        assert conn is not None and transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert conn is not None and transport is not None and loop is not None
         cfg = self.ctx.config
         peer = self.peer
         started = loop.time()
