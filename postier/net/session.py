@@ -6,10 +6,11 @@ StreamReader's buffer survive `start_tls()` and would be read as if they came th
 `data_received` hands every byte to the state machine at once, which drops them in its
 TLS-pending phase, and `loop.start_tls()` (public API) swaps the transport under us.
 
-Flow: `data_received` feeds the state machine and pauses reading; the session task processes
-every complete event, writes the queued replies in one write (so pipelined commands get their
-replies together, RFC 2920) and resumes reading only when it needs more input. That is
-back-pressure for free: a client can never make us buffer more than one read ahead.
+Flow: `data_received` feeds the state machine and pauses reading (for command lines, only once
+COMMAND_BACKLOG bytes wait); the session task processes every complete event, writes the
+queued replies in one write (so pipelined commands get their replies together, RFC 2920) and
+resumes reading when it needs more input. That is back-pressure: a client can never make us
+buffer more than one read ahead, or COMMAND_BACKLOG bytes of commands.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from postier.tls import describe, front_tls_context, sends_tickets
 _LOG = logging.getLogger("postier.session")
 
 MAX_WRITE_BUFFER = 256 * 1024
+# Unprocessed command bytes a client may have in our buffer before reading pauses.
+COMMAND_BACKLOG = 64 * 1024
 
 
 class SmtpSession(asyncio.Protocol):
@@ -98,13 +101,25 @@ class SmtpSession(asyncio.Protocol):
         return str(peername[0]), int(peername[1])
 
     def data_received(self, data: bytes) -> None:
-        assert self.conn is not None
+        conn = self.conn
+        assert conn is not None
         self._bytes_in += len(data)
-        self.conn.receive_data(data)
+        conn.receive_data(data)
+        # Reading pauses while the session works on what came in, so that a client can
+        # never make us buffer more than one read ahead; but not for command lines below
+        # COMMAND_BACKLOG bytes: pausing and resuming for every command cost two epoll
+        # changes each (the whole dialogue of a message is six commands). STARTTLS pauses
+        # on its own (_dispatch) before its 220 goes out.
+        if not self._paused and (
+            conn.phase is not Phase.COMMAND or conn.input_backlog > COMMAND_BACKLOG
+        ):
+            self._pause()
+        self.wake()
+
+    def _pause(self) -> None:
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
             self._paused = True
-        self.wake()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -301,6 +316,9 @@ class SmtpSession(asyncio.Protocol):
             case ev.DataRejected():
                 inbound.on_data_rejected(event)
             case ev.StartTLS():
+                # From the 220 on, the socket's bytes are the client's TLS handshake: they
+                # stay in the kernel until start_tls() takes over the transport.
+                self._pause()
                 conn.accept()
                 await self._flush()
                 await self._start_tls(implicit=False)

@@ -92,6 +92,10 @@ class ServerConnection:
         self.close_reason = ""
         self.discarded_after_starttls = 0
 
+    @property
+    def input_backlog(self) -> int:
+        return len(self._received)  # not yet read as commands or content (back-pressure)
+
     # ---- output ------------------------------------------------------------------------
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -445,8 +449,7 @@ class ServerConnection:
             self._close(f"421 after {type(event).__name__}")
 
     def decide(self, reply: Reply | None) -> None:
-        """accept() when `reply` is None or positive, else reject(reply): for applications
-        whose decisions are a reply or nothing."""
+        """accept() when `reply` is None or positive, else reject(reply)."""
         if reply is None or reply.is_positive:
             self.accept(reply)
         else:
@@ -483,11 +486,9 @@ class ServerConnection:
         self._close(reason)
 
     def connection_lost(self, reason: str = "peer closed") -> None:
-        """The transport is gone (EOF, reset, failure): close without a reply.
-
-        What was open ends here like anywhere else (`TransactionEnded`, `ConnectionClosed`);
-        events still queued from earlier bytes are dropped, nobody is left to answer them.
-        """
+        """The transport is gone (EOF, reset, failure): close without a reply. What was open
+        ends here like anywhere else (`TransactionEnded`, `ConnectionClosed`); events still
+        queued from earlier bytes are dropped, nobody is left to answer them."""
         if self.phase is Phase.CLOSED:
             return
         self._events.clear()
