@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import ssl
 import time
@@ -49,6 +50,13 @@ class SmtpSession(asyncio.Protocol):
     AUTH is `AuthExchange`'s; this class hands them the protocol's events and applies their
     decisions.
     """
+
+    # Ten thousand idle connections hold ten thousand of these (bench/idle.py).
+    __slots__ = (
+        "_admitted", "_bytes_in", "_data_started", "_eof", "_loop", "_lost", "_paused",
+        "_rdns", "_task", "_waiter", "_write_paused", "auth", "conn", "ctx", "inbound",
+        "peer", "protocol_config", "role", "sid", "transport",
+    )  # fmt: skip
 
     def __init__(self, ctx: ServerContext, role: Role, protocol_config: ServerConfig) -> None:
         self.ctx = ctx
@@ -85,7 +93,6 @@ class SmtpSession(asyncio.Protocol):
         name = f"[{'IPv6:' if ':' in ip else ''}{ip}]"
         ctx = self.ctx
         self.conn = conn = ServerConnection(self.protocol_config, peer_name=name)
-        self.auth = AuthExchange(conn, self.peer, ctx)
         self.inbound = ctx.inbound_handler(self.role, self.peer, conn)
         ctx.sessions.add(self)
         self._loop = loop = asyncio.get_running_loop()
@@ -177,13 +184,12 @@ class SmtpSession(asyncio.Protocol):
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
         timeout = min(self._timeout_for_phase(), deadline - loop.time())
-        # A timer handle rather than asyncio.wait_for: this runs for every command, and
-        # wait_for costs an extra task and future each time.
-        timer = loop.call_later(max(timeout, 0.0), _expire, waiter)
+        expiry = _expiry(loop)
+        second = expiry.add(loop.time() + max(timeout, 0.0), waiter)
         try:
             timed_out = await waiter
         finally:
-            timer.cancel()
+            expiry.discard(second, waiter)
             self._waiter = None
         if timed_out:
             if loop.time() >= deadline:
@@ -323,7 +329,8 @@ class SmtpSession(asyncio.Protocol):
                 await self._flush()
                 await self._start_tls(implicit=False)
             case ev.Auth() | ev.AuthResponse():
-                assert self.auth is not None
+                if self.auth is None:  # made on first use: most sessions never AUTH
+                    self.auth = AuthExchange(conn, self.peer, self.ctx)
                 await self.auth.handle(event)
             case ev.ProtocolViolation():
                 self.peer.log(
@@ -387,6 +394,50 @@ class SmtpSession(asyncio.Protocol):
             )
         peer.log("tls", ip=peer.ip, tls=peer.tls_info, implicit=implicit)
         return True
+
+
+class _Expiry:
+    """The time-outs of waiting sessions: one timer per second, shared by every wait that
+    expires within it. A timer handle per wait (call_later, then cancel) cost a handle and a
+    libuv timer for every command and ~600 bytes for every idle connection; a time-out now
+    fires up to one second late, which SMTP's minutes-long time-outs do not notice."""
+
+    __slots__ = ("buckets", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, set[asyncio.Future[bool]]] = {}
+
+    def add(self, when: float, waiter: asyncio.Future[bool]) -> int:
+        """Wake `waiter` with True at `when` (rounded up to the second); returns that second."""
+        second = math.ceil(when)
+        bucket = self.buckets.get(second)
+        if bucket is None:
+            bucket = self.buckets[second] = set()
+            self.loop.call_at(second, self._fire, second)
+        bucket.add(waiter)
+        return second
+
+    def discard(self, second: int, waiter: asyncio.Future[bool]) -> None:
+        bucket = self.buckets.get(second)
+        if bucket is not None:
+            bucket.discard(waiter)
+
+    def _fire(self, second: int) -> None:
+        for waiter in self.buckets.pop(second, ()):
+            _expire(waiter)
+
+
+_current_expiry: _Expiry | None = None
+
+
+def _expiry(loop: asyncio.AbstractEventLoop) -> _Expiry:
+    """The worker's `_Expiry` (a new one for a new loop: tests run several in turn)."""
+    global _current_expiry
+    expiry = _current_expiry
+    if expiry is None or expiry.loop is not loop:
+        expiry = _current_expiry = _Expiry(loop)
+    return expiry
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
