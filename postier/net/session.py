@@ -117,8 +117,12 @@ class SmtpSession(asyncio.Protocol):
         # COMMAND_BACKLOG bytes: pausing and resuming for every command cost two epoll
         # changes each (the whole dialogue of a message is six commands). STARTTLS pauses
         # on its own (_dispatch) before its 220 goes out.
+        # Under TLS reading always pauses: a TLS transport closes itself at the client's EOF
+        # whatever eof_received answers, and the replies still owed would be lost.
         if not self._paused and (
-            conn.phase is not Phase.COMMAND or conn.input_backlog > COMMAND_BACKLOG
+            conn.phase is not Phase.COMMAND
+            or conn.input_backlog > COMMAND_BACKLOG
+            or conn.session.tls
         ):
             self._pause()
         self.wake()
@@ -131,7 +135,10 @@ class SmtpSession(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self.wake()
-        return False
+        # Keep the transport: the replies to what came before the EOF still go out (a client
+        # that half-closes after QUIT, `printf ... | nc`); the session closes it when done.
+        # (A TLS transport ignores the answer: data_received keeps reading paused there.)
+        return not (self.conn is not None and self.conn.session.tls)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
