@@ -25,11 +25,21 @@ def count_maildir(root: Path, mailboxes: Iterable[str] = USERS) -> int:
 
 
 def clear_maildir(root: Path, mailboxes: Iterable[str] = USERS) -> None:
+    """Move the delivered files aside (`root/.cleared/`), do not delete them.
+
+    These machines' ext4 has no journal, and there every inode freed makes the file
+    creations that follow scan past it for as long as its inode block stays dirty (the
+    kernel's `recently_deleted`, up to minutes): deleting a run's thousands of files would
+    tax whichever server runs next, not the one that wrote them. A rename frees nothing;
+    run.py removes the whole work directory once, after the last run.
+    """
+    aside = root / ".cleared"
+    aside.mkdir(exist_ok=True)
     for mb in mailboxes:
         for sub in ("new", "cur"):
             with contextlib.suppress(FileNotFoundError):
                 for e in os.scandir(root / mb / sub):
-                    os.unlink(e.path)
+                    os.rename(e.path, aside / f"{mb}-{sub}-{e.name}")
 
 
 def count_mbox(root: Path, mailboxes: Iterable[str] = USERS) -> int:

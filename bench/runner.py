@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -181,7 +180,6 @@ def bench_level(
                 report.print_run(t, i, r, opts)
     finally:
         for t in targets:
-            t.stop()
-            if not opts.keep:
-                shutil.rmtree(t.workdir, ignore_errors=True)
+            t.stop()  # its work directory goes with run.py's, after the last level (see
+            # mailboxes.clear_maildir: deleting files here would slow the next level down)
         rows.extend(report.make_row(t, sessions, runs[t], opts) for t in targets if runs.get(t))

@@ -13,11 +13,16 @@ no observer the cost is one truth test per event.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
+
+from postier.log_writer import LineWriter, json_value
 
 _LOGGER = logging.getLogger("postier")
 
@@ -25,6 +30,8 @@ LOG_FORMATS = ("text", "json")
 
 Observer = Callable[[str, dict[str, object]], None]
 _observers: list[Observer] = []
+# The daemon's handler, once setup() has run (None in a library use and in most tests).
+_writer: LineWriter | None = None
 
 
 def add_observer(observer: Observer) -> None:
@@ -38,8 +45,14 @@ def remove_observer(observer: Observer) -> None:
         _observers.remove(observer)
 
 
+# A value with none of these is written as it is (the common case: one regex match).
+_PLAIN = re.compile(r'[^ "=\\\r\n]+')
+
+
 def _quote(value: object) -> str:
-    text = str(value)
+    text = value if type(value) is str else str(value)
+    if _PLAIN.fullmatch(text):
+        return text
     # Never let a peer's bytes split a log line or forge fields.
     text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
     if not text or any(c in text for c in ' "='):
@@ -48,7 +61,7 @@ def _quote(value: object) -> str:
 
 
 def fields(**kv: object) -> str:
-    return " ".join(f"{k}={_quote(v)}" for k, v in kv.items() if v is not None)
+    return " ".join([f"{k}={_quote(v)}" for k, v in kv.items() if v is not None])
 
 
 _UNESCAPE = {"n": "\n", "r": "\r"}
@@ -107,10 +120,58 @@ _EVENT_FORMAT = "event=%s %s"
 def event(
     name: str, level: int = logging.INFO, logger: logging.Logger = _LOGGER, **kv: object
 ) -> None:
+    """Log one event and tell the observers (the metrics) about it."""
     if _observers:
         _notify(name, kv)
     if logger.isEnabledFor(level):
+        write_event(name, level, logger, kv)
+
+
+def line(
+    name: str, level: int = logging.INFO, logger: logging.Logger = _LOGGER, **kv: object
+) -> None:
+    """Log one event line that the observers must not count (a detail of another event)."""
+    if logger.isEnabledFor(level):
+        write_event(name, level, logger, kv)
+
+
+def write_event(name: str, level: int, logger: logging.Logger, kv: dict[str, object]) -> None:
+    """Straight to the daemon's `LineWriter` when it alone would handle the record (the
+    usual case: see log_writer.py for why); through `logging` when anything else listens
+    (a test's capture handler, a filter, a handler of a library's choosing)."""
+    writer = _writer
+    if writer is not None and _only_writer(logger, writer):
+        writer.event_line(level, name, kv, fields(**kv))
+    else:
         logger.log(level, _EVENT_FORMAT, name, _Fields(kv))
+
+
+def _only_writer(logger: logging.Logger, writer: LineWriter) -> bool:
+    """True when a record from `logger` would reach `writer` and nothing else."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return False
+        handlers = current.handlers
+        if current.parent is None:  # the root
+            return len(handlers) == 1 and handlers[0] is writer and writer.level <= 0
+        if handlers or not current.propagate:
+            return False
+        current = current.parent
+    return False  # pragma: no cover - every logger's chain ends at the root
+
+
+def attach_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """The worker's loop, on its own thread: its lines are batched per iteration cheaply.
+    Call with None before the loop stops (its lines are then written at once)."""
+    if _writer is not None:
+        _writer.attach_loop(loop)
+
+
+def flush() -> None:
+    """Write what the daemon's handler holds (before a fork or `os._exit`)."""
+    if _writer is not None:
+        _writer.flush()
 
 
 def _notify(name: str, kv: dict[str, object]) -> None:
@@ -125,12 +186,6 @@ class _Formatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         t = time.gmtime(record.created)
         return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
-
-
-def _json_value(value: object) -> object:
-    if isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 class _JsonFormatter(_Formatter):
@@ -150,7 +205,7 @@ class _JsonFormatter(_Formatter):
         if record.msg is _EVENT_FORMAT and isinstance(args, tuple) and len(args) == 2:
             out["event"] = args[0]
             kv = args[1].kv if isinstance(args[1], _Fields) else {}
-            out.update((k, _json_value(v)) for k, v in kv.items() if v is not None)
+            out.update((k, json_value(v)) for k, v in kv.items() if v is not None)
         else:
             message = record.getMessage()
             parsed = parse_fields(message) if message.startswith("event=") else None
@@ -163,19 +218,24 @@ class _JsonFormatter(_Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup(level: str = "info", worker: int | None = None, fmt: str = "text") -> None:
+def setup(
+    level: str = "info", worker: int | None = None, fmt: str = "text", stream: TextIO | None = None
+) -> None:
+    """The daemon's logging: one `LineWriter` on standard error (or `stream`) at the root."""
     # Our lines carry their own context (session, qid); the caller's file and line, thread
     # and process names would cost a stack walk per line for nothing (~8% of CPU at load).
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    global _writer
     tag = "postier" if worker is None else f"postier[w{worker}]"
+    handler = LineWriter(stream or sys.stderr, tag, json_format=fmt == "json")
     if fmt == "json":
         handler.setFormatter(_JsonFormatter(tag))
     else:
         handler.setFormatter(_Formatter(f"%(asctime)s %(levelname)-5s {tag} %(message)s"))
+    _writer = handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -234,16 +234,13 @@ class Router:
             # The spool file goes when the transaction ends (the inbound handler's one place).
             return R.STORAGE_FAILED
         for r in results:
-            _LOG.info(
-                "event=delivery %s",
-                log.fields(
-                    qid=txn.queue_id,
-                    to=r.recipient.address,
-                    mailbox=r.recipient.mailbox,
-                    status=r.status.value,
-                    reply=r.reply_line,
-                ),
-            )
+            # Not an observed event: the metrics count mailbox deliveries from the backends'
+            # own "delivered" events, and remote ones from the queue's "delivery".
+            log.line(
+                "delivery", logging.INFO, _LOG,
+                qid=txn.queue_id, to=r.recipient.address, mailbox=r.recipient.mailbox,
+                status=r.status.value, reply=r.reply_line,
+            )  # fmt: skip
         if queued and self.queue_notify is not None:
             self.queue_notify(txn.queue_id)
         if report is not None and self.queue_notify is not None:

@@ -33,6 +33,9 @@ from postier.inbound.header_scan import DropField, HeaderScanner
 
 FLUSH_AT = 256 * 1024
 
+# Linux (and FreeBSD): an anonymous file in memory; elsewhere complete() writes the spool file.
+_memfd_create = getattr(os, "memfd_create", None)
+
 
 class _State(enum.Enum):
     MEMORY = "memory"  # nothing on disk yet
@@ -88,6 +91,8 @@ class SpoolWriter:
         self._names: set[bytes] = self._scanner.names if self._scanner else set()
         self._late_drop: DropField | None = None  # applied to the stored header at rewrite
         self._scanned = self._scanner  # kept after the header section, for its counts
+        self._copy_fd: int | None = None  # the checks' in-memory copy (complete())
+        self._copy_size = 0
 
     @property
     def header_names(self) -> frozenset[bytes]:
@@ -146,8 +151,12 @@ class SpoolWriter:
     def flush(self) -> None:
         """Append what is buffered to the file (thread pool)."""
         if self._state is _State.MEMORY:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            try:
+                self._fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:  # the daemon made it at start; someone removed it
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._fd = os.open(self.path, flags, 0o600)
             self._state = _State.OPEN
             prologue = self._prologue()
             self._parts.insert(0, prologue)
@@ -161,15 +170,39 @@ class SpoolWriter:
             self._pending = 0
 
     def complete(self) -> None:
-        """Write the whole message to the file, without fsync: for a check that reads it.
+        """Make the whole message readable at `readable_path`, for the checks. Thread pool.
 
-        Durability is `finish()`'s job, once, when the message is stored: a check that reads
-        the file and then adds a header line (which rewrites the file) would otherwise pay
-        for two fsyncs. Thread pool.
+        A message still in memory (all but the largest) is copied into an anonymous
+        in-memory file (memfd), not into the spool file: the checks usually add a header
+        line above our Received (Authentication-Results), and a spool file already written
+        would then have to be written again, fsync'd and renamed over (a second file and a
+        freed inode per message). This way `finish()` writes the spool file once, with
+        every line the checks added. A message already on disk is completed there, without
+        fsync (durability is `finish()`'s job, once).
         """
         self._close_scanner()
-        if self._state is not _State.FINISHED:
+        if self._state is _State.MEMORY and self._copy_fd is None and _memfd_create:
+            data = b"".join((self._prologue(), *self._parts))
+            fd = _memfd_create(f"postier-{self.queue_id}")
+            try:
+                write_all(fd, data)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._copy_fd, self._copy_size = fd, len(data)
+        elif self._copy_fd is None and self._state is not _State.FINISHED:
             self.flush()
+
+    @property
+    def readable_path(self) -> Path:
+        """Where `complete()` left the message to read: its in-memory copy or the file."""
+        if self._copy_fd is not None:
+            return Path(f"/proc/self/fd/{self._copy_fd}")
+        return self.path
+
+    @property
+    def readable_size(self) -> int:
+        return self._copy_size if self._copy_fd is not None else self.size
 
     def _close_scanner(self) -> None:
         if self._scanner is not None:  # the message ended inside its header section
@@ -185,6 +218,7 @@ class SpoolWriter:
         the work that is left. Thread pool.
         """
         self._close_scanner()
+        self._close_copy()
         if self._state is _State.FINISHED and not self._stale:
             return
         if self._state is not _State.FINISHED:
@@ -243,6 +277,11 @@ class SpoolWriter:
         self._late_drop = None
         return offset, written
 
+    def _close_copy(self) -> None:
+        if self._copy_fd is not None:
+            os.close(self._copy_fd)
+            self._copy_fd = None
+
     def _close_fd(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -251,6 +290,7 @@ class SpoolWriter:
     def discard(self) -> None:
         """Forget the message (rejected, failed, or delivered everywhere). Safe to repeat."""
         self._parts.clear()
+        self._close_copy()
         self._close_fd()
         if self.on_disk:
             self.path.unlink(missing_ok=True)

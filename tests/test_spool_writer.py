@@ -72,28 +72,67 @@ def test_finish_again_after_a_check_added_a_line(tmp_path: Path) -> None:
     assert w.size == len(data)
 
 
-def test_complete_writes_for_a_check_and_finish_fsyncs_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A check reads the completed file; the header it adds costs one rewrite and one fsync."""
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
     import os
 
-    fsyncs: list[int] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    calls: list[object] = []
+    real = getattr(os, name)
+    monkeypatch.setattr(os, name, lambda *a, **kw: (calls.append(a), real(*a, **kw))[1])
+    return calls
+
+
+def test_complete_gives_checks_a_copy_in_memory_and_finish_writes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check reads an in-memory copy; the header it adds costs no rewrite: one file, one
+    fsync, no rename."""
+    fsyncs = _count_calls(monkeypatch, "fsync")
+    replaces = _count_calls(monkeypatch, "replace")
     w = writer(tmp_path, drop_field=lambda name, field: name == b"x-drop")
     w.add(b"Subject: s\r\nX-Drop: me")  # the message ends inside its header section
     w.complete()
-    assert w.path.read_bytes() == TRACE + b"Subject: s\n"  # the last field decided at the end
-    assert fsyncs == []
+    # the last field decided at the end
+    assert w.readable_path.read_bytes() == TRACE + b"Subject: s\n"
+    assert w.readable_size == len(TRACE + b"Subject: s\n")
+    assert not w.path.exists() and fsyncs == []
     w.add_header_lines(b"Authentication-Results: mx.test; none\n", above_received=True)
     w.finish()
-    assert len(fsyncs) == 1
+    assert len(fsyncs) == 1 and replaces == []
     assert w.path.read_bytes() == (
         b"Return-Path: <a@example.net>\nAuthentication-Results: mx.test; none\n"
         b"Received: from c.example by mx.test; now\nSubject: s\n"
     )
     assert w.size == w.path.stat().st_size
+    assert w.readable_path == w.path  # the copy is gone with finish()
+
+
+def test_complete_on_disk_then_a_header_costs_one_rewrite_and_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message flushed before its end (a large one) is completed in its spool file."""
+    fsyncs = _count_calls(monkeypatch, "fsync")
+    w = writer(tmp_path)
+    w.add(b"Subject: s\r\n\r\nbody\r\n")
+    w.flush()  # as the handler does every FLUSH_AT bytes
+    w.complete()
+    assert w.readable_path == w.path
+    assert w.path.read_bytes() == TRACE + b"Subject: s\n\nbody\n" and fsyncs == []
+    w.add_header_lines(b"Authentication-Results: mx.test; none\n", above_received=True)
+    w.finish()
+    assert len(fsyncs) == 1
+    assert w.path.read_bytes().startswith(
+        b"Return-Path: <a@example.net>\nAuthentication-Results: mx.test; none\nReceived:"
+    )
+
+
+def test_discard_closes_the_in_memory_copy(tmp_path: Path) -> None:
+    w = writer(tmp_path)
+    w.add(b"Subject: s\r\n\r\nb\r\n")
+    w.complete()
+    copy = w.readable_path
+    assert copy.exists()
+    w.discard()
+    assert not copy.exists() and not w.path.exists()
 
 
 def test_discard_without_a_file_and_twice(tmp_path: Path) -> None:

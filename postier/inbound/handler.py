@@ -76,6 +76,8 @@ class InboundSettings:
 
 
 class InboundHandler:
+    __slots__ = ("checks", "executor", "peer", "policy", "protocol", "settings", "store", "txn")
+
     def __init__(
         self,
         peer: Peer,
@@ -338,8 +340,8 @@ class _SpooledMessage:
             await asyncio.get_running_loop().run_in_executor(self._executor, writer.complete)
             txn = self._txn
             self._stored = StoredMessage(
-                path=writer.path,
-                size=writer.size,
+                path=writer.readable_path,
+                size=writer.readable_size,
                 content_offset=writer.content_offset,
                 sender=txn.sender_text,
                 queue_id=txn.queue_id,

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from email.utils import formatdate
+
+_date_second = -1
+_date_text = ""
+
+
+def _date() -> str:
+    """RFC 5322 date of now in local time; formatted once per second (every message
+    asks, and formatdate is a good part of the cost of our Received header)."""
+    global _date_second, _date_text
+    second = int(time.time())
+    if second != _date_second:
+        _date_text = formatdate(second, localtime=True)
+        _date_second = second
+    return _date_text
 
 
 def with_protocol(*, esmtp: bool, tls: bool, auth: bool, smtputf8: bool) -> str:
@@ -39,8 +54,8 @@ def trace_headers(
     by = f"\tby {hostname} (postier) with {protocol} id {queue_id}"
     if len(recipients) == 1:
         lines.append(by)
-        lines.append(f"\tfor <{recipients[0]}>; {formatdate(localtime=True)}")
+        lines.append(f"\tfor <{recipients[0]}>; {_date()}")
     else:
         lines.append(f"{by};")
-        lines.append(f"\t{formatdate(localtime=True)}")
+        lines.append(f"\t{_date()}")
     return ("\n".join(lines) + "\n").encode("utf-8")

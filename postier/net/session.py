@@ -6,10 +6,11 @@ StreamReader's buffer survive `start_tls()` and would be read as if they came th
 `data_received` hands every byte to the state machine at once, which drops them in its
 TLS-pending phase, and `loop.start_tls()` (public API) swaps the transport under us.
 
-Flow: `data_received` feeds the state machine and pauses reading; the session task processes
-every complete event, writes the queued replies in one write (so pipelined commands get their
-replies together, RFC 2920) and resumes reading only when it needs more input. That is
-back-pressure for free: a client can never make us buffer more than one read ahead.
+Flow: `data_received` feeds the state machine and pauses reading (for command lines, only once
+COMMAND_BACKLOG bytes wait); the session task processes every complete event, writes the
+queued replies in one write (so pipelined commands get their replies together, RFC 2920) and
+resumes reading when it needs more input. That is back-pressure: a client can never make us
+buffer more than one read ahead, or COMMAND_BACKLOG bytes of commands.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import ssl
 import time
@@ -37,6 +39,8 @@ from postier.tls import describe, front_tls_context, sends_tickets
 _LOG = logging.getLogger("postier.session")
 
 MAX_WRITE_BUFFER = 256 * 1024
+# Unprocessed command bytes a client may have in our buffer before reading pauses.
+COMMAND_BACKLOG = 64 * 1024
 
 
 class SmtpSession(asyncio.Protocol):
@@ -46,6 +50,13 @@ class SmtpSession(asyncio.Protocol):
     AUTH is `AuthExchange`'s; this class hands them the protocol's events and applies their
     decisions.
     """
+
+    # Ten thousand idle connections hold ten thousand of these (bench/idle.py).
+    __slots__ = (
+        "_admitted", "_bytes_in", "_data_started", "_eof", "_loop", "_lost", "_paused",
+        "_rdns", "_task", "_waiter", "_write_paused", "auth", "conn", "ctx", "inbound",
+        "peer", "protocol_config", "role", "sid", "transport",
+    )  # fmt: skip
 
     def __init__(self, ctx: ServerContext, role: Role, protocol_config: ServerConfig) -> None:
         self.ctx = ctx
@@ -67,6 +78,9 @@ class SmtpSession(asyncio.Protocol):
         self._data_started = 0.0
         self._bytes_in = 0
         self._task: asyncio.Task[None] | None = None
+        # asyncio.get_running_loop() costs a getpid() system call (fork detection) at each
+        # call; the session keeps the loop it was made on.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,10 +93,9 @@ class SmtpSession(asyncio.Protocol):
         name = f"[{'IPv6:' if ':' in ip else ''}{ip}]"
         ctx = self.ctx
         self.conn = conn = ServerConnection(self.protocol_config, peer_name=name)
-        self.auth = AuthExchange(conn, self.peer, ctx)
         self.inbound = ctx.inbound_handler(self.role, self.peer, conn)
         ctx.sessions.add(self)
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         if ctx.config.reverse_dns:
             self.peer.rdns = ctx.reverse_names.cached(ip)
             if self.peer.rdns is None:
@@ -95,18 +108,37 @@ class SmtpSession(asyncio.Protocol):
         return str(peername[0]), int(peername[1])
 
     def data_received(self, data: bytes) -> None:
-        assert self.conn is not None
+        conn = self.conn
+        assert conn is not None
         self._bytes_in += len(data)
-        self.conn.receive_data(data)
+        conn.receive_data(data)
+        # Reading pauses while the session works on what came in, so that a client can
+        # never make us buffer more than one read ahead; but not for command lines below
+        # COMMAND_BACKLOG bytes: pausing and resuming for every command cost two epoll
+        # changes each (the whole dialogue of a message is six commands). STARTTLS pauses
+        # on its own (_dispatch) before its 220 goes out.
+        # Under TLS reading always pauses: a TLS transport closes itself at the client's EOF
+        # whatever eof_received answers, and the replies still owed would be lost.
+        if not self._paused and (
+            conn.phase is not Phase.COMMAND
+            or conn.input_backlog > COMMAND_BACKLOG
+            or conn.session.tls
+        ):
+            self._pause()
+        self.wake()
+
+    def _pause(self) -> None:
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
             self._paused = True
-        self.wake()
 
     def eof_received(self) -> bool:
         self._eof = True
         self.wake()
-        return False
+        # Keep the transport: the replies to what came before the EOF still go out (a client
+        # that half-closes after QUIT, `printf ... | nc`); the session closes it when done.
+        # (A TLS transport ignores the answer: data_received keeps reading paused there.)
+        return not (self.conn is not None and self.conn.session.tls)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -115,8 +147,8 @@ class SmtpSession(asyncio.Protocol):
             self._write_paused.set_result(None)
 
     def pause_writing(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._write_paused = loop.create_future()
+        assert self._loop is not None
+        self._write_paused = self._loop.create_future()
 
     def resume_writing(self) -> None:
         if self._write_paused is not None and not self._write_paused.done():
@@ -154,17 +186,17 @@ class SmtpSession(asyncio.Protocol):
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
         timeout = min(self._timeout_for_phase(), deadline - loop.time())
-        # A timer handle rather than asyncio.wait_for: this runs for every command, and
-        # wait_for costs an extra task and future each time.
-        timer = loop.call_later(max(timeout, 0.0), _expire, waiter)
+        expiry = _expiry(loop)
+        second = expiry.add(loop.time() + max(timeout, 0.0), waiter)
         try:
             timed_out = await waiter
         finally:
-            timer.cancel()
+            expiry.discard(second, waiter)
             self._waiter = None
         if timed_out:
             if loop.time() >= deadline:
@@ -190,8 +222,8 @@ class SmtpSession(asyncio.Protocol):
     async def _run(self) -> None:
         conn = self.conn
         transport = self.transport
-        assert conn is not None and transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert conn is not None and transport is not None and loop is not None
         cfg = self.ctx.config
         peer = self.peer
         started = loop.time()
@@ -297,11 +329,15 @@ class SmtpSession(asyncio.Protocol):
             case ev.DataRejected():
                 inbound.on_data_rejected(event)
             case ev.StartTLS():
+                # From the 220 on, the socket's bytes are the client's TLS handshake: they
+                # stay in the kernel until start_tls() takes over the transport.
+                self._pause()
                 conn.accept()
                 await self._flush()
                 await self._start_tls(implicit=False)
             case ev.Auth() | ev.AuthResponse():
-                assert self.auth is not None
+                if self.auth is None:  # made on first use: most sessions never AUTH
+                    self.auth = AuthExchange(conn, self.peer, self.ctx)
                 await self.auth.handle(event)
             case ev.ProtocolViolation():
                 self.peer.log(
@@ -365,6 +401,50 @@ class SmtpSession(asyncio.Protocol):
             )
         peer.log("tls", ip=peer.ip, tls=peer.tls_info, implicit=implicit)
         return True
+
+
+class _Expiry:
+    """The time-outs of waiting sessions: one timer per second, shared by every wait that
+    expires within it. A timer handle per wait (call_later, then cancel) cost a handle and a
+    libuv timer for every command and ~600 bytes for every idle connection; a time-out now
+    fires up to one second late, which SMTP's minutes-long time-outs do not notice."""
+
+    __slots__ = ("buckets", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, set[asyncio.Future[bool]]] = {}
+
+    def add(self, when: float, waiter: asyncio.Future[bool]) -> int:
+        """Wake `waiter` with True at `when` (rounded up to the second); returns that second."""
+        second = math.ceil(when)
+        bucket = self.buckets.get(second)
+        if bucket is None:
+            bucket = self.buckets[second] = set()
+            self.loop.call_at(second, self._fire, second)
+        bucket.add(waiter)
+        return second
+
+    def discard(self, second: int, waiter: asyncio.Future[bool]) -> None:
+        bucket = self.buckets.get(second)
+        if bucket is not None:
+            bucket.discard(waiter)
+
+    def _fire(self, second: int) -> None:
+        for waiter in self.buckets.pop(second, ()):
+            _expire(waiter)
+
+
+_current_expiry: _Expiry | None = None
+
+
+def _expiry(loop: asyncio.AbstractEventLoop) -> _Expiry:
+    """The worker's `_Expiry` (a new one for a new loop: tests run several in turn)."""
+    global _current_expiry
+    expiry = _current_expiry
+    if expiry is None or expiry.loop is not loop:
+        expiry = _current_expiry = _Expiry(loop)
+    return expiry
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

@@ -13,14 +13,11 @@ Replies are queued in order and only flushed by the caller when `next_event()` s
 An event that carries a command blocks further parsing until the application decides, which
 keeps replies in command order even when a decision is slow (disk, DNS, password hashing).
 
-Two rules keep the state easy to follow: the phase changes only in `_enter()`, and the
-envelope is reset only in `_end_transaction()`, which also tells the application (a
-`TransactionEnded` event) that whatever it keeps for the transaction can go.
+Two rules keep the state easy to follow: the phase changes only in `_enter()`; the envelope
+is reset only in `_end_transaction()`, which tells the application (`TransactionEnded`).
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 from postier.protocol import replies as R
 from postier.protocol.buffer import LineBuffer, LineTooLong
@@ -65,19 +62,24 @@ class ProtocolUsageError(RuntimeError):
 
 
 class ServerConnection:
+    __slots__ = (
+        "_chunk_failure", "_chunks", "_closed_reported", "_events", "_first_bdat", "_greeted",
+        "_lines", "_out", "_pending", "_reader", "_received", "_skip_ends_transaction",
+        "_skip_left", "_skip_reply", "close_reason", "config", "discarded_after_starttls",
+        "peer_name", "phase", "session",
+    )  # fmt: skip
+
     def __init__(self, config: ServerConfig, peer_name: str = "unknown") -> None:
         self.config = config
         self.peer_name = peer_name
         self.session = Session(tls=config.implicit_tls)
         self.phase = Phase.COMMAND
-        # One receive buffer; the command-line reader and, in DATA, the content reader
-        # consume from its front (h11's shape: readers chosen by phase).
+        # One receive buffer; the line reader and, in DATA, the content reader eat its front.
         self._received = bytearray()
         self._lines = LineBuffer(config.max_auth_line, self._received)
         self._reader: DataReader | None = None
-        # BDAT (protocol/chunk.py): the transaction's chunk reader, the first BDAT while the
-        # application prepares storage, a refused chunk still to skip, and the failure that
-        # every later chunk of the transaction gets (RFC 3030 §2).
+        # BDAT (chunk.py): the chunk reader, the first BDAT while storage is prepared, a refused
+        # chunk to skip, the failure every later chunk of the transaction gets (RFC 3030 §2).
         self._chunks: ChunkReader | None = None
         self._first_bdat: BdatCommand | None = None
         self._skip_left = 0
@@ -85,12 +87,16 @@ class ServerConnection:
         self._skip_ends_transaction = False
         self._chunk_failure: Reply | None = None
         self._out = bytearray()
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []  # 0 to 3 at a time: a deque costs 760 bytes
         self._pending: Event | None = None
         self._greeted = False
         self._closed_reported = False
         self.close_reason = ""
         self.discarded_after_starttls = 0
+
+    @property
+    def input_backlog(self) -> int:
+        return len(self._received)  # not yet read as commands or content (back-pressure)
 
     # ---- output ------------------------------------------------------------------------
     def data_to_send(self) -> bytes:
@@ -272,7 +278,7 @@ class ServerConnection:
             raise ProtocolUsageError(f"decide on {self._pending!r} before asking for more")
         while True:
             if self._events:
-                event = self._events.popleft()
+                event = self._events.pop(0)
                 if isinstance(event, ConnectionClosed):
                     if self._closed_reported:
                         return NEED_DATA
@@ -286,8 +292,7 @@ class ServerConnection:
                 return event
             if self.phase is not Phase.COMMAND and self.phase is not Phase.AUTH:
                 return NEED_DATA
-            # Checked before each line, not only after lines we answer alone: errors also come
-            # from decisions (RCPT harvesting gets only rejects) and from refused messages.
+            # Before each line: errors also come from decisions (RCPT harvesting) and refusals.
             if self.session.errors >= self.config.max_errors:
                 self._send(R.TOO_MANY_ERRORS)
                 self._close("too many errors")
@@ -445,8 +450,7 @@ class ServerConnection:
             self._close(f"421 after {type(event).__name__}")
 
     def decide(self, reply: Reply | None) -> None:
-        """accept() when `reply` is None or positive, else reject(reply): for applications
-        whose decisions are a reply or nothing."""
+        """accept() when `reply` is None or positive, else reject(reply)."""
         if reply is None or reply.is_positive:
             self.accept(reply)
         else:
@@ -483,11 +487,9 @@ class ServerConnection:
         self._close(reason)
 
     def connection_lost(self, reason: str = "peer closed") -> None:
-        """The transport is gone (EOF, reset, failure): close without a reply.
-
-        What was open ends here like anywhere else (`TransactionEnded`, `ConnectionClosed`);
-        events still queued from earlier bytes are dropped, nobody is left to answer them.
-        """
+        """The transport is gone (EOF, reset, failure): close without a reply. What was open
+        ends here like anywhere else (`TransactionEnded`, `ConnectionClosed`); events still
+        queued from earlier bytes are dropped, nobody is left to answer them."""
         if self.phase is Phase.CLOSED:
             return
         self._events.clear()

@@ -31,6 +31,7 @@ _ID_RE = re.compile(f"[{ALPHABET}]{{{ID_LENGTH}}}")
 
 _lock = threading.Lock()
 _last_us = 0
+_pid_part = ""  # the pid's five characters, made once per process (see _reset_pid_part)
 
 
 def _encode(value: int, width: int) -> str:
@@ -50,7 +51,23 @@ def new_queue_id() -> str:
         # a microsecond: the id order is then arrival order.
         _last_us = max(now_us, _last_us + 1)
         stamp = _last_us
-    return _encode(stamp, _TIME_CHARS) + _encode(os.getpid() & ((1 << 25) - 1), _PID_CHARS)
+    return _encode(stamp, _TIME_CHARS) + (_pid_part or _make_pid_part())
+
+
+def _make_pid_part() -> str:
+    """The pid's characters, kept: os.getpid() is a system call, and ids are made for
+    every message. A forked worker starts with none (os.register_at_fork below)."""
+    global _pid_part
+    _pid_part = _encode(os.getpid() & ((1 << 25) - 1), _PID_CHARS)
+    return _pid_part
+
+
+def _reset_pid_part() -> None:
+    global _pid_part
+    _pid_part = ""
+
+
+os.register_at_fork(after_in_child=_reset_pid_part)
 
 
 def is_queue_id(text: str) -> bool:
