@@ -56,9 +56,9 @@ from postier.delivery.base import (
     Status,
     open_session,
 )
-from postier.queue.decide import DEFAULT_SCHEDULE, RetryPolicy, apply_results
+from postier.queue.decide import DEFAULT_SCHEDULE, RetryPolicy
 from postier.queue.destinations import Destination, Job, attempt
-from postier.queue.effects import apply_outcome
+from postier.queue.effects import record_attempt
 from postier.queue.store import EntryNotFound, QueueEntry, QueueStore
 from postier.queue.tracking import Tracker
 
@@ -348,22 +348,20 @@ class Scheduler:
     # -- one attempt's results: decide, then apply -----------------------------------------
     async def _record(self, job: Job, results: list[RecipientResult], remote: str) -> None:
         """Decide what the results mean (`apply_results`), then do it: reports, the entry's
-        update or removal, the next dispatch."""
+        update or removal (all in one thread-pool job, `record_attempt`), the next dispatch."""
         qid = job.entry.queue_id
         tracked = self._tracker.track(qid)
         async with tracked.lock:
             try:
-                entry = await self._io(self.store.load, qid)
+                outcome, notices, kept = await self._io(functools.partial(
+                    record_attempt, self.store, qid, results, now=self.clock(),
+                    policy=self.policy, remote_mta=remote, hostname=self.hostname,
+                    sign=self.sign_own))  # fmt: skip
             except EntryNotFound:
                 log.info("event=queue_entry_gone qid=%s (deleted during delivery)", qid)
                 self._tracker.done_with(qid, job.domain)
                 self._tracker.forget(qid)
                 return
-            now = self.clock()
-            outcome = apply_results(entry, results, now, self.policy, remote_mta=remote)
-            notices, kept = await self._io(functools.partial(
-                apply_outcome, self.store, outcome, hostname=self.hostname, now=now,
-                retry_until=self.policy.expires_at(entry), sign=self.sign_own))  # fmt: skip
         for notice in notices:
             self.enqueue(notice)
         if not kept:  # `postier queue delete` won the race

@@ -344,15 +344,20 @@ class QueueStore:
                 self._write_env(entry)
             return entry
 
-    def remove(self, queue_id: str) -> bool:
-        """Remove an entry (safe while the daemon runs); False if it was not there."""
+    def remove(self, queue_id: str, *, sync: bool = True) -> bool:
+        """Remove an entry (safe while the daemon runs); False if it was not there.
+
+        `sync=False` leaves the envelope's deletion to the file system's next commit: the
+        scheduler's removal of a finished entry, where a crash bringing the entry back only
+        means a second delivery (at least once), never a lost message."""
         try:
             with self._locked(queue_id):
                 try:
                     self.env_path(queue_id).unlink()
                 except FileNotFoundError:
                     return False
-                fsync_dir(self.env_dir)  # the deletion's commit point
+                if sync:
+                    fsync_dir(self.env_dir)  # the deletion's commit point
                 self.body_path(queue_id).unlink(missing_ok=True)
                 return True
         except EntryNotFound:
