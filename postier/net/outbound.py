@@ -33,7 +33,7 @@ from postier.policy import LocalTarget, Policy, RemoteTarget
 from postier.protocol.address import Address
 from postier.queue.bounce import DsnRecipient, queue_delivered_report
 from postier.queue.ids import new_queue_id
-from postier.queue.store import EntryExists, QueueStore
+from postier.queue.store import EntryExists, QueueEntry, QueueStore
 
 if TYPE_CHECKING:
     from postier.delivery.smtp import SmtpRelay
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from postier.queue.scheduler import Scheduler
 
 _LOG = logging.getLogger("postier.outbound")
+
+_COMMITTED_MAX = 10_000  # entries committed and not yet announced (see Outbound.notify)
 
 
 def make_resolver(config: Config) -> Resolver:
@@ -114,6 +116,9 @@ class Outbound:
         )
         self.backend = route_local(backend, self.next_hops, executor, policy.domains)
         self.scheduler: Scheduler | None = None
+        # Entries `commit` wrote (in the thread pool), until `notify` (on the loop) passes
+        # them on; single dict operations are atomic, so no lock.
+        self._committed: dict[str, QueueEntry] = {}
         self._maildrop_task: asyncio.Task[None] | None = None
         self._reports_task: asyncio.Task[None] | None = None  # TLS-RPT, once a day
         self._stop: asyncio.Event | None = None  # created on the loop in start()
@@ -131,11 +136,14 @@ class Outbound:
         """
         recipients = [str(a) for a in addresses]
         try:
-            self.store.commit(
+            entry = self.store.commit(
                 message, message.sender, recipients, prepend=self.headers_at_commit(message)
             )
         except EntryExists:
-            self.store.add_recipients(message.queue_id, recipients, message.recipient_dsn)
+            entry = self.store.add_recipients(message.queue_id, recipients, message.recipient_dsn)
+        if len(self._committed) >= _COMMITTED_MAX:  # commits never announced: a bounded leak
+            self._committed.clear()
+        self._committed[entry.queue_id] = entry
 
     def headers_at_commit(self, message: StoredMessage) -> bytes:
         """Header lines to put on top of the message as it is queued (spool format, LF): the
@@ -176,9 +184,13 @@ class Outbound:
         return entry.queue_id
 
     def notify(self, queue_id: str) -> None:
-        """A committed entry is ready: wake the scheduler, here or in another worker."""
+        """A committed entry is ready: wake the scheduler, here or in another worker.
+
+        An entry `commit` made in this process goes to the scheduler as it was written, so
+        that its first dispatch does not read it back from the file."""
+        entry = self._committed.pop(queue_id, None)
         if self.scheduler is not None:
-            self.scheduler.enqueue(queue_id)
+            self.scheduler.enqueue(queue_id, entry)
         else:
             self.store.request_flush(queue_id)
 
