@@ -36,6 +36,9 @@ from postier.protocol.replies import Reply
 log = logging.getLogger("postier.delivery.client")
 
 CHUNK = 64 * 1024  # body bytes read from the spool per step: memory stays flat for any size
+# A message whose content is at most this is read whole, in one thread-pool job, and sent in
+# one write; a larger one is streamed CHUNK by CHUNK.
+WHOLE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +185,24 @@ def needs_smtputf8(message: StoredMessage, addresses: Sequence[str]) -> bool:
     )
 
 
+def read_content(message: StoredMessage) -> bytes | None:
+    """Blocking: the message's content (after `Return-Path:`) when it is at most `WHOLE`
+    bytes, else None (it is then streamed). None as well when the file cannot be read: the
+    transaction reports that itself."""
+    if message.size - message.content_offset > WHOLE:
+        return None
+    try:
+        with open(message.path, "rb", buffering=0) as f:
+            f.seek(message.content_offset)
+            data = f.readall()
+    except OSError:
+        return None
+    return data if len(data) <= WHOLE else None
+
+
 async def _read_chunk(f: IO[bytes]) -> bytes:
+    if isinstance(f, io.BytesIO):  # already in memory: no thread-pool hop
+        return f.read(CHUNK)
     return await asyncio.to_thread(f.read, CHUNK)
 
 
@@ -196,12 +216,15 @@ async def run_transaction(
     peer: str,
     lmtp: bool = False,
     address_of: Callable[[Recipient], str] = lambda r: r.address,
+    content: bytes | None = None,
 ) -> list[RecipientResult]:
     """MAIL, RCPT..., DATA, the body, the final reply (LMTP: one per accepted recipient).
 
     Pipelined when the server offers PIPELINING. Returns one result per recipient, in order,
     and never raises for network trouble: when the connection breaks or times out, whatever
     is not settled yet is temporary and `stream.broken` is set (the caller drops it).
+    `content` is the message's content when the caller has read it (`read_content`): it is
+    then sent from memory, with no file opened here.
     """
     addresses = [address_of(r) for r in recipients]
     utf8 = needs_smtputf8(message, addresses)
@@ -253,11 +276,14 @@ async def run_transaction(
     if message.requiretls and "REQUIRETLS" in caps:  # the relay refuses a hop without it
         params["REQUIRETLS"] = None
     try:
-        body: IO[bytes] = (
-            io.BytesIO(plan.replacement)
-            if plan.replacement is not None
-            else open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
-        )
+        body: IO[bytes]
+        if plan.replacement is not None:
+            body, start = io.BytesIO(plan.replacement), 0
+        elif content is not None:
+            body, start = io.BytesIO(content), 0
+        else:
+            body = open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
+            start = message.content_offset
     except OSError as exc:
         return [
             RecipientResult(
@@ -276,6 +302,7 @@ async def run_transaction(
             addresses,
             params,
             body,
+            start,
             t,
             results,
             peer=peer,
@@ -305,6 +332,7 @@ async def _transaction(
     addresses: list[str],
     params: dict[str, str | None],
     body: IO[bytes],
+    start: int,
     t: Timeouts,
     results: list[RecipientResult],
     *,
@@ -313,7 +341,8 @@ async def _transaction(
     rcpt_params: list[dict[str, str | None]],
     plan: BodyPlan = AS_USUAL,
 ) -> None:
-    """Fill `results` as replies arrive, so a broken connection keeps what was settled."""
+    """Fill `results` as replies arrive, so a broken connection keeps what was settled.
+    The content to send is `body` from offset `start` on."""
     mail_cmd = proto.mail_from(message.sender, params)
     rcpt_cmds = [proto.rcpt_to(a, p) for a, p in zip(addresses, rcpt_params, strict=True)]
     data_reply: Reply | None = None
@@ -348,7 +377,7 @@ async def _transaction(
         await _send_chunks(
             stream,
             body,
-            message.content_offset,
+            start,
             recipients,
             accepted,
             t,
@@ -365,12 +394,17 @@ async def _transaction(
                 )
         await _abandon_data(stream, data_reply, t)
         return
-    body.seek(0 if plan.replacement is not None else message.content_offset)
+    # A small body already in memory goes out whole, in one write and one drain.
+    whole = isinstance(body, io.BytesIO) and body.seek(0, io.SEEK_END) - start <= WHOLE
+    body.seek(start)
     encoder = proto.BodyEncoder()
-    while chunk := await _read_chunk(body):
-        stream.write(encoder.feed(chunk))
-        await stream.drain(t.data_block)
-    stream.write(encoder.finish())
+    if whole:
+        stream.write(encoder.feed(body.read()) + encoder.finish())
+    else:
+        while chunk := await _read_chunk(body):
+            stream.write(encoder.feed(chunk))
+            await stream.drain(t.data_block)
+        stream.write(encoder.finish())
     await stream.drain(t.data_block)
     for i in accepted if lmtp else [None]:
         final = await stream.read_reply(t.data_end)

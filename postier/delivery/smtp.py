@@ -33,6 +33,7 @@ from postier.delivery.client import (
     Timeouts,
     outcome_fields,
     parse_hostport,
+    read_content,
     run_transaction,
 )
 from postier.delivery.relay_tls import NextHopTls, host_failure
@@ -187,7 +188,10 @@ class RelaySession(NextHopTls):
     ) -> list[RecipientResult]:
         """One delivery attempt of `message` to `recipients` (all in this session's domain)."""
         qid = message.queue_id
-        relaxed = await requiretls.relaxed_for(message)
+        # One thread-pool job reads a small message whole: the TLS-Required check and the
+        # DATA below both use it (a large one is read by each, in pieces).
+        content = await asyncio.to_thread(read_content, message)
+        relaxed = await requiretls.relaxed_for(message, content)
         if relaxed != self.relaxed:  # a connection made under one stance never serves the other
             await self.close()
             self.relaxed, self._failed = relaxed, None
@@ -202,7 +206,13 @@ class RelaySession(NextHopTls):
             return results
         assert self.stream is not None
         results = await run_transaction(
-            self.stream, self.caps, message, recipients, self.relay.timeouts, peer=self.peer
+            self.stream,
+            self.caps,
+            message,
+            recipients,
+            self.relay.timeouts,
+            peer=self.peer,
+            content=content,
         )
         results = self._with_tls(results)
         self._log(qid, results, connected=True)
