@@ -2,7 +2,8 @@
 
 Exactly one process runs the scheduler and the maildrop pickup (the queue holds a lock so a
 second daemon cannot send the same mail twice). Sessions in other worker processes commit to
-the store and leave a flush request that the scheduler polls.
+the store and tell the scheduler with a datagram on its wake-up socket, or, when that cannot
+be sent, a flush request that it polls (postier.queue.wakeup).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from postier.protocol.address import Address
 from postier.queue.bounce import DsnRecipient, queue_delivered_report
 from postier.queue.ids import new_queue_id
 from postier.queue.store import EntryExists, QueueEntry, QueueStore
+from postier.queue.wakeup import WakeupListener, WakeupSender
 
 if TYPE_CHECKING:
     from postier.delivery.smtp import SmtpRelay
@@ -119,6 +121,8 @@ class Outbound:
         # Entries `commit` wrote (in the thread pool), until `notify` (on the loop) passes
         # them on; single dict operations are atomic, so no lock.
         self._committed: dict[str, QueueEntry] = {}
+        self._wakeup = WakeupSender(self.store.flush_dir)  # workers without the scheduler
+        self._wakeup_listener: WakeupListener | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
         self._reports_task: asyncio.Task[None] | None = None  # TLS-RPT, once a day
         self._stop: asyncio.Event | None = None  # created on the loop in start()
@@ -175,23 +179,26 @@ class Outbound:
 
     def queue_own(self, data: bytes, content_offset: int, recipients: list[str]) -> str:
         """Blocking: commit a message postier wrote (a TLS-RPT report) from <>, signed with
-        the hostname's keys as our bounces are; the scheduler is told. Returns its id."""
+        the hostname's keys as our bounces are; the scheduler is told (at its next poll of
+        the flush requests). Returns its id."""
         signed = self.sign_own(data, content_offset)
         entry = self.store.commit_bytes(
             signed, "", recipients, arrival=time.time(), content_offset=content_offset
         )
-        self.notify(entry.queue_id)
+        # A flush request, safe from this thread (the scheduler's own wake-up is not).
+        self.store.request_flush(entry.queue_id)
         return entry.queue_id
 
     def notify(self, queue_id: str) -> None:
-        """A committed entry is ready: wake the scheduler, here or in another worker.
+        """A committed entry is ready: wake the scheduler, here or in another worker (on the
+        event loop; a datagram, else a flush request file: `postier.queue.wakeup`).
 
         An entry `commit` made in this process goes to the scheduler as it was written, so
         that its first dispatch does not read it back from the file."""
         entry = self._committed.pop(queue_id, None)
         if self.scheduler is not None:
             self.scheduler.enqueue(queue_id, entry)
-        else:
+        elif not self._wakeup.send(queue_id):
             self.store.request_flush(queue_id)
 
     def forward(self, message: StoredMessage, targets: Sequence[RemoteTarget]) -> list[str]:
@@ -284,6 +291,13 @@ class Outbound:
         )
         self.scheduler = scheduler
         found = await scheduler.start()
+        # Other workers' commits, told at once (the flush requests stay the fallback).
+        self._wakeup_listener = WakeupListener(self.store.flush_dir, scheduler.enqueue)
+        try:
+            self._wakeup_listener.start()
+        except OSError as exc:
+            log.event("queue-wakeup-unavailable", logging.WARNING, _LOG, error=str(exc))
+            self._wakeup_listener = None
         log.event("queue-started", logger=_LOG, dir=str(cfg.queue_dir), entries=found)
         self._stop = asyncio.Event()
         maildrop = Maildrop(
@@ -300,6 +314,9 @@ class Outbound:
     async def stop(self, grace: float) -> None:
         if self._stop is not None:
             self._stop.set()
+        if self._wakeup_listener is not None:
+            self._wakeup_listener.close()  # other workers fall back to flush requests
+            self._wakeup_listener = None
         for task in (self._maildrop_task, self._reports_task):
             if task is not None:
                 try:

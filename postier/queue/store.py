@@ -7,7 +7,8 @@ Layout under the queue directory (`-Q DIR`):
                          file system, else a copy); written once, never modified
     DIR/env/<id>.json    the envelope and per-recipient state; rewritten atomically
     DIR/tmp/             temporary files (removed at start-up)
-    DIR/flush/           flush requests from `postier queue flush` (files `ALL` or `<id>`)
+    DIR/flush/           flush requests from `postier queue flush` (files `ALL` or `<id>`),
+                         and the scheduler's wake-up socket `.wakeup` (postier.queue.wakeup)
     DIR/corrupt/         unreadable envelopes, kept for the operator, never delivered
 
 Durability: the body is written and fsync'd (file and directory) first; then the envelope is
@@ -429,6 +430,8 @@ class QueueStore:
         everything = False
         ids: set[str] = set()
         for name in names:
+            if name.startswith("."):  # the scheduler's wake-up socket (postier.queue.wakeup)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.flush_dir / name)
             if name == FLUSH_ALL:
