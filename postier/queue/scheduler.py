@@ -28,8 +28,8 @@ Model (a small Postfix qmgr):
 Other processes reach the daemon through the queue directory: `postier queue flush [ID]`
 drops a request file in DIR/flush/ (QueueStore.request_flush), which `run()` polls every
 `poll_interval` seconds with one listdir (the daemon's other workers announce new entries
-on a socket there instead, `postier.queue.wakeup`, which calls `enqueue`); `postier queue delete` removes the entry with
-`QueueStore.remove`, and the next load here simply misses it.
+on a socket there instead, `postier.queue.wakeup`, which calls `enqueue`); `postier queue
+delete` removes the entry with `QueueStore.remove`, and the next load here simply misses it.
 
 Times come from the injectable `clock`, so tests drive back-off and expiry by advancing a
 fake clock and calling `run_once()` / `drain()`; only `run()` sleeps.
