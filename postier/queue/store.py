@@ -12,7 +12,9 @@ Layout under the queue directory (`-Q DIR`):
     DIR/corrupt/         unreadable envelopes, kept for the operator, never delivered
 
 Durability: the body is written and fsync'd (file and directory) first; then the envelope is
-written to tmp/, fsync'd, renamed into env/ and env/ is fsync'd. **The envelope rename is the
+written to tmp/, fsync'd, renamed into env/ and env/ is fsync'd. Commits running at the same
+time share their directory fsyncs (group commit, `postier.queue.dirsync`): each still
+returns only after an fsync begun after its own link and rename. **The envelope rename is the
 commit point**: a body without an envelope is a half-written entry (a crash during commit)
 and `recover()` removes it at start-up; it is never delivered. The session sends its 250 only
 after `commit()` returns.
@@ -41,6 +43,7 @@ from postier.delivery.base import Recipient, StoredMessage
 from postier.delivery.fsutil import copy_from, fsync_dir, write_all
 from postier.errors import PostierError
 from postier.protocol.dsn import MailDsn, RcptDsn
+from postier.queue.dirsync import DirSync
 from postier.queue.entry import (  # noqa: F401 - the names users of the store import
     DELIVERED,
     FAILED,
@@ -108,6 +111,9 @@ class QueueStore:
                 d.mkdir(mode=0o700, exist_ok=True)
         elif not self.env_dir.is_dir():
             raise FileNotFoundError(f"{self.directory}: not a queue directory (no env/)")
+        # Concurrent commits share their directory fsyncs (postier.queue.dirsync).
+        self._body_sync = DirSync(self.body_dir)
+        self._env_sync = DirSync(self.env_dir)
 
     # -- paths -------------------------------------------------------------------------
     def body_path(self, queue_id: str) -> Path:
@@ -164,19 +170,15 @@ class QueueStore:
         body = self.body_path(queue_id)
         if env.exists():
             raise EntryExists(queue_id)
-        # A body without an envelope is what an earlier, failed commit of this same id left
-        # (ids are unique; a maildrop retry reuses its id): it was never committed, replace it.
-        body.unlink(missing_ok=True)
         try:
-            if prepend:
-                self._copy_into(spool.path, body, prepend, spool.content_offset)
-            else:
-                try:
-                    # The same inode: its creator fsync'd it already (contract above).
-                    os.link(spool.path, body)
-                except OSError:  # another file system, or links not permitted: copy
-                    self._copy_into(spool.path, body)
-            fsync_dir(self.body_dir)
+            try:
+                self._place_body(spool, body, prepend)
+            except FileExistsError:
+                # What an earlier, failed commit of this same id left (ids are unique; a
+                # maildrop retry reuses its id): never committed, so it is replaced.
+                body.unlink(missing_ok=True)
+                self._place_body(spool, body, prepend)
+            self._body_sync.sync()
             entry = QueueEntry(
                 queue_id=queue_id,
                 sender=sender,
@@ -234,6 +236,18 @@ class QueueStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _place_body(self, spool: StoredMessage, body: Path, prepend: bytes) -> None:
+        """The body file, not yet fsync'd in its directory; FileExistsError if one is there."""
+        if prepend:
+            self._copy_into(spool.path, body, prepend, spool.content_offset)
+            return
+        try:
+            os.link(spool.path, body)  # the same inode: its creator fsync'd it (see commit)
+        except FileExistsError:
+            raise
+        except OSError:  # another file system, or links not permitted: copy
+            self._copy_into(spool.path, body)
+
     def _copy_into(self, source: Path, dest: Path, insert: bytes = b"", at: int = 0) -> None:
         """Copy `source` to `dest` (fsync'd), with `insert` put in at offset `at`."""
         tmp = self.tmp_dir / f"{dest.name}.copy"
@@ -251,12 +265,14 @@ class QueueStore:
 
     def _write_env(self, entry: QueueEntry) -> None:
         tmp = self.tmp_dir / f"{entry.queue_id}.json"
-        with open(tmp, "wb") as f:
-            f.write(entry.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, entry.to_json())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, self.env_path(entry.queue_id))
-        fsync_dir(self.env_dir)
+        self._env_sync.sync()
 
     # -- read --------------------------------------------------------------------------
     def load(self, queue_id: str) -> QueueEntry:
@@ -358,7 +374,7 @@ class QueueStore:
                 except FileNotFoundError:
                     return False
                 if sync:
-                    fsync_dir(self.env_dir)  # the deletion's commit point
+                    self._env_sync.sync()  # the deletion's commit point
                 self.body_path(queue_id).unlink(missing_ok=True)
                 return True
         except EntryNotFound:
