@@ -27,6 +27,7 @@ from postier.delivery.base import (
     result_from_error,
 )
 from postier.delivery.binarymime import AS_USUAL, BodyPlan, plan_body
+from postier.delivery.content import WHOLE
 from postier.delivery.dsn_relay import dsn_mail_params, dsn_rcpt_params, mark_passed
 from postier.errors import DeliveryError
 from postier.protocol import client as proto
@@ -36,9 +37,6 @@ from postier.protocol.replies import Reply
 log = logging.getLogger("postier.delivery.client")
 
 CHUNK = 64 * 1024  # body bytes read from the spool per step: memory stays flat for any size
-# A message whose content is at most this is read whole, in one thread-pool job, and sent in
-# one write; a larger one is streamed CHUNK by CHUNK.
-WHOLE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,21 +183,6 @@ def needs_smtputf8(message: StoredMessage, addresses: Sequence[str]) -> bool:
     )
 
 
-def read_content(message: StoredMessage) -> bytes | None:
-    """Blocking: the message's content (after `Return-Path:`) when it is at most `WHOLE`
-    bytes, else None (it is then streamed). None as well when the file cannot be read: the
-    transaction reports that itself."""
-    if message.size - message.content_offset > WHOLE:
-        return None
-    try:
-        with open(message.path, "rb", buffering=0) as f:
-            f.seek(message.content_offset)
-            data = f.readall()
-    except OSError:
-        return None
-    return data if len(data) <= WHOLE else None
-
-
 async def _read_chunk(f: IO[bytes]) -> bytes:
     if isinstance(f, io.BytesIO):  # already in memory: no thread-pool hop
         return f.read(CHUNK)
@@ -223,8 +206,8 @@ async def run_transaction(
     Pipelined when the server offers PIPELINING. Returns one result per recipient, in order,
     and never raises for network trouble: when the connection breaks or times out, whatever
     is not settled yet is temporary and `stream.broken` is set (the caller drops it).
-    `content` is the message's content when the caller has read it (`read_content`): it is
-    then sent from memory, with no file opened here.
+    `content` is the message's content when the caller has it (`postier.delivery.content`):
+    it is then sent from memory, with no file opened here.
     """
     addresses = [address_of(r) for r in recipients]
     utf8 = needs_smtputf8(message, addresses)

@@ -33,9 +33,9 @@ from postier.delivery.client import (
     Timeouts,
     outcome_fields,
     parse_hostport,
-    read_content,
     run_transaction,
 )
+from postier.delivery.content import Preloaded, read_content
 from postier.delivery.relay_tls import NextHopTls, host_failure
 from postier.dns import Resolver, is_ip_address
 from postier.errors import DeliveryError
@@ -117,6 +117,8 @@ class SmtpRelay:
         self.verify_context = client_context(verify=True, ca_file=ca_file)
         self.tls_policy = tls_policy or TlsPolicy()
         self.source = OutboundSource()  # families and source addresses (outbound.source)
+        # Content of freshly queued messages, left by the queue's commit for the first attempt.
+        self.preloaded = Preloaded()
 
     def session(self, domain: str) -> RelaySession:
         return RelaySession(self, domain)
@@ -188,9 +190,12 @@ class RelaySession(NextHopTls):
     ) -> list[RecipientResult]:
         """One delivery attempt of `message` to `recipients` (all in this session's domain)."""
         qid = message.queue_id
-        # One thread-pool job reads a small message whole: the TLS-Required check and the
-        # DATA below both use it (a large one is read by each, in pieces).
-        content = await asyncio.to_thread(read_content, message)
+        # A small message in memory: left by its commit (first attempt), else read whole in
+        # one thread-pool job. The TLS-Required check and the DATA below both use it (a large
+        # one is read by each, in pieces).
+        content = self.relay.preloaded.take(message.path)
+        if content is None:
+            content = await asyncio.to_thread(read_content, message)
         relaxed = await requiretls.relaxed_for(message, content)
         if relaxed != self.relaxed:  # a connection made under one stance never serves the other
             await self.close()

@@ -27,6 +27,7 @@ from postier.delivery.base import (
     delivered,
     permanent,
 )
+from postier.delivery.content import read_body
 from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
 from postier.outbound.tlsrpt_send import start_tls_reports
@@ -120,7 +121,7 @@ class Outbound:
         self.scheduler: Scheduler | None = None
         # Entries `commit` wrote (in the thread pool), until `notify` (on the loop) passes
         # them on; single dict operations are atomic, so no lock.
-        self._committed: dict[str, QueueEntry] = {}
+        self._committed: dict[str, tuple[QueueEntry, bytes | None]] = {}
         self._wakeup = WakeupSender(self.store.flush_dir)  # workers without the scheduler
         self._wakeup_listener: WakeupListener | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
@@ -145,9 +146,22 @@ class Outbound:
             )
         except EntryExists:
             entry = self.store.add_recipients(message.queue_id, recipients, message.recipient_dsn)
+        # Read back now, while the file is hot and we are in the thread pool anyway: the
+        # first relay attempt then needs no file read (postier.delivery.content.Preloaded).
+        content = None
+        if any(self._over_smtp(r.domain) for r in entry.pending()):
+            content = read_body(self.store.body_path(entry.queue_id), entry.content_offset,
+                                entry.size)  # fmt: skip
         if len(self._committed) >= _COMMITTED_MAX:  # commits never announced: a bounded leak
             self._committed.clear()
-        self._committed[entry.queue_id] = entry
+        self._committed[entry.queue_id] = (entry, content)
+
+    def _is_delivered_here(self, domain: str) -> bool:
+        """A local domain, unless an smtp: route sends its mail on (the scheduler's rule)."""
+        return self.policy.is_local_domain(domain) and not self.next_hops.is_routed_local(domain)
+
+    def _over_smtp(self, domain: str) -> bool:
+        return not self._is_delivered_here(domain) and self.next_hops.over_smtp(domain)
 
     def headers_at_commit(self, message: StoredMessage) -> bytes:
         """Header lines to put on top of the message as it is queued (spool format, LF): the
@@ -193,10 +207,13 @@ class Outbound:
         """A committed entry is ready: wake the scheduler, here or in another worker (on the
         event loop; a datagram, else a flush request file: `postier.queue.wakeup`).
 
-        An entry `commit` made in this process goes to the scheduler as it was written, so
-        that its first dispatch does not read it back from the file."""
-        entry = self._committed.pop(queue_id, None)
+        An entry `commit` made in this process goes to the scheduler as it was written, and
+        a small message's content to the relay, so that the first attempt reads neither back
+        from the files."""
+        entry, content = self._committed.pop(queue_id, (None, None))
         if self.scheduler is not None:
+            if content is not None:
+                self.relay.preloaded.put(self.store.body_path(queue_id), content)
             self.scheduler.enqueue(queue_id, entry)
         elif not self._wakeup.send(queue_id):
             self.store.request_flush(queue_id)
@@ -284,9 +301,7 @@ class Outbound:
             executor=self.executor,
             local_deliver=self.local_deliver,
             # A local domain with an smtp: route leaves through the queue's relay.
-            is_local=lambda d: (
-                self.policy.is_local_domain(d) and not self.next_hops.is_routed_local(d)
-            ),
+            is_local=self._is_delivered_here,
             sign_own=self.sign_own,
         )
         self.scheduler = scheduler
