@@ -62,6 +62,12 @@ class ConnectionLost(ConnectionError):
     """The server closed the connection while we waited for a reply."""
 
 
+class StaleConnection(Exception):
+    """A reused connection failed the RSET sent in front of MAIL (`run_transaction`'s
+    `reset`): nothing of the transaction was accepted; the caller opens a new connection.
+    Not an OSError, so that it passes through the handling of network trouble."""
+
+
 class ClientStream:
     """One client connection: commands out, `Reply` objects in, each wait under a deadline."""
 
@@ -200,6 +206,7 @@ async def run_transaction(
     lmtp: bool = False,
     address_of: Callable[[Recipient], str] = lambda r: r.address,
     content: bytes | None = None,
+    reset: bool = False,
 ) -> list[RecipientResult]:
     """MAIL, RCPT..., DATA, the body, the final reply (LMTP: one per accepted recipient).
 
@@ -207,7 +214,8 @@ async def run_transaction(
     and never raises for network trouble: when the connection breaks or times out, whatever
     is not settled yet is temporary and `stream.broken` is set (the caller drops it).
     `content` is the message's content when the caller has it (`postier.delivery.content`):
-    it is then sent from memory, with no file opened here.
+    it is then sent from memory, with no file opened here. `reset` (with PIPELINING) puts
+    an RSET in front of MAIL, probing a reused connection; `StaleConnection` when it fails.
     """
     addresses = [address_of(r) for r in recipients]
     utf8 = needs_smtputf8(message, addresses)
@@ -292,6 +300,7 @@ async def run_transaction(
             lmtp=lmtp,
             rcpt_params=rcpt_params,
             plan=plan,
+            reset=reset and "PIPELINING" in caps,
         )
     except (OSError, ClientProtocolError) as exc:
         stream.broken = True
@@ -323,6 +332,7 @@ async def _transaction(
     lmtp: bool,
     rcpt_params: list[dict[str, str | None]],
     plan: BodyPlan = AS_USUAL,
+    reset: bool = False,
 ) -> None:
     """Fill `results` as replies arrive, so a broken connection keeps what was settled.
     The content to send is `body` from offset `start` on."""
@@ -331,7 +341,16 @@ async def _transaction(
     data_reply: Reply | None = None
     use_data = not plan.chunking  # BDAT needs no go-ahead: its chunks follow the RCPTs
     if "PIPELINING" in caps:
-        stream.write(mail_cmd + b"".join(rcpt_cmds) + (proto.DATA if use_data else b""))
+        first = (proto.RSET if reset else b"") + mail_cmd + b"".join(rcpt_cmds)
+        stream.write(first + (proto.DATA if use_data else b""))
+        if reset:
+            try:
+                await stream.drain(t.command)
+                probe = await stream.read_reply(t.command)
+            except (OSError, ClientProtocolError) as exc:
+                raise StaleConnection(str(exc) or type(exc).__name__) from None
+            if not reply_ok(probe):
+                raise StaleConnection(str(probe))
         await stream.drain(t.mail)
         mail_reply = await stream.read_reply(t.mail)
         rcpt_replies = [await stream.read_reply(t.rcpt) for _ in rcpt_cmds]
