@@ -109,18 +109,24 @@ class ClientStream:
         return cls(reader, writer)
 
     async def read_reply(self, timeout: float) -> Reply:
-        async with asyncio.timeout(timeout):
-            while not self._ready:
-                data = await self.reader.read(CHUNK)
-                if not data:
-                    raise ConnectionLost("connection closed by the server")
-                self._ready.extend(self.parser.feed(data))
+        if not self._ready:  # (pipelined replies often came in one read: no timer for them)
+            async with asyncio.timeout(timeout):
+                while not self._ready:
+                    data = await self.reader.read(CHUNK)
+                    if not data:
+                        raise ConnectionLost("connection closed by the server")
+                    self._ready.extend(self.parser.feed(data))
         return self._ready.pop(0)
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
 
     async def drain(self, timeout: float) -> None:
+        if not self.writer.transport.get_write_buffer_size():
+            # Nothing buffered: drain cannot wait (it only raises for a lost connection), so
+            # it needs no timer. The usual case on a fast link: the kernel took every byte.
+            await self.writer.drain()
+            return
         async with asyncio.timeout(timeout):
             await self.writer.drain()
 
