@@ -12,8 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+from postier.queue.entry import QueueEntry, RecipientState
 from postier.queue.store import QueueStore
-from postier.queue.wakeup import SOCKET_NAME, WakeupListener, WakeupSender
+from postier.queue.wakeup import (
+    MAX_CARRIED,
+    SOCKET_NAME,
+    WakeupListener,
+    WakeupSender,
+    decode,
+    encode,
+)
 from tests.test_scheduler import World, aio, ok
 
 
@@ -36,7 +44,7 @@ def _send_from_another_process(flush_dir: Path, queue_id: str) -> bool:
 async def test_a_datagram_from_another_process_starts_the_delivery(tmp_path: Path) -> None:
     w = World(tmp_path, ok, poll_interval=3600.0)
     w.sched.clock = time.time  # the loop really sleeps here
-    listener = WakeupListener(w.store.flush_dir, w.sched.enqueue)
+    listener = WakeupListener(w.store.flush_dir, lambda qid, env, content: w.sched.enqueue(qid))
     listener.start()
     runner = asyncio.create_task(w.sched.run())
     try:
@@ -59,7 +67,7 @@ async def test_a_datagram_from_another_process_starts_the_delivery(tmp_path: Pat
 async def test_garbage_on_the_socket_is_ignored(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "queue")
     got: list[str] = []
-    listener = WakeupListener(store.flush_dir, got.append)
+    listener = WakeupListener(store.flush_dir, lambda qid, env, content: got.append(qid))
     listener.start()
     try:
         sender = WakeupSender(store.flush_dir)
@@ -84,7 +92,7 @@ def test_without_a_listener_the_sender_says_so(tmp_path: Path) -> None:
 @aio
 async def test_flush_requests_leave_the_socket_alone(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "queue")
-    listener = WakeupListener(store.flush_dir, lambda qid: None)
+    listener = WakeupListener(store.flush_dir, lambda qid, env, content: None)
     listener.start()
     try:
         store.request_flush()
@@ -92,3 +100,28 @@ async def test_flush_requests_leave_the_socket_alone(tmp_path: Path) -> None:
         assert (store.flush_dir / SOCKET_NAME).is_socket()
     finally:
         listener.close()
+
+
+QID = "1K0TS74CTYH00ZHR"
+
+
+def test_the_envelope_and_content_ride_along_when_small() -> None:
+    entry = QueueEntry(QID, "a@example.org", 1.0, 100, 30, [RecipientState("b@relay.test")])
+    envelope = entry.to_json()
+    assert decode(encode(QID, envelope, b"Subject: x\n\nbody\n")) == (
+        QID,
+        envelope,
+        b"Subject: x\n\nbody\n",
+    )
+    assert decode(encode(QID, envelope)) == (QID, envelope, None)
+    assert decode(encode(QID)) == (QID, None, None)
+    big = b"X" * MAX_CARRIED
+    assert decode(encode(QID, envelope, big)) == (QID, None, None)  # too large: the id alone
+
+
+def test_a_datagram_whose_lengths_do_not_add_up_is_the_bare_id() -> None:
+    good = encode(QID, b"{}", b"content")
+    assert decode(good[:-1]) == (QID, None, None)
+    assert decode(good + b"more") == (QID, None, None)
+    assert decode(QID.encode() + b" x y\n{}") == (QID, None, None)
+    assert decode(b"not-an-id 2 -1\n{}") is None

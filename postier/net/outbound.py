@@ -212,11 +212,27 @@ class Outbound:
         from the files."""
         entry, content = self._committed.pop(queue_id, (None, None))
         if self.scheduler is not None:
-            if content is not None:
-                self.relay.preloaded.put(self.store.body_path(queue_id), content)
-            self.scheduler.enqueue(queue_id, entry)
-        elif not self._wakeup.send(queue_id):
+            self._schedule(queue_id, entry, content)
+            return
+        envelope = entry.to_json() if entry is not None else None
+        if not self._wakeup.send(queue_id, envelope, content):
             self.store.request_flush(queue_id)
+
+    def _schedule(self, queue_id: str, entry: QueueEntry | None, content: bytes | None) -> None:
+        if content is not None:
+            self.relay.preloaded.put(self.store.body_path(queue_id), content)
+        assert self.scheduler is not None
+        self.scheduler.enqueue(queue_id, entry)
+
+    def _woken(self, queue_id: str, envelope: bytes | None, content: bytes | None) -> None:
+        """A datagram from another worker (`postier.queue.wakeup`): its commit, told."""
+        entry = None
+        if envelope is not None:
+            try:
+                entry = QueueEntry.from_json(envelope)
+            except ValueError:  # read from the file at dispatch instead
+                entry, content = None, None
+        self._schedule(queue_id, entry, content)
 
     def forward(self, message: StoredMessage, targets: Sequence[RemoteTarget]) -> list[str]:
         """Blocking (thread pool): queue alias targets at remote domains, one entry per
@@ -307,7 +323,7 @@ class Outbound:
         self.scheduler = scheduler
         found = await scheduler.start()
         # Other workers' commits, told at once (the flush requests stay the fallback).
-        self._wakeup_listener = WakeupListener(self.store.flush_dir, scheduler.enqueue)
+        self._wakeup_listener = WakeupListener(self.store.flush_dir, self._woken)
         try:
             self._wakeup_listener.start()
         except OSError as exc:
