@@ -201,3 +201,24 @@ def test_sendmail_t_through_the_maildrop(pub: Path, dns: DnsServer) -> None:
         assert "nightly report" in srv.maildir_files("bob")[0].read_text()
     finally:
         srv.stop()
+
+
+def test_two_workers_relay_everything_at_once(pub: Path, dns: DnsServer) -> None:
+    """With --workers 2 half the sessions commit in the worker without the scheduler; it tells
+    the scheduler on the queue's wake-up socket (envelope and content carried along), so every
+    message leaves without waiting for a flush request, and none twice."""
+    with SmtpSink(pub / "sink") as sink:
+        srv = relay_server(pub / "srv", dns, sink.port)
+        srv.args += ["--workers", "2"]
+        srv.start()
+        try:
+            for i in range(40):  # a connection each: both workers take some
+                send_local(srv, "alice@example.org", [f"r{i}@remote.test"], f"message {i}")
+            assert wait_until(lambda: len(sink.messages()) >= 40)
+            bodies = [m for m in sink.messages() if b"message " in m]
+            assert sorted(int(m.rsplit(b"message ", 1)[1].split()[0]) for m in bodies) == list(
+                range(40)
+            )
+            assert wait_until(lambda: not list((srv.root / "queue" / "env").iterdir()))
+        finally:
+            srv.stop()

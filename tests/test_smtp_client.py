@@ -437,7 +437,8 @@ class ScriptedServer:
     """Just enough SMTP to reach a broken TLS handshake, STARTTLS injection, HELO-only
     servers and AUTH LOGIN. `starttls`: None (not offered), "ok", "garbage" (220, then bytes
     that are not TLS in answer to the client's hello) or "inject" (220 plus a fake reply in
-    the same write: the STARTTLS injection attack)."""
+    the same write: the STARTTLS injection attack). `rset_421`: RSET gets 421 and the
+    connection closes; `one_message`: the connection closes after its first message."""
 
     def __init__(
         self,
@@ -446,8 +447,11 @@ class ScriptedServer:
         tls: ssl.SSLContext | None = None,
         ehlo: bool = True,
         auth: str = "",
+        rset_421: bool = False,
+        one_message: bool = False,
     ) -> None:
         self.starttls, self.tls, self.ehlo, self.auth = starttls, tls, ehlo, auth
+        self.rset_421, self.one_message = rset_421, one_message
         self.lines: list[bytes] = []
         self.bodies: list[bytes] = []
         self.connections = 0
@@ -517,6 +521,13 @@ class ScriptedServer:
                         body += part
                     self.bodies.append(body)
                     writer.write(b"250 2.0.0 queued\r\n")
+                    if self.one_message:
+                        await writer.drain()
+                        break
+                elif verb == b"RSET" and self.rset_421:
+                    writer.write(b"421 4.3.2 closing for maintenance\r\n")
+                    await writer.drain()
+                    break
                 elif verb == b"QUIT":
                     writer.write(b"221 bye\r\n")
                     break
@@ -554,6 +565,27 @@ def test_failed_starttls_retries_in_plaintext(
         for r in caplog.records
         if r.levelno == logging.WARNING
     )
+
+
+@pytest.mark.parametrize("how", ["rset_421", "one_message"])
+def test_a_reused_connection_that_failed_meanwhile_is_replaced(
+    dns_server: DnsServer, pub: Path, how: str
+) -> None:
+    """The RSET probing a reused connection rides in front of MAIL (PIPELINING); when it
+    fails (421, or the server hung up), the message goes over a new connection at once."""
+
+    async def go() -> tuple[list[RecipientResult], ScriptedServer]:
+        async with (
+            ScriptedServer(**{how: True}) as server,
+            relay(dns_server, server.port).session("afallback.test") as s,
+        ):
+            res = await s.send(stored(pub, BODY), rcpts("a@afallback.test"))
+            res += await s.send(stored(pub, BODY), rcpts("b@afallback.test"))
+            return res, server
+
+    res, server = asyncio.run(go())
+    assert [r.status for r in res] == [Status.DELIVERED] * 2
+    assert server.connections == 2 and len(server.bodies) == 2
 
 
 def test_helo_fallback_without_pipelining(dns_server: DnsServer, pub: Path) -> None:

@@ -27,6 +27,7 @@ from postier.delivery.base import (
     result_from_error,
 )
 from postier.delivery.binarymime import AS_USUAL, BodyPlan, plan_body
+from postier.delivery.content import WHOLE
 from postier.delivery.dsn_relay import dsn_mail_params, dsn_rcpt_params, mark_passed
 from postier.errors import DeliveryError
 from postier.protocol import client as proto
@@ -59,6 +60,12 @@ class Timeouts:
 
 class ConnectionLost(ConnectionError):
     """The server closed the connection while we waited for a reply."""
+
+
+class StaleConnection(Exception):
+    """A reused connection failed the RSET sent in front of MAIL (`run_transaction`'s
+    `reset`): nothing of the transaction was accepted; the caller opens a new connection.
+    Not an OSError, so that it passes through the handling of network trouble."""
 
 
 class ClientStream:
@@ -102,18 +109,24 @@ class ClientStream:
         return cls(reader, writer)
 
     async def read_reply(self, timeout: float) -> Reply:
-        async with asyncio.timeout(timeout):
-            while not self._ready:
-                data = await self.reader.read(CHUNK)
-                if not data:
-                    raise ConnectionLost("connection closed by the server")
-                self._ready.extend(self.parser.feed(data))
+        if not self._ready:  # (pipelined replies often came in one read: no timer for them)
+            async with asyncio.timeout(timeout):
+                while not self._ready:
+                    data = await self.reader.read(CHUNK)
+                    if not data:
+                        raise ConnectionLost("connection closed by the server")
+                    self._ready.extend(self.parser.feed(data))
         return self._ready.pop(0)
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
 
     async def drain(self, timeout: float) -> None:
+        if not self.writer.transport.get_write_buffer_size():
+            # Nothing buffered: drain cannot wait (it only raises for a lost connection), so
+            # it needs no timer. The usual case on a fast link: the kernel took every byte.
+            await self.writer.drain()
+            return
         async with asyncio.timeout(timeout):
             await self.writer.drain()
 
@@ -183,6 +196,8 @@ def needs_smtputf8(message: StoredMessage, addresses: Sequence[str]) -> bool:
 
 
 async def _read_chunk(f: IO[bytes]) -> bytes:
+    if isinstance(f, io.BytesIO):  # already in memory: no thread-pool hop
+        return f.read(CHUNK)
     return await asyncio.to_thread(f.read, CHUNK)
 
 
@@ -196,12 +211,17 @@ async def run_transaction(
     peer: str,
     lmtp: bool = False,
     address_of: Callable[[Recipient], str] = lambda r: r.address,
+    content: bytes | None = None,
+    reset: bool = False,
 ) -> list[RecipientResult]:
     """MAIL, RCPT..., DATA, the body, the final reply (LMTP: one per accepted recipient).
 
     Pipelined when the server offers PIPELINING. Returns one result per recipient, in order,
     and never raises for network trouble: when the connection breaks or times out, whatever
     is not settled yet is temporary and `stream.broken` is set (the caller drops it).
+    `content` is the message's content when the caller has it (`postier.delivery.content`):
+    it is then sent from memory, with no file opened here. `reset` (with PIPELINING) puts
+    an RSET in front of MAIL, probing a reused connection; `StaleConnection` when it fails.
     """
     addresses = [address_of(r) for r in recipients]
     utf8 = needs_smtputf8(message, addresses)
@@ -253,11 +273,14 @@ async def run_transaction(
     if message.requiretls and "REQUIRETLS" in caps:  # the relay refuses a hop without it
         params["REQUIRETLS"] = None
     try:
-        body: IO[bytes] = (
-            io.BytesIO(plan.replacement)
-            if plan.replacement is not None
-            else open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
-        )
+        body: IO[bytes]
+        if plan.replacement is not None:
+            body, start = io.BytesIO(plan.replacement), 0
+        elif content is not None:
+            body, start = io.BytesIO(content), 0
+        else:
+            body = open(message.path, "rb")  # noqa: SIM115 - closed in the finally below
+            start = message.content_offset
     except OSError as exc:
         return [
             RecipientResult(
@@ -276,12 +299,14 @@ async def run_transaction(
             addresses,
             params,
             body,
+            start,
             t,
             results,
             peer=peer,
             lmtp=lmtp,
             rcpt_params=rcpt_params,
             plan=plan,
+            reset=reset and "PIPELINING" in caps,
         )
     except (OSError, ClientProtocolError) as exc:
         stream.broken = True
@@ -305,6 +330,7 @@ async def _transaction(
     addresses: list[str],
     params: dict[str, str | None],
     body: IO[bytes],
+    start: int,
     t: Timeouts,
     results: list[RecipientResult],
     *,
@@ -312,14 +338,25 @@ async def _transaction(
     lmtp: bool,
     rcpt_params: list[dict[str, str | None]],
     plan: BodyPlan = AS_USUAL,
+    reset: bool = False,
 ) -> None:
-    """Fill `results` as replies arrive, so a broken connection keeps what was settled."""
+    """Fill `results` as replies arrive, so a broken connection keeps what was settled.
+    The content to send is `body` from offset `start` on."""
     mail_cmd = proto.mail_from(message.sender, params)
     rcpt_cmds = [proto.rcpt_to(a, p) for a, p in zip(addresses, rcpt_params, strict=True)]
     data_reply: Reply | None = None
     use_data = not plan.chunking  # BDAT needs no go-ahead: its chunks follow the RCPTs
     if "PIPELINING" in caps:
-        stream.write(mail_cmd + b"".join(rcpt_cmds) + (proto.DATA if use_data else b""))
+        first = (proto.RSET if reset else b"") + mail_cmd + b"".join(rcpt_cmds)
+        stream.write(first + (proto.DATA if use_data else b""))
+        if reset:
+            try:
+                await stream.drain(t.command)
+                probe = await stream.read_reply(t.command)
+            except (OSError, ClientProtocolError) as exc:
+                raise StaleConnection(str(exc) or type(exc).__name__) from None
+            if not reply_ok(probe):
+                raise StaleConnection(str(probe))
         await stream.drain(t.mail)
         mail_reply = await stream.read_reply(t.mail)
         rcpt_replies = [await stream.read_reply(t.rcpt) for _ in rcpt_cmds]
@@ -348,7 +385,7 @@ async def _transaction(
         await _send_chunks(
             stream,
             body,
-            message.content_offset,
+            start,
             recipients,
             accepted,
             t,
@@ -365,12 +402,17 @@ async def _transaction(
                 )
         await _abandon_data(stream, data_reply, t)
         return
-    body.seek(0 if plan.replacement is not None else message.content_offset)
+    # A small body already in memory goes out whole, in one write and one drain.
+    whole = isinstance(body, io.BytesIO) and body.seek(0, io.SEEK_END) - start <= WHOLE
+    body.seek(start)
     encoder = proto.BodyEncoder()
-    while chunk := await _read_chunk(body):
-        stream.write(encoder.feed(chunk))
-        await stream.drain(t.data_block)
-    stream.write(encoder.finish())
+    if whole:
+        stream.write(encoder.feed(body.read()) + encoder.finish())
+    else:
+        while chunk := await _read_chunk(body):
+            stream.write(encoder.feed(chunk))
+            await stream.drain(t.data_block)
+        stream.write(encoder.finish())
     await stream.drain(t.data_block)
     for i in accepted if lmtp else [None]:
         final = await stream.read_reply(t.data_end)

@@ -2,7 +2,8 @@
 
 Exactly one process runs the scheduler and the maildrop pickup (the queue holds a lock so a
 second daemon cannot send the same mail twice). Sessions in other worker processes commit to
-the store and leave a flush request that the scheduler polls.
+the store and tell the scheduler with a datagram on its wake-up socket, or, when that cannot
+be sent, a flush request that it polls (postier.queue.wakeup).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from postier.delivery.base import (
     delivered,
     permanent,
 )
+from postier.delivery.content import read_body
 from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
 from postier.outbound.tlsrpt_send import start_tls_reports
@@ -33,7 +35,8 @@ from postier.policy import LocalTarget, Policy, RemoteTarget
 from postier.protocol.address import Address
 from postier.queue.bounce import DsnRecipient, queue_delivered_report
 from postier.queue.ids import new_queue_id
-from postier.queue.store import EntryExists, QueueStore
+from postier.queue.store import EntryExists, QueueEntry, QueueStore
+from postier.queue.wakeup import WakeupListener, WakeupSender
 
 if TYPE_CHECKING:
     from postier.delivery.smtp import SmtpRelay
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
     from postier.queue.scheduler import Scheduler
 
 _LOG = logging.getLogger("postier.outbound")
+
+_COMMITTED_MAX = 10_000  # entries committed and not yet announced (see Outbound.notify)
 
 
 def make_resolver(config: Config) -> Resolver:
@@ -114,6 +119,11 @@ class Outbound:
         )
         self.backend = route_local(backend, self.next_hops, executor, policy.domains)
         self.scheduler: Scheduler | None = None
+        # Entries `commit` wrote (in the thread pool), until `notify` (on the loop) passes
+        # them on; single dict operations are atomic, so no lock.
+        self._committed: dict[str, tuple[QueueEntry, bytes | None]] = {}
+        self._wakeup = WakeupSender(self.store.flush_dir)  # workers without the scheduler
+        self._wakeup_listener: WakeupListener | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
         self._reports_task: asyncio.Task[None] | None = None  # TLS-RPT, once a day
         self._stop: asyncio.Event | None = None  # created on the loop in start()
@@ -131,11 +141,27 @@ class Outbound:
         """
         recipients = [str(a) for a in addresses]
         try:
-            self.store.commit(
+            entry = self.store.commit(
                 message, message.sender, recipients, prepend=self.headers_at_commit(message)
             )
         except EntryExists:
-            self.store.add_recipients(message.queue_id, recipients, message.recipient_dsn)
+            entry = self.store.add_recipients(message.queue_id, recipients, message.recipient_dsn)
+        # Read back now, while the file is hot and we are in the thread pool anyway: the
+        # first relay attempt then needs no file read (postier.delivery.content.Preloaded).
+        content = None
+        if any(self._over_smtp(r.domain) for r in entry.pending()):
+            content = read_body(self.store.body_path(entry.queue_id), entry.content_offset,
+                                entry.size)  # fmt: skip
+        if len(self._committed) >= _COMMITTED_MAX:  # commits never announced: a bounded leak
+            self._committed.clear()
+        self._committed[entry.queue_id] = (entry, content)
+
+    def _is_delivered_here(self, domain: str) -> bool:
+        """A local domain, unless an smtp: route sends its mail on (the scheduler's rule)."""
+        return self.policy.is_local_domain(domain) and not self.next_hops.is_routed_local(domain)
+
+    def _over_smtp(self, domain: str) -> bool:
+        return not self._is_delivered_here(domain) and self.next_hops.over_smtp(domain)
 
     def headers_at_commit(self, message: StoredMessage) -> bytes:
         """Header lines to put on top of the message as it is queued (spool format, LF): the
@@ -167,20 +193,46 @@ class Outbound:
 
     def queue_own(self, data: bytes, content_offset: int, recipients: list[str]) -> str:
         """Blocking: commit a message postier wrote (a TLS-RPT report) from <>, signed with
-        the hostname's keys as our bounces are; the scheduler is told. Returns its id."""
+        the hostname's keys as our bounces are; the scheduler is told (at its next poll of
+        the flush requests). Returns its id."""
         signed = self.sign_own(data, content_offset)
         entry = self.store.commit_bytes(
             signed, "", recipients, arrival=time.time(), content_offset=content_offset
         )
-        self.notify(entry.queue_id)
+        # A flush request, safe from this thread (the scheduler's own wake-up is not).
+        self.store.request_flush(entry.queue_id)
         return entry.queue_id
 
     def notify(self, queue_id: str) -> None:
-        """A committed entry is ready: wake the scheduler, here or in another worker."""
+        """A committed entry is ready: wake the scheduler, here or in another worker (on the
+        event loop; a datagram, else a flush request file: `postier.queue.wakeup`).
+
+        An entry `commit` made in this process goes to the scheduler as it was written, and
+        a small message's content to the relay, so that the first attempt reads neither back
+        from the files."""
+        entry, content = self._committed.pop(queue_id, (None, None))
         if self.scheduler is not None:
-            self.scheduler.enqueue(queue_id)
-        else:
+            self._schedule(queue_id, entry, content)
+            return
+        envelope = entry.to_json() if entry is not None else None
+        if not self._wakeup.send(queue_id, envelope, content):
             self.store.request_flush(queue_id)
+
+    def _schedule(self, queue_id: str, entry: QueueEntry | None, content: bytes | None) -> None:
+        if content is not None:
+            self.relay.preloaded.put(self.store.body_path(queue_id), content)
+        assert self.scheduler is not None
+        self.scheduler.enqueue(queue_id, entry)
+
+    def _woken(self, queue_id: str, envelope: bytes | None, content: bytes | None) -> None:
+        """A datagram from another worker (`postier.queue.wakeup`): its commit, told."""
+        entry = None
+        if envelope is not None:
+            try:
+                entry = QueueEntry.from_json(envelope)
+            except ValueError:  # read from the file at dispatch instead
+                entry, content = None, None
+        self._schedule(queue_id, entry, content)
 
     def forward(self, message: StoredMessage, targets: Sequence[RemoteTarget]) -> list[str]:
         """Blocking (thread pool): queue alias targets at remote domains, one entry per
@@ -265,13 +317,18 @@ class Outbound:
             executor=self.executor,
             local_deliver=self.local_deliver,
             # A local domain with an smtp: route leaves through the queue's relay.
-            is_local=lambda d: (
-                self.policy.is_local_domain(d) and not self.next_hops.is_routed_local(d)
-            ),
+            is_local=self._is_delivered_here,
             sign_own=self.sign_own,
         )
         self.scheduler = scheduler
         found = await scheduler.start()
+        # Other workers' commits, told at once (the flush requests stay the fallback).
+        self._wakeup_listener = WakeupListener(self.store.flush_dir, self._woken)
+        try:
+            self._wakeup_listener.start()
+        except OSError as exc:
+            log.event("queue-wakeup-unavailable", logging.WARNING, _LOG, error=str(exc))
+            self._wakeup_listener = None
         log.event("queue-started", logger=_LOG, dir=str(cfg.queue_dir), entries=found)
         self._stop = asyncio.Event()
         maildrop = Maildrop(
@@ -288,6 +345,9 @@ class Outbound:
     async def stop(self, grace: float) -> None:
         if self._stop is not None:
             self._stop.set()
+        if self._wakeup_listener is not None:
+            self._wakeup_listener.close()  # other workers fall back to flush requests
+            self._wakeup_listener = None
         for task in (self._maildrop_task, self._reports_task):
             if task is not None:
                 try:

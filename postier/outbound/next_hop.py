@@ -204,6 +204,12 @@ class NextHops:
             )
         return hosts, self.relay.remote_port
 
+    def over_smtp(self, domain: str) -> bool:
+        """Does the queue send this domain's mail with the SMTP relay (MX, smarthost, an
+        `smtp:` route or backup MX), rather than LMTP, an `error:` route or locally?"""
+        backend = self.backend_for(domain)
+        return backend is self.relay or isinstance(backend, HopRelay)
+
     def is_routed_local(self, domain: str) -> bool:
         """A local domain whose mail leaves over SMTP: the queue must not deliver it here."""
         route = self.routes.lookup(domain)

@@ -29,7 +29,14 @@ from postier.errors import DeliveryError
 from postier.outbound.tls_policy import OPPORTUNISTIC, HostTls, Level, Source, TlsFailure
 from postier.protocol.client import Capabilities
 
-__all__ = ["PARAMETER", "hop_refusal", "relax", "relaxed_for", "tls_required_no"]
+__all__ = [
+    "PARAMETER",
+    "hop_refusal",
+    "relax",
+    "relaxed_for",
+    "says_tls_required_no",
+    "tls_required_no",
+]
 
 PARAMETER = "REQUIRETLS"
 _HEADER = b"tls-required"
@@ -59,9 +66,15 @@ def tls_required_no(message: StoredMessage) -> bool:
             head = f.read(_MAX_HEADER_BYTES)
     except OSError:
         return False  # the delivery itself reports the unreadable file
-    end = head.find(b"\n\n")
-    if end >= 0:
-        head = head[: end + 1]
+    return says_tls_required_no(head)
+
+
+def says_tls_required_no(content: bytes) -> bool:
+    """`tls_required_no` on the message's content (or its start) already read."""
+    end = content.find(b"\n\n", 0, _MAX_HEADER_BYTES)
+    head = content[: end + 1] if end >= 0 else content[:_MAX_HEADER_BYTES]
+    if b"tls-required" not in head.lower():  # nearly every message: no field by that name
+        return False
     fields: list[bytes] = []
     for line in head.split(b"\n"):
         if line[:1] in (b" ", b"\t") and fields:
@@ -75,11 +88,14 @@ def tls_required_no(message: StoredMessage) -> bool:
     return False
 
 
-async def relaxed_for(message: StoredMessage) -> bool:
+async def relaxed_for(message: StoredMessage, content: bytes | None = None) -> bool:
     """True when the policies of the destination must not defer this message: it says
-    `TLS-Required: No` and did not ask for REQUIRETLS."""
+    `TLS-Required: No` and did not ask for REQUIRETLS. `content` is the message's content
+    when the caller has read it already (then no file is read here)."""
     if message.requiretls:
         return False
+    if content is not None:
+        return says_tls_required_no(content)
     return await asyncio.to_thread(tls_required_no, message)
 
 

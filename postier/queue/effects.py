@@ -1,16 +1,23 @@
 """Carry out what `decide.apply_results` decided: the log, the reports, the entry's file.
 
-Blocking (one thread-pool job per attempt). The reports are committed to the queue before
-the entry is updated: a crash in between repeats a report rather than losing it.
+Blocking (one thread-pool job per attempt: `record_attempt` reads the entry, decides and
+applies in that one job). The reports are committed to the queue before the entry is
+updated: a crash in between repeats a report rather than losing it.
+
+The removal of a finished entry is lazy (`QueueStore.remove(..., sync=False)`): its
+directory is not fsync'd, so a crash soon after may bring the entry back and the next start
+delivers it again. That is the queue's at-least-once rule (a crash between the remote 250
+and any removal repeats the message too), and it saves a directory fsync per message.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from postier.delivery.base import RecipientResult
 from postier.queue.bounce import queue_dsn
-from postier.queue.decide import Outcome
+from postier.queue.decide import Outcome, RetryPolicy, apply_results
 from postier.queue.store import EntryNotFound, QueueStore
 
 log = logging.getLogger("postier.queue")
@@ -48,7 +55,7 @@ def apply_outcome(
                  qid, action, entry.sender, notice or "none (null sender)")  # fmt: skip
         notices += [notice] if notice else []
     if outcome.final:
-        store.remove(qid)
+        store.remove(qid, sync=False)  # lazy: see the module docstring
         log.info("event=removed qid=%s", qid)
         return notices, True
     try:
@@ -56,3 +63,27 @@ def apply_outcome(
     except EntryNotFound:
         return notices, False
     return notices, True
+
+
+def record_attempt(
+    store: QueueStore,
+    queue_id: str,
+    results: Sequence[RecipientResult],
+    *,
+    now: float,
+    policy: RetryPolicy,
+    remote_mta: str,
+    hostname: str,
+    sign: Callable[[bytes, int], bytes] | None = None,
+) -> tuple[Outcome, list[str], bool]:
+    """One attempt's results, in one thread-pool job: read the entry as it is now (another
+    domain's attempt may have changed it), decide (`apply_results`), apply (`apply_outcome`).
+
+    Returns (the outcome, the reports' queue ids, whether the entry is still there); raises
+    `EntryNotFound` when it was deleted during the attempt."""
+    entry = store.load(queue_id)
+    outcome = apply_results(entry, results, now, policy, remote_mta=remote_mta)
+    notices, kept = apply_outcome(
+        store, outcome, hostname=hostname, now=now, retry_until=policy.expires_at(entry), sign=sign
+    )
+    return outcome, notices, kept

@@ -72,7 +72,9 @@ class RecipientState:
         return " ".join(p for p in (str(self.code), self.enhanced, self.reply) if p)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        # Every field is a str, number or Status: no deep copy needed (dataclasses.asdict
+        # makes one, and cost more than the rest of a commit's Python together).
+        data = {name: getattr(self, name) for name in _RECIPIENT_FIELDS}
         data["state"] = state_name(self.state)
         return data
 
@@ -119,10 +121,11 @@ class QueueEntry:
         )
 
     def to_json(self) -> bytes:
-        data = dataclasses.asdict(self)
+        """One line of JSON: without `indent`, json uses its C encoder (ten times faster)."""
+        data = {name: getattr(self, name) for name in _ENTRY_FIELDS}
         data["recipients"] = [r.to_dict() for r in self.recipients]
         data["version"] = FORMAT_VERSION
-        return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
+        return json.dumps(data, ensure_ascii=False).encode("utf-8")
 
     @classmethod
     def from_json(cls, raw: bytes) -> QueueEntry:
@@ -138,9 +141,14 @@ class QueueEntry:
         return entry
 
 
+_RECIPIENT_FIELDS = tuple(f.name for f in dataclasses.fields(RecipientState))
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(QueueEntry))
+_NAMES = {RecipientState: frozenset(_RECIPIENT_FIELDS), QueueEntry: frozenset(_ENTRY_FIELDS)}
+
+
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """The keys `cls` has a field for; the others belong to a newer format and are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _NAMES[cls]
     return {k: v for k, v in data.items() if k in names}
 
 

@@ -2,7 +2,8 @@
 
 Model (a small Postfix qmgr):
 - A heap of (due time, queue id). `enqueue(id)` makes an entry due at once; at dispatch the
-  entry is read from disk and its due pending recipients are grouped by domain into jobs.
+  entry is read from disk (or taken as `enqueue` was handed it, just committed) and its due
+  pending recipients are grouped by domain into jobs.
 - One `Destination` per domain (`postier.queue.destinations`) holds a deque of jobs and
   at most `per_destination_limit` worker tasks (connections). A worker opens a session (a
   `Relay`'s keeps its connection) and takes the next job for the same domain from the
@@ -26,8 +27,9 @@ Model (a small Postfix qmgr):
 
 Other processes reach the daemon through the queue directory: `postier queue flush [ID]`
 drops a request file in DIR/flush/ (QueueStore.request_flush), which `run()` polls every
-`poll_interval` seconds with one listdir; `postier queue delete` removes the entry with
-`QueueStore.remove`, and the next load here simply misses it.
+`poll_interval` seconds with one listdir (the daemon's other workers announce new entries
+on a socket there instead, `postier.queue.wakeup`, which calls `enqueue`); `postier queue
+delete` removes the entry with `QueueStore.remove`, and the next load here simply misses it.
 
 Times come from the injectable `clock`, so tests drive back-off and expiry by advancing a
 fake clock and calling `run_once()` / `drain()`; only `run()` sleeps.
@@ -56,9 +58,9 @@ from postier.delivery.base import (
     Status,
     open_session,
 )
-from postier.queue.decide import DEFAULT_SCHEDULE, RetryPolicy, apply_results
+from postier.queue.decide import DEFAULT_SCHEDULE, RetryPolicy
 from postier.queue.destinations import Destination, Job, attempt
-from postier.queue.effects import apply_outcome
+from postier.queue.effects import record_attempt
 from postier.queue.store import EntryNotFound, QueueEntry, QueueStore
 from postier.queue.tracking import Tracker
 
@@ -150,9 +152,14 @@ class Scheduler:
         self._runner = asyncio.create_task(self.run(), name="queue-scheduler")
         return len(entries)
 
-    def enqueue(self, queue_id: str) -> None:
-        """A committed entry is ready: its first attempt starts at once."""
+    def enqueue(self, queue_id: str, entry: QueueEntry | None = None) -> None:
+        """A committed entry is ready: its first attempt starts at once.
+
+        `entry` is the entry exactly as `QueueStore.commit` returned it, when the caller has
+        it: the dispatch then skips reading it back (one thread-pool hop less per message)."""
         self._tracker.schedule(queue_id, 0.0)
+        if entry is not None and entry.queue_id == queue_id:
+            self._tracker.track(queue_id).fresh = entry
         self._wake.set()
 
     def flush(self, queue_id: str | None = None) -> None:
@@ -252,8 +259,13 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _dispatch(self, queue_id: str) -> None:
+        known = self._tracker.get(queue_id)
+        entry: QueueEntry | None = None
+        if known is not None:  # good for the first dispatch only: attempts change the file
+            entry, known.fresh = known.fresh, None
         try:
-            entry = await self._io(self.store.load, queue_id)
+            if entry is None:
+                entry = await self._io(self.store.load, queue_id)
         except EntryNotFound:
             self._tracker.forget(queue_id)
             return
@@ -348,22 +360,20 @@ class Scheduler:
     # -- one attempt's results: decide, then apply -----------------------------------------
     async def _record(self, job: Job, results: list[RecipientResult], remote: str) -> None:
         """Decide what the results mean (`apply_results`), then do it: reports, the entry's
-        update or removal, the next dispatch."""
+        update or removal (all in one thread-pool job, `record_attempt`), the next dispatch."""
         qid = job.entry.queue_id
         tracked = self._tracker.track(qid)
         async with tracked.lock:
             try:
-                entry = await self._io(self.store.load, qid)
+                outcome, notices, kept = await self._io(functools.partial(
+                    record_attempt, self.store, qid, results, now=self.clock(),
+                    policy=self.policy, remote_mta=remote, hostname=self.hostname,
+                    sign=self.sign_own))  # fmt: skip
             except EntryNotFound:
                 log.info("event=queue_entry_gone qid=%s (deleted during delivery)", qid)
                 self._tracker.done_with(qid, job.domain)
                 self._tracker.forget(qid)
                 return
-            now = self.clock()
-            outcome = apply_results(entry, results, now, self.policy, remote_mta=remote)
-            notices, kept = await self._io(functools.partial(
-                apply_outcome, self.store, outcome, hostname=self.hostname, now=now,
-                retry_until=self.policy.expires_at(entry), sign=self.sign_own))  # fmt: skip
         for notice in notices:
             self.enqueue(notice)
         if not kept:  # `postier queue delete` won the race

@@ -7,11 +7,14 @@ Layout under the queue directory (`-Q DIR`):
                          file system, else a copy); written once, never modified
     DIR/env/<id>.json    the envelope and per-recipient state; rewritten atomically
     DIR/tmp/             temporary files (removed at start-up)
-    DIR/flush/           flush requests from `postier queue flush` (files `ALL` or `<id>`)
+    DIR/flush/           flush requests from `postier queue flush` (files `ALL` or `<id>`),
+                         and the scheduler's wake-up socket `.wakeup` (postier.queue.wakeup)
     DIR/corrupt/         unreadable envelopes, kept for the operator, never delivered
 
 Durability: the body is written and fsync'd (file and directory) first; then the envelope is
-written to tmp/, fsync'd, renamed into env/ and env/ is fsync'd. **The envelope rename is the
+written to tmp/, fsync'd, renamed into env/ and env/ is fsync'd. Commits running at the same
+time share their directory fsyncs (group commit, `postier.queue.dirsync`): each still
+returns only after an fsync begun after its own link and rename. **The envelope rename is the
 commit point**: a body without an envelope is a half-written entry (a crash during commit)
 and `recover()` removes it at start-up; it is never delivered. The session sends its 250 only
 after `commit()` returns.
@@ -40,6 +43,7 @@ from postier.delivery.base import Recipient, StoredMessage
 from postier.delivery.fsutil import copy_from, fsync_dir, write_all
 from postier.errors import PostierError
 from postier.protocol.dsn import MailDsn, RcptDsn
+from postier.queue.dirsync import DirSync
 from postier.queue.entry import (  # noqa: F401 - the names users of the store import
     DELIVERED,
     FAILED,
@@ -107,6 +111,9 @@ class QueueStore:
                 d.mkdir(mode=0o700, exist_ok=True)
         elif not self.env_dir.is_dir():
             raise FileNotFoundError(f"{self.directory}: not a queue directory (no env/)")
+        # Concurrent commits share their directory fsyncs (postier.queue.dirsync).
+        self._body_sync = DirSync(self.body_dir)
+        self._env_sync = DirSync(self.env_dir)
 
     # -- paths -------------------------------------------------------------------------
     def body_path(self, queue_id: str) -> Path:
@@ -163,19 +170,15 @@ class QueueStore:
         body = self.body_path(queue_id)
         if env.exists():
             raise EntryExists(queue_id)
-        # A body without an envelope is what an earlier, failed commit of this same id left
-        # (ids are unique; a maildrop retry reuses its id): it was never committed, replace it.
-        body.unlink(missing_ok=True)
         try:
-            if prepend:
-                self._copy_into(spool.path, body, prepend, spool.content_offset)
-            else:
-                try:
-                    # The same inode: its creator fsync'd it already (contract above).
-                    os.link(spool.path, body)
-                except OSError:  # another file system, or links not permitted: copy
-                    self._copy_into(spool.path, body)
-            fsync_dir(self.body_dir)
+            try:
+                self._place_body(spool, body, prepend)
+            except FileExistsError:
+                # What an earlier, failed commit of this same id left (ids are unique; a
+                # maildrop retry reuses its id): never committed, so it is replaced.
+                body.unlink(missing_ok=True)
+                self._place_body(spool, body, prepend)
+            self._body_sync.sync()
             entry = QueueEntry(
                 queue_id=queue_id,
                 sender=sender,
@@ -233,6 +236,18 @@ class QueueStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _place_body(self, spool: StoredMessage, body: Path, prepend: bytes) -> None:
+        """The body file, not yet fsync'd in its directory; FileExistsError if one is there."""
+        if prepend:
+            self._copy_into(spool.path, body, prepend, spool.content_offset)
+            return
+        try:
+            os.link(spool.path, body)  # the same inode: its creator fsync'd it (see commit)
+        except FileExistsError:
+            raise
+        except OSError:  # another file system, or links not permitted: copy
+            self._copy_into(spool.path, body)
+
     def _copy_into(self, source: Path, dest: Path, insert: bytes = b"", at: int = 0) -> None:
         """Copy `source` to `dest` (fsync'd), with `insert` put in at offset `at`."""
         tmp = self.tmp_dir / f"{dest.name}.copy"
@@ -250,12 +265,14 @@ class QueueStore:
 
     def _write_env(self, entry: QueueEntry) -> None:
         tmp = self.tmp_dir / f"{entry.queue_id}.json"
-        with open(tmp, "wb") as f:
-            f.write(entry.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, entry.to_json())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, self.env_path(entry.queue_id))
-        fsync_dir(self.env_dir)
+        self._env_sync.sync()
 
     # -- read --------------------------------------------------------------------------
     def load(self, queue_id: str) -> QueueEntry:
@@ -344,15 +361,20 @@ class QueueStore:
                 self._write_env(entry)
             return entry
 
-    def remove(self, queue_id: str) -> bool:
-        """Remove an entry (safe while the daemon runs); False if it was not there."""
+    def remove(self, queue_id: str, *, sync: bool = True) -> bool:
+        """Remove an entry (safe while the daemon runs); False if it was not there.
+
+        `sync=False` leaves the envelope's deletion to the file system's next commit: the
+        scheduler's removal of a finished entry, where a crash bringing the entry back only
+        means a second delivery (at least once), never a lost message."""
         try:
             with self._locked(queue_id):
                 try:
                     self.env_path(queue_id).unlink()
                 except FileNotFoundError:
                     return False
-                fsync_dir(self.env_dir)  # the deletion's commit point
+                if sync:
+                    self._env_sync.sync()  # the deletion's commit point
                 self.body_path(queue_id).unlink(missing_ok=True)
                 return True
         except EntryNotFound:
@@ -424,6 +446,8 @@ class QueueStore:
         everything = False
         ids: set[str] = set()
         for name in names:
+            if name.startswith("."):  # the scheduler's wake-up socket (postier.queue.wakeup)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.flush_dir / name)
             if name == FLUSH_ALL:

@@ -13,6 +13,8 @@ import asyncio
 import heapq
 from dataclasses import dataclass, field
 
+from postier.queue.entry import QueueEntry
+
 
 @dataclass(slots=True)
 class Tracked:
@@ -22,6 +24,9 @@ class Tracked:
     forced: bool = False  # flushed: every pending recipient is tried at the next dispatch
     inflight: set[str] = field(default_factory=set)  # domains with an attempt running
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one update of the file at a time
+    # The entry as just committed by this process (`Scheduler.enqueue`): its first dispatch
+    # takes it instead of reading the file it was written to a moment ago.
+    fresh: QueueEntry | None = None
 
 
 class Tracker:
