@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from postier.delivery import maildir
+from postier.delivery import dirsync, maildir
 
 
 def test_concurrent_callers_share_fsyncs_and_all_return(
@@ -15,14 +15,14 @@ def test_concurrent_callers_share_fsyncs_and_all_return(
 ) -> None:
     calls: list[int] = []
     gate = threading.Event()
-    real = maildir.fsync_dir
+    real = dirsync.fsync_dir
 
     def slow_fsync(path: str) -> None:
         calls.append(1)
         gate.wait(5)
         real(path)
 
-    monkeypatch.setattr(maildir, "fsync_dir", slow_fsync)
+    monkeypatch.setattr(dirsync, "fsync_dir", slow_fsync)
     syncer = maildir.GroupSync()
     threads = [threading.Thread(target=syncer.sync, args=(str(tmp_path),)) for _ in range(16)]
     for t in threads:
@@ -32,21 +32,21 @@ def test_concurrent_callers_share_fsyncs_and_all_return(
         t.join(10)
     assert not any(t.is_alive() for t in threads)
     assert 1 <= len(calls) < 16  # shared: at most one running fsync plus one follow-up round
-    assert syncer._state == {}
+    assert list(syncer._syncs) == [str(tmp_path)]  # one group commit per directory
 
 
 def test_a_failed_fsync_raises_for_its_caller_and_others_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     failures = [OSError(5, "I/O error")]
-    real = maildir.fsync_dir
+    real = dirsync.fsync_dir
 
     def flaky(path: str) -> None:
         if failures:
             raise failures.pop()
         real(path)
 
-    monkeypatch.setattr(maildir, "fsync_dir", flaky)
+    monkeypatch.setattr(dirsync, "fsync_dir", flaky)
     syncer = maildir.GroupSync()
     with pytest.raises(OSError):
         syncer.sync(str(tmp_path))

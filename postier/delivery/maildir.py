@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from postier.delivery.base import Recipient, RecipientResult, StoredMessage
-from postier.delivery.fsutil import ensure_dir, fsync_dir, write_all
+from postier.delivery.dirsync import DirSync
+from postier.delivery.fsutil import ensure_dir, write_all
 from postier.delivery.grouped import Owner, deliver_per_mailbox
 
 _LOG = logging.getLogger("postier.delivery.maildir")
@@ -44,45 +45,25 @@ _counter_lock = threading.Lock()
 
 
 class GroupSync:
-    """fsync a directory once for all the entries linked into it before that fsync began.
+    """One group-committed fsync (`DirSync`) per Maildir new/ directory.
 
     Twenty sessions delivering to one popular mailbox would otherwise queue twenty fsyncs of
     the same new/ directory; an fsync that starts after an entry was linked makes that entry
-    durable, so every thread whose link precedes a running or finished fsync can rely on it.
+    durable, so every thread whose link precedes a running fsync waits for the next one, made
+    once for all of them (the queue's body/ and env/ use the same `DirSync`).
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        # directory -> [entries announced, entries covered by a finished fsync, fsync running]
-        self._state: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self._syncs: dict[str, DirSync] = {}
 
     def sync(self, directory: str) -> None:
         """Call after linking an entry into `directory`; returns once it is durable."""
-        with self._cond:
-            st = self._state.setdefault(directory, [0, 0, 0])
-            st[0] += 1
-            mine = st[0]
-            while st[1] < mine:
-                if st[2]:
-                    self._cond.wait()
-                    continue
-                st[2] = 1
-                covers = st[0]
-                self._cond.release()
-                try:
-                    fsync_dir(directory)
-                    ok = True
-                except OSError:
-                    ok = False
-                    raise
-                finally:
-                    self._cond.acquire()
-                    st[2] = 0
-                    if ok:
-                        st[1] = max(st[1], covers)
-                    if st[1] >= st[0] and self._state.get(directory) is st:
-                        del self._state[directory]
-                    self._cond.notify_all()
+        with self._lock:
+            syncer = self._syncs.get(directory)
+            if syncer is None:
+                syncer = self._syncs[directory] = DirSync(Path(directory))
+        syncer.sync()
 
 
 _group_sync = GroupSync()

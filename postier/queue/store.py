@@ -13,7 +13,7 @@ Layout under the queue directory (`-Q DIR`):
 
 Durability: the body is written and fsync'd (file and directory) first; then the envelope is
 written to tmp/, fsync'd, renamed into env/ and env/ is fsync'd. Commits running at the same
-time share their directory fsyncs (group commit, `postier.queue.dirsync`): each still
+time share their directory fsyncs (group commit, `postier.delivery.dirsync`): each still
 returns only after an fsync begun after its own link and rename. **The envelope rename is the
 commit point**: a body without an envelope is a half-written entry (a crash during commit)
 and `recover()` removes it at start-up; it is never delivered. The session sends its 250 only
@@ -40,10 +40,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from postier.delivery.base import Recipient, StoredMessage
+from postier.delivery.dirsync import DirSync
 from postier.delivery.fsutil import copy_from, fsync_dir, write_all
 from postier.errors import PostierError
 from postier.protocol.dsn import MailDsn, RcptDsn
-from postier.queue.dirsync import DirSync
 from postier.queue.entry import (  # noqa: F401 - the names users of the store import
     DELIVERED,
     FAILED,
@@ -111,7 +111,7 @@ class QueueStore:
                 d.mkdir(mode=0o700, exist_ok=True)
         elif not self.env_dir.is_dir():
             raise FileNotFoundError(f"{self.directory}: not a queue directory (no env/)")
-        # Concurrent commits share their directory fsyncs (postier.queue.dirsync).
+        # Concurrent commits share their directory fsyncs (postier.delivery.dirsync).
         self._body_sync = DirSync(self.body_dir)
         self._env_sync = DirSync(self.env_dir)
 

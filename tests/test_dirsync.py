@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from postier.queue.dirsync import DirSync
+from postier.delivery.dirsync import DirSync
 
 THREADS = 16
 CALLS = 40
