@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,14 @@ import pytest
 
 from tests.server import PostierServer, make_server
 from tests.sinks import public_tmpdir
+
+# Every `python -m postier` a test starts runs this checkout's code, also when another
+# checkout is the one installed (`pip install -e` from a second work tree): the servers,
+# sendmail and queue commands the tests spawn inherit this path.
+_CHECKOUT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_CHECKOUT, os.environ.get("PYTHONPATH", "")) if p
+)
 
 
 @pytest.fixture
