@@ -28,27 +28,26 @@ import os
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: python3 bench/storage_cost.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# postier's own durability steps, as the Maildir and the queue call them
+from postier.delivery.fsutil import fsync_dir, write_all
+
 MESSAGE = b"x" * 2300  # a 2 KiB body with our trace header lines
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: str, *, sync: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, MESSAGE)
+        write_all(fd, MESSAGE)
         if sync:
             os.fsync(fd)
     finally:
@@ -59,7 +58,7 @@ def spool_link(base: str, i: int) -> None:
     spool = f"{base}/spool/{i}.spool"
     _write(spool, sync=True)
     os.link(spool, f"{base}/md/new/{i}")
-    _fsync_dir(f"{base}/md/new")
+    fsync_dir(f"{base}/md/new")
     os.unlink(spool)
 
 
@@ -67,7 +66,7 @@ def tmp_rename(base: str, i: int) -> None:
     tmp = f"{base}/md/tmp/{i}"
     _write(tmp, sync=True)
     os.rename(tmp, f"{base}/md/new/{i}")
-    _fsync_dir(f"{base}/md/new")
+    fsync_dir(f"{base}/md/new")
 
 
 def no_fsync(base: str, i: int) -> None:
