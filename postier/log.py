@@ -141,7 +141,7 @@ def write_event(name: str, level: int, logger: logging.Logger, kv: dict[str, obj
     (a test's capture handler, a filter, a handler of a library's choosing)."""
     writer = _writer
     if writer is not None and _only_writer(logger, writer):
-        writer.event_line(level, name, kv, fields(**kv))
+        writer.event_line(level, name, kv, "" if writer.json_format else fields(**kv))
     else:
         logger.log(level, _EVENT_FORMAT, name, _Fields(kv))
 

@@ -74,7 +74,7 @@ class LineWriter(logging.Handler):
         return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
 
     def event_line(self, level: int, name: str, kv: dict[str, object], text: str) -> None:
-        """Write one event; `text` is its `k=v` fields already rendered (text form)."""
+        """Write one event; `text` is its `k=v` fields rendered (text form; unused in JSON)."""
         stamp = self.timestamp(time.time())
         if self.json_format:
             out: dict[str, object] = {
