@@ -336,7 +336,7 @@ class _SpooledMessage:
     async def stored(self) -> StoredMessage:
         if self._stored is None:
             writer = self._writer
-            # Complete on disk; fsync'd once, when the message is stored (router).
+            # Readable for the checks (in memory when small); fsync'd once, when stored.
             await asyncio.get_running_loop().run_in_executor(self._executor, writer.complete)
             txn = self._txn
             self._stored = StoredMessage(
