@@ -205,36 +205,21 @@ class NextHopTls:
             raise host_failure(
                 f"TLS with smarthost {self.peer} failed: {failure}", failure.enhanced
             )
+        about: dict[str, object] = {  # what both lines below say, in this order
+            "host": self.host,
+            "addr": self.address,
+            "port": self.port,
+            "policy": host_tls.source.value,
+            "result": failure.result_type,
+            "reason": str(failure),
+        }
         if host_tls.required:
-            event(
-                "tls_refused",
-                logging.WARNING,
-                log,
-                qid=qid,
-                domain=self.domain,
-                host=self.host,
-                addr=self.address,
-                port=self.port,
-                policy=host_tls.source.value,
-                result=failure.result_type,
-                reason=str(failure),
-            )
+            event("tls_refused", logging.WARNING, log, qid=qid, domain=self.domain, **about)
             raise host_failure(
                 f"TLS required by {host_tls.source.value} policy for {self.host}: {failure}",
                 failure.enhanced,
             )
         fallback = Level.NONE if host_tls.level is Level.MAY else Level.MAY
-        event(
-            "tls_failed",
-            logging.WARNING,
-            log,
-            qid=qid,
-            host=self.host,
-            addr=self.address,
-            port=self.port,
-            policy=host_tls.source.value,
-            result=failure.result_type,
-            reason=str(failure),
-            action="plaintext" if fallback is Level.NONE else "may",
-        )
+        action = "plaintext" if fallback is Level.NONE else "may"
+        event("tls_failed", logging.WARNING, log, qid=qid, **about, action=action)
         return HostTls(fallback, host_tls.source, enforce=False)
