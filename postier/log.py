@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from postier.log_writer import LineWriter, json_value
+from postier.log_writer import LineWriter, json_object
 
 _LOGGER = logging.getLogger("postier")
 
@@ -196,17 +196,12 @@ class _JsonFormatter(_Formatter):
         self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, object] = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "process": self.process,
-        }
-        args = record.args
+        stamp, args = self.formatTime(record), record.args
         if record.msg is _EVENT_FORMAT and isinstance(args, tuple) and len(args) == 2:
-            out["event"] = args[0]
             kv = args[1].kv if isinstance(args[1], _Fields) else {}
-            out.update((k, json_value(v)) for k, v in kv.items() if v is not None)
+            out = json_object(stamp, record.levelname, self.process, str(args[0]), kv)
         else:
+            out = json_object(stamp, record.levelname, self.process, None, {})
             message = record.getMessage()
             parsed = parse_fields(message) if message.startswith("event=") else None
             if parsed is None:

@@ -77,13 +77,7 @@ class LineWriter(logging.Handler):
         """Write one event; `text` is its `k=v` fields rendered (text form; unused in JSON)."""
         stamp = self.timestamp(time.time())
         if self.json_format:
-            out: dict[str, object] = {
-                "time": stamp,
-                "level": logging.getLevelName(level),
-                "process": self.tag,
-                "event": name,
-            }
-            out.update((k, json_value(v)) for k, v in kv.items() if v is not None)
+            out = json_object(stamp, logging.getLevelName(level), self.tag, name, kv)
             line = json.dumps(out, ensure_ascii=False)
         else:
             level_text = _LEVEL_TEXT.get(level) or f"{logging.getLevelName(level):<5}"
@@ -129,6 +123,19 @@ class LineWriter(logging.Handler):
                 # Like logging's own handlers: a closed or broken log stream must not take
                 # a session down; the lines are lost, nothing else is.
                 pass
+
+
+def json_object(
+    stamp: str, level: str, process: str, name: str | None, kv: dict[str, object]
+) -> dict[str, object]:
+    """The JSON form of a line: the text form's keys, values typed where they are numbers.
+    For an event here, and for a record in `postier.log`'s JSON formatter (name None when
+    the record is not an event)."""
+    out: dict[str, object] = {"time": stamp, "level": level, "process": process}
+    if name is not None:
+        out["event"] = name
+    out.update((k, json_value(v)) for k, v in kv.items() if v is not None)
+    return out
 
 
 def json_value(value: object) -> object:
