@@ -47,11 +47,12 @@ def remove_observer(observer: Observer) -> None:
 
 # A value with none of these is written as it is (the common case: one regex match).
 _PLAIN = re.compile(r'[^ "=\\\r\n]+')
+_plain = _PLAIN.fullmatch
 
 
 def _quote(value: object) -> str:
     text = value if type(value) is str else str(value)
-    if _PLAIN.fullmatch(text):
+    if _plain(text):
         return text
     # Never let a peer's bytes split a log line or forge fields.
     text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
@@ -61,7 +62,26 @@ def _quote(value: object) -> str:
 
 
 def fields(**kv: object) -> str:
-    return " ".join([f"{k}={_quote(v)}" for k, v in kv.items() if v is not None])
+    return render(kv)
+
+
+def render(kv: dict[str, object]) -> str:
+    """`k=v k="quoted v"`, None values left out: the text form of an event's fields.
+
+    Written for the hot path (seven events a message): integers need no quoting, a plain
+    text value takes one regex match, and only a value with a space, quote, equals sign,
+    backslash or line break goes through `_quote`."""
+    parts = []
+    for k, v in kv.items():
+        if v is None:
+            continue
+        t = type(v)
+        if t is int:
+            parts.append(f"{k}={v}")
+            continue
+        text = v if t is str else str(v)
+        parts.append(f"{k}={text}" if _plain(text) else f"{k}={_quote(text)}")
+    return " ".join(parts)
 
 
 _UNESCAPE = {"n": "\n", "r": "\r"}
@@ -111,7 +131,7 @@ class _Fields:
         self.kv = kv
 
     def __str__(self) -> str:
-        return fields(**self.kv)
+        return render(self.kv)
 
 
 _EVENT_FORMAT = "event=%s %s"
@@ -141,7 +161,7 @@ def write_event(name: str, level: int, logger: logging.Logger, kv: dict[str, obj
     (a test's capture handler, a filter, a handler of a library's choosing)."""
     writer = _writer
     if writer is not None and _only_writer(logger, writer):
-        writer.event_line(level, name, kv, "" if writer.json_format else fields(**kv))
+        writer.event_line(level, name, kv, "" if writer.json_format else render(kv))
     else:
         logger.log(level, _EVENT_FORMAT, name, _Fields(kv))
 

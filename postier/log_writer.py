@@ -53,6 +53,8 @@ class LineWriter(logging.Handler):
         self._buffer_lock = threading.Lock()
         self._second = -1
         self._second_text = ""
+        self._msecs = -1
+        self._stamp = ""
         # The worker's event loop and its thread (attach_loop): asyncio's own look-up of the
         # running loop makes a getpid() system call each time, and this runs for every line.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -66,12 +68,18 @@ class LineWriter(logging.Handler):
 
     # ---- making lines --------------------------------------------------------------------
     def timestamp(self, created: float) -> str:
-        """`2026-11-22T04:50:00.123Z`, the seconds formatted once per second."""
+        """`2026-11-22T04:50:00.123Z`: the seconds formatted once per second, the whole
+        stamp once per millisecond (under load several lines share each)."""
         second = int(created)
+        msecs = int((created - second) * 1000)  # as logging.LogRecord computes it
+        if msecs == self._msecs and second == self._second:
+            return self._stamp
         if second != self._second:
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._second_text}.{int((created - second) * 1000):03d}Z"
+        self._msecs = msecs
+        self._stamp = stamp = f"{self._second_text}.{msecs:03d}Z"
+        return stamp
 
     def event_line(self, level: int, name: str, kv: dict[str, object], text: str) -> None:
         """Write one event; `text` is its `k=v` fields rendered (text form; unused in JSON)."""

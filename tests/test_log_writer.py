@@ -149,6 +149,19 @@ def test_a_broken_stream_loses_lines_not_the_session(installed) -> None:
     writer.flush()
 
 
+def test_time_stamps_are_the_standard_formatters_across_ms_and_second_edges() -> None:
+    """The stamp is cached per millisecond: never stale across a millisecond or a second."""
+    writer = LineWriter(io.StringIO(), "postier")
+    reference = log._Formatter()
+    base = 1_764_650_000.0
+    times = [base + 0.0004, base + 0.0009, base + 0.001, base + 0.9995, base + 1.0, base + 1.001]
+    times += [base + 0.0004, base + 61.25]  # back in time (a clock step), then far ahead
+    for created in times:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert writer.timestamp(created) == reference.formatTime(record), created
+
+
 def test_quote_fast_path_and_escapes() -> None:
     assert log.fields(a="plain", b="", c="a b", d='x"y', e="l\nr\r", f=7, g=None) == (
         'a=plain b="" c="a b" d="x\\"y" e=l\\nr\\r f=7'
