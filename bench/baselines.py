@@ -9,6 +9,8 @@
   afterwards; the figures are end to end: until the last message is in its Maildir.
 - ``sink``: Postfix's smtp-sink, which stores nothing: the ceiling of the load generator and
   the loopback.
+- ``floor``: bench/floor_server.py, canned replies and postier's durable Maildir write on
+  uvloop and nothing else: the least a Python server spends per durable message here.
 
     python3 bench/baselines.py --sessions 1,20,100 --messages 5000 --repeat 5
 
@@ -243,6 +245,41 @@ default_process_limit = 300
         return "postfix (virtual maildir)"
 
 
+# --------------------------------------------------------------------------- the floor
+
+
+class FloorTarget(Target):
+    """bench/floor_server.py: canned replies and postier's durable write, nothing else.
+
+    The least a Python server on uvloop spends per durable message (see that file): the
+    room between this row and postier's is postier's own layers. ``--workers`` as postier's
+    (0, the default, is one process per CPU, like postier's auto)."""
+
+    name = "floor"
+
+    def start(self) -> None:
+        self.root = self.workdir / "mail"
+        self.root.mkdir()
+        self.port = free_port()
+        argv = [sys.executable, str(HERE / "floor_server.py"), "--port", str(self.port)]
+        argv += ["--root", str(self.root), "--workers", str(self.processes)]
+        self._spawn(argv)
+        self._wait_ready()
+
+    @property
+    def processes(self) -> int:
+        return self.opts.workers or os.cpu_count() or 1
+
+    def delivered(self) -> int:
+        return count_maildir(self.root)
+
+    def clear(self) -> None:
+        clear_maildir(self.root)
+
+    def describe(self) -> str:
+        return f"floor (canned replies, durable Maildir write, {self.processes} processes)"
+
+
 # --------------------------------------------------------------------------- smtp-sink
 
 
@@ -263,7 +300,12 @@ class SinkTarget(Target):
         return "smtp-sink (stores nothing)"
 
 
-TARGETS = {"aiosmtpd": AiosmtpdTarget, "postfix": PostfixTarget, "sink": SinkTarget}
+TARGETS = {
+    "aiosmtpd": AiosmtpdTarget,
+    "postfix": PostfixTarget,
+    "sink": SinkTarget,
+    "floor": FloorTarget,
+}
 
 
 def make_target(name: str, workdir: Path, opts: argparse.Namespace) -> Target:

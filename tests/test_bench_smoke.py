@@ -80,6 +80,35 @@ def test_loadgen_against_postier(serve_exists, tmp_path, pipelining):
     assert proc.returncode == 0, f"postier did not exit 0 on SIGTERM:\n{harness.tail(target.log)}"
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelined"])
+def test_the_floor_row_stores_every_message(tmp_path, pipelining):
+    """bench/floor_server.py (the measuring stick) answers and stores like a server would."""
+    from bench import baselines
+
+    opts = run.parse_args(["--sessions", "2", "--workers", "2"])
+    target = baselines.FloorTarget(tmp_path, opts)
+    target.start()
+    try:
+        cfg = loadgen.LoadConfig(
+            port=target.port,
+            messages=10,
+            sessions=2,
+            size=2048,
+            recipients=harness.RECIPIENTS,
+            sender=harness.SENDER,
+            pipelining=pipelining,
+            deadline=60,
+        )
+        result = loadgen.run(cfg)
+        assert result.error_samples == []
+        assert (result.ok, result.errors, result.timed_out) == (10, 0, False)
+        assert target.delivered() == 10
+        copy = next((target.root / harness.USERS[0] / "new").iterdir())
+        assert copy.read_bytes().endswith(b"\r\n") and not copy.read_bytes().endswith(b".\r\n")
+    finally:
+        target.stop()
+
+
 def test_other_tree_is_the_one_that_runs(serve_exists, tmp_path):
     other = _postier_copy(tmp_path)
     workdir = tmp_path / "work"
