@@ -1068,6 +1068,20 @@ def test_multi_line_reply() -> None:
     assert rendered == b"214-2.0.0 one\r\n214-2.0.0 two\r\n214 2.0.0 three\r\n"
 
 
+def test_the_wire_form_is_made_once_and_is_not_part_of_the_value() -> None:
+    """A reply renders to bytes on its first send and keeps them (the catalogue's constants
+    go out several times a message); equality, hashing and repr ignore that cache, and the
+    form without enhanced codes is rendered, never served from it."""
+    fresh = Reply(250, "2.0.0", "OK")
+    sent = Reply(250, "2.0.0", "OK")
+    wire = sent.to_bytes()
+    assert sent.to_bytes() is wire
+    assert sent == fresh and hash(sent) == hash(fresh) and repr(sent) == repr(fresh)
+    assert sent.to_bytes(enhanced_codes=False) == b"250 OK\r\n"
+    assert R.greeting("mx.example.org") is R.greeting("mx.example.org")
+    assert R.greeting("mx.example.org").to_bytes() == b"220 mx.example.org ESMTP postier\r\n"
+
+
 @pytest.mark.parametrize("text", ["a\r\n250 forged", "a\nb", "a\rb", ("x\r\n", "y\n")])
 def test_cr_lf_in_reply_text_is_neutralised(text: str | tuple[str, ...]) -> None:
     rendered = Reply(550, "5.1.1", text).to_bytes()

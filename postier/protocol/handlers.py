@@ -11,6 +11,7 @@ DATA, STARTTLS, the end of data — are `ServerConnection._enter()`'s.)
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 from postier.protocol import replies as R
 from postier.protocol.address import (
@@ -62,8 +63,15 @@ def hello_accepted(session: Session, config: ServerConfig, event: Hello, peer: s
     session.helo = event.name
     session.esmtp = event.extended
     if event.extended:
-        return Reply(250, None, ehlo_lines(session, config, peer))
+        return _ehlo_reply(ehlo_lines(session, config, peer))
     return Reply(250, None, f"{config.hostname} Hello {peer}")
+
+
+@lru_cache(maxsize=256)
+def _ehlo_reply(lines: tuple[str, ...]) -> Reply:
+    """One reply object per distinct EHLO answer (they differ by peer and TLS state): its
+    ten-odd lines are rendered to bytes once, not at every session."""
+    return Reply(250, None, lines)
 
 
 def ehlo_lines(session: Session, config: ServerConfig, peer_name: str) -> tuple[str, ...]:

@@ -5,7 +5,8 @@ Every reply postier sends is built here, so codes and texts stay consistent and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +16,9 @@ class Reply:
     code: int
     enhanced: str | None
     text: str | tuple[str, ...]
+    # The wire form, made on the first send: most replies are the catalogue's constants
+    # below, sent several times a message (not part of the value: equality ignores it).
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -38,6 +42,15 @@ class Reply:
         Text lines never contain CR or LF (they would split the reply and let a peer's
         bytes forge replies), so any that slip in are replaced with a space.
         """
+        if enhanced_codes:
+            wire = self._wire
+            if wire is None:
+                wire = self._render(True)
+                object.__setattr__(self, "_wire", wire)  # frozen: a cache, not a change
+            return wire
+        return self._render(False)
+
+    def _render(self, enhanced_codes: bool) -> bytes:
         prefix = f"{self.enhanced} " if (enhanced_codes and self.enhanced) else ""
         lines = self.lines
         out = []
@@ -115,10 +128,13 @@ BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not 
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 
 
+# One object per host name (a server has one or a few), so its wire form is made once.
+@lru_cache(maxsize=64)
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} closing connection")
 
 
+@lru_cache(maxsize=64)
 def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP postier")
 
