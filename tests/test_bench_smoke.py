@@ -189,3 +189,17 @@ def test_idle_connections_bench(serve_exists, tmp_path, capsys):
     assert (row["open"], row["connections"], row["failed"]) == (20, 20, 0)
     assert row["held_rss_mib"] > 0 and row["held_pss_mib"] > 0
     assert row["rss_kib_per_conn"] is not None
+
+
+def test_core_cost_bench_reports_its_rows():
+    """bench/core_cost.py measures this tree's protocol engine and log lines (no timing)."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "core_cost.py"), "--messages", "20", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0] for line in out.stdout.splitlines()[3:] if line.strip()}
+    assert rows == {"protocol", "log-lines"}, out.stdout
