@@ -39,7 +39,7 @@ class Store:
 
     def deliver(self, user: str, data: bytes, name: str) -> None:
         mailbox = os.path.join(self.root, user)
-        if not os.path.isdir(mailbox):
+        if not os.path.isdir(os.path.join(mailbox, "tmp")):
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(os.path.join(mailbox, sub), mode=0o700, exist_ok=True)
         tmp = os.path.join(mailbox, "tmp", name)
