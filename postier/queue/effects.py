@@ -1,8 +1,9 @@
 """Carry out what `decide.apply_results` decided: the log, the reports, the entry's file.
 
-Blocking (one thread-pool job per attempt: `record_attempt` reads the entry, decides and
-applies in that one job). The reports are committed to the queue before the entry is
-updated: a crash in between repeats a report rather than losing it.
+Blocking (`record_attempt` reads the entry, decides and applies in one go; the scheduler
+hands several attempts to one thread-pool job, `record_attempts`). The reports are
+committed to the queue before the entry is updated: a crash in between repeats a report
+rather than losing it.
 
 The removal of a finished entry is lazy (`QueueStore.remove(..., sync=False)`): its
 directory is not fsync'd, so a crash soon after may bring the entry back and the next start
@@ -65,6 +66,9 @@ def apply_outcome(
     return notices, True
 
 
+Recorded = tuple[Outcome, list[str], bool]
+
+
 def record_attempt(
     store: QueueStore,
     queue_id: str,
@@ -75,7 +79,7 @@ def record_attempt(
     remote_mta: str,
     hostname: str,
     sign: Callable[[bytes, int], bytes] | None = None,
-) -> tuple[Outcome, list[str], bool]:
+) -> Recorded:
     """One attempt's results, in one thread-pool job: read the entry as it is now (another
     domain's attempt may have changed it), decide (`apply_results`), apply (`apply_outcome`).
 
@@ -87,3 +91,26 @@ def record_attempt(
         store, outcome, hostname=hostname, now=now, retry_until=policy.expires_at(entry), sign=sign
     )
     return outcome, notices, kept
+
+
+def record_attempts(
+    store: QueueStore,
+    attempts: Sequence[tuple[str, Sequence[RecipientResult], str]],
+    *,
+    now: float,
+    policy: RetryPolicy,
+    hostname: str,
+    sign: Callable[[bytes, int], bytes] | None = None,
+) -> list[Recorded | Exception]:
+    """`record_attempt` for several attempts (queue id, results, remote MTA) in one
+    thread-pool job, in order: one hand-over from the loop for all of them. Each gets its
+    own answer; a failure (`EntryNotFound`, the disk) is returned in its place, not raised,
+    so that the others are still recorded."""
+    out: list[Recorded | Exception] = []
+    for queue_id, results, remote in attempts:
+        try:
+            out.append(record_attempt(store, queue_id, results, now=now, policy=policy,
+                                      remote_mta=remote, hostname=hostname, sign=sign))  # fmt: skip
+        except Exception as exc:
+            out.append(exc)
+    return out
