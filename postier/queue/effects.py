@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from postier.delivery.base import RecipientResult
+from postier.log import line
 from postier.queue.bounce import queue_dsn
 from postier.queue.decide import Outcome, RetryPolicy, apply_results
 from postier.queue.store import EntryNotFound, QueueStore
@@ -38,9 +39,11 @@ def apply_outcome(
     is still there: False when `postier queue delete` removed it meanwhile)."""
     entry = outcome.entry
     qid = entry.queue_id
+    # `line`: the daemon's writer takes these directly, not through logging's records; and
+    # no observer counts them (the metrics count the attempt's `delivery` event).
     for c in outcome.changes:
-        log.info("event=%s qid=%s to=<%s> attempts=%d reply=%r",
-                 c.event, qid, c.address, c.attempts, c.reply)  # fmt: skip
+        line(c.event, logger=log, qid=qid, to=f"<{c.address}>", attempts=c.attempts,
+             reply=c.reply)  # fmt: skip
     notices: list[str] = []
     reports = (
         ("failed", outcome.failed),
@@ -52,12 +55,12 @@ def apply_outcome(
             continue
         notice = queue_dsn(store, entry, recipients, hostname=hostname, action=action, now=now,
                            will_retry_until=retry_until, sign=sign)  # fmt: skip
-        log.info("event=dsn qid=%s action=%s to=<%s> dsn_qid=%s",
-                 qid, action, entry.sender, notice or "none (null sender)")  # fmt: skip
+        line("dsn", logger=log, qid=qid, action=action, to=f"<{entry.sender}>",
+             dsn_qid=notice or "none (null sender)")  # fmt: skip
         notices += [notice] if notice else []
     if outcome.final:
         store.remove(qid, sync=False)  # lazy: see the module docstring
-        log.info("event=removed qid=%s", qid)
+        line("removed", logger=log, qid=qid)
         return notices, True
     try:
         store.update(entry)
