@@ -150,7 +150,7 @@ class Outbound:
         # first relay attempt then needs no file read (postier.delivery.content.Preloaded).
         content = None
         if any(self._over_smtp(r.domain) for r in entry.pending()):
-            content = read_body(self.store.body_path(entry.queue_id), entry.content_offset,
+            content = read_body(self.store.body_file(entry.queue_id), entry.content_offset,
                                 entry.size)  # fmt: skip
         if len(self._committed) >= _COMMITTED_MAX:  # commits never announced: a bounded leak
             self._committed.clear()
@@ -220,7 +220,7 @@ class Outbound:
 
     def _schedule(self, queue_id: str, entry: QueueEntry | None, content: bytes | None) -> None:
         if content is not None:
-            self.relay.preloaded.put(self.store.body_path(queue_id), content)
+            self.relay.preloaded.put(self.store.body_file(queue_id), content)
         assert self.scheduler is not None
         self.scheduler.enqueue(queue_id, entry)
 
