@@ -407,7 +407,10 @@ class Scheduler:
                 except Exception as exc:  # the pool itself failed: every one is retried
                     done = [exc] * len(batch)
                 for (job, _, _, recorded), result in zip(batch, done, strict=True):
-                    self._recorded(job, result)
+                    try:
+                        self._recorded(job, result)
+                    except Exception:  # a bug: the others are still recorded
+                        log.exception("event=record_error qid=%s", job.entry.queue_id)
                     recorded.set_result(None)
                 batch = []
         finally:
