@@ -299,3 +299,11 @@ def test_text_paths_name_the_same_files(
     assert store.env_file(qid) == str(store.env_path(qid))
     with pytest.raises(EntryNotFound):
         store.body_file("../x")
+
+
+def test_commit_envelope_returns_the_bytes_it_wrote(store: QueueStore, tmp_path: Path) -> None:
+    """What the wake-up datagram carries instead of encoding the entry a second time."""
+    spool = make_spool(tmp_path)
+    entry, envelope = store.commit_envelope(spool, spool.sender, ["bob@example.net"])
+    assert store.env_path(entry.queue_id).read_bytes() == envelope
+    assert QueueEntry.from_json(envelope) == entry == store.load(entry.queue_id)

@@ -177,6 +177,17 @@ class QueueStore:
         *,
         prepend: bytes = b"",
     ) -> QueueEntry:
+        """`commit_envelope`, the entry alone."""
+        return self.commit_envelope(spool, sender, recipients, prepend=prepend)[0]
+
+    def commit_envelope(
+        self,
+        spool: StoredMessage,
+        sender: str,
+        recipients: Iterable[object],
+        *,
+        prepend: bytes = b"",
+    ) -> tuple[QueueEntry, bytes]:
         """Make a finished spool file durable in the queue under `spool.queue_id`.
 
         `spool.path` must already be on stable storage (fsync'd by whoever wrote it: the
@@ -190,6 +201,9 @@ class QueueStore:
         `prepend` is header lines (LF-terminated, spool format) to put at the top of the
         message, after Return-Path: the one place where the queued bytes may differ from the
         spool's (a DKIM-Signature made at commit). The body is then a copy, fsync'd here.
+
+        Returns the entry and its envelope as written (JSON), which the caller may pass on
+        (the wake-up datagram) instead of encoding the entry again.
         """
         queue_id = spool.queue_id or new_queue_id()
         env = self.env_file(queue_id)
@@ -221,12 +235,12 @@ class QueueStore:
                 envid=spool.envelope_dsn.envid,
                 requiretls=spool.requiretls,
             )
-            self._write_env(entry)
+            envelope = self._write_env(entry)
         except BaseException:
             if not os.path.exists(env):  # not committed: leave no half-written entry behind
                 body.unlink(missing_ok=True)
             raise
-        return entry
+        return entry, envelope
 
     def commit_bytes(
         self,
@@ -289,16 +303,19 @@ class QueueStore:
         finally:
             tmp.unlink()
 
-    def _write_env(self, entry: QueueEntry) -> None:
+    def _write_env(self, entry: QueueEntry) -> bytes:
+        """Write the envelope (tmp/, fsync, rename, fsync env/); returns what was written."""
+        data = entry.to_json()
         tmp = f"{self._tmp_prefix}{entry.queue_id}.json"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            write_all(fd, entry.to_json())
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, self.env_file(entry.queue_id))
         self._env_sync.sync()
+        return data
 
     # -- read --------------------------------------------------------------------------
     def load(self, queue_id: str) -> QueueEntry:
