@@ -284,3 +284,26 @@ def test_commit_can_prepend_headers_after_return_path(store: QueueStore, tmp_pat
     assert store.read_headers(entry).startswith(signature + b"Received: ")
     assert spool.path.read_bytes() == original  # a copy, not a link to the spool's inode
     assert os.stat(spool.path).st_nlink == 1
+
+
+@pytest.mark.parametrize("directory", ["queue", "queue/", "./queue"])
+def test_text_paths_name_the_same_files(
+    tmp_path: Path, directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """body_file is the key the commit leaves a message's content under (Preloaded) and
+    the attempt looks it up by str(message.path): the two must be the same string."""
+    monkeypatch.chdir(tmp_path)
+    store = QueueStore(directory)
+    qid = ids.new_queue_id()
+    assert store.body_file(qid) == str(store.body_path(qid))
+    assert store.env_file(qid) == str(store.env_path(qid))
+    with pytest.raises(EntryNotFound):
+        store.body_file("../x")
+
+
+def test_commit_envelope_returns_the_bytes_it_wrote(store: QueueStore, tmp_path: Path) -> None:
+    """What the wake-up datagram carries instead of encoding the entry a second time."""
+    spool = make_spool(tmp_path)
+    entry, envelope = store.commit_envelope(spool, spool.sender, ["bob@example.net"])
+    assert store.env_path(entry.queue_id).read_bytes() == envelope
+    assert QueueEntry.from_json(envelope) == entry == store.load(entry.queue_id)

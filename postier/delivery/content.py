@@ -23,7 +23,7 @@ WHOLE = 256 * 1024  # content up to this is read and sent whole; a larger one is
 PRELOAD_BYTES = 8 * 1024 * 1024  # what `Preloaded` keeps at most, all messages together
 
 
-def read_body(path: Path, content_offset: int, size: int) -> bytes | None:
+def read_body(path: Path | str, content_offset: int, size: int) -> bytes | None:
     """Blocking: the content of the spool-format file `path` (after `Return-Path:`) when it
     is at most `WHOLE` bytes, else None. None as well when the file cannot be read: whoever
     reads it next reports that."""

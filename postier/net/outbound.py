@@ -121,7 +121,8 @@ class Outbound:
         self.scheduler: Scheduler | None = None
         # Entries `commit` wrote (in the thread pool), until `notify` (on the loop) passes
         # them on; single dict operations are atomic, so no lock.
-        self._committed: dict[str, tuple[QueueEntry, bytes | None]] = {}
+        # With the envelope as written (JSON; None when it was not kept) for the datagram.
+        self._committed: dict[str, tuple[QueueEntry, bytes | None, bytes | None]] = {}
         self._wakeup = WakeupSender(self.store.flush_dir)  # workers without the scheduler
         self._wakeup_listener: WakeupListener | None = None
         self._maildrop_task: asyncio.Task[None] | None = None
@@ -140,8 +141,9 @@ class Outbound:
         remote ones were committed) adds the recipients to that entry.
         """
         recipients = [str(a) for a in addresses]
+        envelope: bytes | None = None
         try:
-            entry = self.store.commit(
+            entry, envelope = self.store.commit_envelope(
                 message, message.sender, recipients, prepend=self.headers_at_commit(message)
             )
         except EntryExists:
@@ -150,11 +152,11 @@ class Outbound:
         # first relay attempt then needs no file read (postier.delivery.content.Preloaded).
         content = None
         if any(self._over_smtp(r.domain) for r in entry.pending()):
-            content = read_body(self.store.body_path(entry.queue_id), entry.content_offset,
+            content = read_body(self.store.body_file(entry.queue_id), entry.content_offset,
                                 entry.size)  # fmt: skip
         if len(self._committed) >= _COMMITTED_MAX:  # commits never announced: a bounded leak
             self._committed.clear()
-        self._committed[entry.queue_id] = (entry, content)
+        self._committed[entry.queue_id] = (entry, envelope, content)
 
     def _is_delivered_here(self, domain: str) -> bool:
         """A local domain, unless an smtp: route sends its mail on (the scheduler's rule)."""
@@ -210,17 +212,18 @@ class Outbound:
         An entry `commit` made in this process goes to the scheduler as it was written, and
         a small message's content to the relay, so that the first attempt reads neither back
         from the files."""
-        entry, content = self._committed.pop(queue_id, (None, None))
+        entry, envelope, content = self._committed.pop(queue_id, (None, None, None))
         if self.scheduler is not None:
             self._schedule(queue_id, entry, content)
             return
-        envelope = entry.to_json() if entry is not None else None
+        if envelope is None and entry is not None:
+            envelope = entry.to_json()
         if not self._wakeup.send(queue_id, envelope, content):
             self.store.request_flush(queue_id)
 
     def _schedule(self, queue_id: str, entry: QueueEntry | None, content: bytes | None) -> None:
         if content is not None:
-            self.relay.preloaded.put(self.store.body_path(queue_id), content)
+            self.relay.preloaded.put(self.store.body_file(queue_id), content)
         assert self.scheduler is not None
         self.scheduler.enqueue(queue_id, entry)
 

@@ -1,8 +1,9 @@
 """Carry out what `decide.apply_results` decided: the log, the reports, the entry's file.
 
-Blocking (one thread-pool job per attempt: `record_attempt` reads the entry, decides and
-applies in that one job). The reports are committed to the queue before the entry is
-updated: a crash in between repeats a report rather than losing it.
+Blocking (`record_attempt` reads the entry, decides and applies in one go; the scheduler
+hands several attempts to one thread-pool job, `record_attempts`). The reports are
+committed to the queue before the entry is updated: a crash in between repeats a report
+rather than losing it.
 
 The removal of a finished entry is lazy (`QueueStore.remove(..., sync=False)`): its
 directory is not fsync'd, so a crash soon after may bring the entry back and the next start
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from postier.delivery.base import RecipientResult
+from postier.log import line
 from postier.queue.bounce import queue_dsn
 from postier.queue.decide import Outcome, RetryPolicy, apply_results
 from postier.queue.store import EntryNotFound, QueueStore
@@ -37,9 +39,11 @@ def apply_outcome(
     is still there: False when `postier queue delete` removed it meanwhile)."""
     entry = outcome.entry
     qid = entry.queue_id
+    # `line`: the daemon's writer takes these directly, not through logging's records; and
+    # no observer counts them (the metrics count the attempt's `delivery` event).
     for c in outcome.changes:
-        log.info("event=%s qid=%s to=<%s> attempts=%d reply=%r",
-                 c.event, qid, c.address, c.attempts, c.reply)  # fmt: skip
+        line(c.event, logger=log, qid=qid, to=f"<{c.address}>", attempts=c.attempts,
+             reply=c.reply)  # fmt: skip
     notices: list[str] = []
     reports = (
         ("failed", outcome.failed),
@@ -51,18 +55,21 @@ def apply_outcome(
             continue
         notice = queue_dsn(store, entry, recipients, hostname=hostname, action=action, now=now,
                            will_retry_until=retry_until, sign=sign)  # fmt: skip
-        log.info("event=dsn qid=%s action=%s to=<%s> dsn_qid=%s",
-                 qid, action, entry.sender, notice or "none (null sender)")  # fmt: skip
+        line("dsn", logger=log, qid=qid, action=action, to=f"<{entry.sender}>",
+             dsn_qid=notice or "none (null sender)")  # fmt: skip
         notices += [notice] if notice else []
     if outcome.final:
         store.remove(qid, sync=False)  # lazy: see the module docstring
-        log.info("event=removed qid=%s", qid)
+        line("removed", logger=log, qid=qid)
         return notices, True
     try:
         store.update(entry)
     except EntryNotFound:
         return notices, False
     return notices, True
+
+
+Recorded = tuple[Outcome, list[str], bool]
 
 
 def record_attempt(
@@ -75,7 +82,7 @@ def record_attempt(
     remote_mta: str,
     hostname: str,
     sign: Callable[[bytes, int], bytes] | None = None,
-) -> tuple[Outcome, list[str], bool]:
+) -> Recorded:
     """One attempt's results, in one thread-pool job: read the entry as it is now (another
     domain's attempt may have changed it), decide (`apply_results`), apply (`apply_outcome`).
 
@@ -87,3 +94,26 @@ def record_attempt(
         store, outcome, hostname=hostname, now=now, retry_until=policy.expires_at(entry), sign=sign
     )
     return outcome, notices, kept
+
+
+def record_attempts(
+    store: QueueStore,
+    attempts: Sequence[tuple[str, Sequence[RecipientResult], str]],
+    *,
+    now: float,
+    policy: RetryPolicy,
+    hostname: str,
+    sign: Callable[[bytes, int], bytes] | None = None,
+) -> list[Recorded | Exception]:
+    """`record_attempt` for several attempts (queue id, results, remote MTA) in one
+    thread-pool job, in order: one hand-over from the loop for all of them. Each gets its
+    own answer; a failure (`EntryNotFound`, the disk) is returned in its place, not raised,
+    so that the others are still recorded."""
+    out: list[Recorded | Exception] = []
+    for queue_id, results, remote in attempts:
+        try:
+            out.append(record_attempt(store, queue_id, results, now=now, policy=policy,
+                                      remote_mta=remote, hostname=hostname, sign=sign))  # fmt: skip
+        except Exception as exc:
+            out.append(exc)
+    return out

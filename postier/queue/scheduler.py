@@ -8,14 +8,16 @@ Model (a small Postfix qmgr):
   at most `per_destination_limit` worker tasks (connections). A worker opens a session (a
   `Relay`'s keeps its connection) and takes the next job for the same domain from the
   deque, up to `messages_per_connection`: many messages to one domain share a connection.
-- After each attempt the entry is re-read under its lock and `decide.apply_results` says,
-  as data, what the attempt means (delivered, retry when, bounce, expiry, delay warning; the
-  rules are in `postier.queue.decide`). `postier.queue.effects` then applies that
-  `Outcome` (reports to the sender first, then the entry's update or removal) and the
-  scheduler sets the next dispatch time.
+- After each attempt the entry is re-read and `decide.apply_results` says, as data, what
+  the attempt means (delivered, retry when, bounce, expiry, delay warning; the rules are in
+  `postier.queue.decide`). `postier.queue.effects` then applies that `Outcome` (reports to
+  the sender first, then the entry's update or removal) and the scheduler sets the next
+  dispatch time. This is recorded in the background by one task (`_record_all`), several
+  attempts per thread-pool job, while the connection goes on with its next message; that
+  one task is what serialises the updates of an entry's file.
 - What the scheduler knows about an entry between loads is one record
-  (`postier.queue.tracking`): when it is next due, whether it was flushed, which domains
-  have an attempt running, and its lock.
+  (`postier.queue.tracking`): when it is next due, whether it was flushed, and which
+  domains have an attempt running (until it is recorded).
 - A destination whose attempt failed as a whole (no connection, or every recipient
   temporary) is "dead" for `destination_hold` seconds (default: the first back-off step):
   other messages for it wait instead of trying at once (RFC 5321 §4.5.4.1). `flush` revives.
@@ -60,12 +62,18 @@ from postier.delivery.base import (
 )
 from postier.queue.decide import DEFAULT_SCHEDULE, RetryPolicy
 from postier.queue.destinations import Destination, Job, attempt
-from postier.queue.effects import record_attempt
+from postier.queue.effects import Recorded, record_attempts
 from postier.queue.store import EntryNotFound, QueueEntry, QueueStore
 from postier.queue.tracking import Tracker
 
 log = logging.getLogger("postier.queue")
 T = TypeVar("T")
+
+# At most this many attempts' results recorded in one thread-pool job (bounds its latency).
+RECORD_BATCH = 64
+# A finished attempt waiting to be recorded: the job, its results, the remote host, and
+# the future resolved once it is recorded.
+_Unrecorded = tuple[Job, list[RecipientResult], str, "asyncio.Future[None]"]
 
 __all__ = ["DEFAULT_SCHEDULE", "Scheduler"]
 
@@ -119,6 +127,10 @@ class Scheduler:
         self._heap = self._tracker.heap  # (due, queue id), read by tests
         self._dests: dict[str, Destination] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Finished attempts not recorded yet, and whether the task recording them runs
+        # (`_record_all`).
+        self._unrecorded: list[_Unrecorded] = []
+        self._recording = False
         self._connections = asyncio.Semaphore(max_connections)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -326,12 +338,17 @@ class Scheduler:
         else:
             opened = open_session(self.backend_for_domain(dest.domain), dest.domain)
         async with opened as session:
+            recorded: asyncio.Future[None] | None = None
             for sent in range(self.messages_per_connection):
+                if not dest.jobs and recorded is not None:
+                    # Nothing more to send yet: before closing, give the last attempt the
+                    # time its recording takes, as more mail for here often comes meanwhile.
+                    await asyncio.wait([recorded])
                 # The first job was let through knowing the destination's state (a flush
                 # may force one to a dead destination); later ones stop when it died.
                 if not dest.jobs or (sent and dest.dead_until > self.clock()):
                     break
-                await self._attempt(dest, dest.jobs.popleft(), session)
+                recorded = await self._attempt(dest, dest.jobs.popleft(), session)
 
     def _defer_if_dead(self, dest: Destination) -> None:
         """The destination just failed: queued jobs wait for it instead of trying now."""
@@ -342,7 +359,10 @@ class Scheduler:
             self._tracker.done_with(job.entry.queue_id, dest.domain)
             self._tracker.schedule(job.entry.queue_id, dest.dead_until)
 
-    async def _attempt(self, dest: Destination, job: Job, session: RelaySession) -> None:
+    async def _attempt(
+        self, dest: Destination, job: Job, session: RelaySession
+    ) -> asyncio.Future[None]:
+        """One job over `session`; returns what resolves once its results are recorded."""
         message = self.store.message(job.entry)
         recipients = [Recipient(a) for a in job.addresses]
         results = await attempt(session, message, recipients, domain=dest.domain)
@@ -350,30 +370,68 @@ class Scheduler:
         # every recipient failing temporarily is the best sign the destination is down.
         if all(res.status is Status.TEMPORARY for res in results) and not session.connected:
             dest.dead_until = self.clock() + self.destination_hold
-        try:
-            await self._record(job, results, session.host)
-        except Exception:
-            log.exception("event=queue_update_failed qid=%s", message.queue_id)
-            self._tracker.done_with(message.queue_id, dest.domain)
-            self._tracker.schedule(message.queue_id, self.clock() + self.policy.schedule[0])
+        # Recorded in the background: the connection goes on with its next job meanwhile,
+        # instead of waiting for a thread-pool job queued behind the inbound commits.
+        recorded = asyncio.get_running_loop().create_future()
+        self._unrecorded.append((job, results, session.host, recorded))
+        if not self._recording:
+            self._recording = True
+            self._spawn(self._record_all())
+        return recorded
 
-    # -- one attempt's results: decide, then apply -----------------------------------------
-    async def _record(self, job: Job, results: list[RecipientResult], remote: str) -> None:
-        """Decide what the results mean (`apply_results`), then do it: reports, the entry's
-        update or removal (all in one thread-pool job, `record_attempt`), the next dispatch."""
+    # -- the attempts' results: decide, then apply -----------------------------------------
+    async def _record_all(self) -> None:
+        """Record every finished attempt, a batch per thread-pool job, until none is left.
+
+        One recorder at a time: it is what serialises the updates of an entry's file (two
+        domains' attempts of one entry finishing together are applied one after the other,
+        each reading the entry as the other left it)."""
+        batch: list[_Unrecorded] = []
+        try:
+            while self._unrecorded:
+                batch = self._unrecorded[:RECORD_BATCH]
+                del self._unrecorded[:RECORD_BATCH]
+                attempts = [(job.entry.queue_id, res, host) for job, res, host, _ in batch]
+                try:
+                    done = await self._io(
+                        functools.partial(
+                            record_attempts,
+                            self.store,
+                            attempts,
+                            now=self.clock(),
+                            policy=self.policy,
+                            hostname=self.hostname,
+                            sign=self.sign_own,
+                        )
+                    )
+                except Exception as exc:  # the pool itself failed: every one is retried
+                    done = [exc] * len(batch)
+                for (job, _, _, recorded), result in zip(batch, done, strict=True):
+                    try:
+                        self._recorded(job, result)
+                    except Exception:  # a bug: the others are still recorded
+                        log.exception("event=record_error qid=%s", job.entry.queue_id)
+                    recorded.set_result(None)
+                batch = []
+        finally:
+            self._recording = False
+            for *_, recorded in batch:  # cancelled (stop): nobody waits for these any more
+                recorded.cancel()
+
+    def _recorded(self, job: Job, result: Recorded | BaseException) -> None:
+        """Back on the loop with one attempt's record: the reports, the next dispatch."""
         qid = job.entry.queue_id
-        tracked = self._tracker.track(qid)
-        async with tracked.lock:
-            try:
-                outcome, notices, kept = await self._io(functools.partial(
-                    record_attempt, self.store, qid, results, now=self.clock(),
-                    policy=self.policy, remote_mta=remote, hostname=self.hostname,
-                    sign=self.sign_own))  # fmt: skip
-            except EntryNotFound:
-                log.info("event=queue_entry_gone qid=%s (deleted during delivery)", qid)
-                self._tracker.done_with(qid, job.domain)
-                self._tracker.forget(qid)
-                return
+        if isinstance(result, EntryNotFound):
+            log.info("event=queue_entry_gone qid=%s (deleted during delivery)", qid)
+            self._tracker.done_with(qid, job.domain)
+            self._tracker.forget(qid)
+            return
+        if isinstance(result, BaseException):
+            log.error("event=queue_update_failed qid=%s", qid, exc_info=result)
+            self._tracker.done_with(qid, job.domain)
+            self._tracker.schedule(qid, self.clock() + self.policy.schedule[0])
+            return
+        outcome, notices, kept = result
         for notice in notices:
             self.enqueue(notice)
         if not kept:  # `postier queue delete` won the race

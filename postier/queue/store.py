@@ -80,6 +80,19 @@ def _check_id(queue_id: str) -> str:
     return queue_id
 
 
+def _read_small(path: str) -> bytes:
+    """A whole file in four system calls when it is small (an envelope), where pathlib's
+    read_bytes makes a buffered file object and asks for its size first."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _address(r: object) -> str:
     """A recipient given as text, a `Recipient`, or a protocol `Address` (its str())."""
     return r.address if isinstance(r, Recipient) else str(r)
@@ -111,6 +124,11 @@ class QueueStore:
                 d.mkdir(mode=0o700, exist_ok=True)
         elif not self.env_dir.is_dir():
             raise FileNotFoundError(f"{self.directory}: not a queue directory (no env/)")
+        # The same paths as text, for the per-message calls: a pathlib join and its str()
+        # cost more than the system call they are for.
+        self._body_prefix = os.path.join(self.body_dir, "")
+        self._env_prefix = os.path.join(self.env_dir, "")
+        self._tmp_prefix = os.path.join(self.tmp_dir, "")
         # Concurrent commits share their directory fsyncs (postier.delivery.dirsync).
         self._body_sync = DirSync(self.body_dir)
         self._env_sync = DirSync(self.env_dir)
@@ -121,6 +139,14 @@ class QueueStore:
 
     def env_path(self, queue_id: str) -> Path:
         return self.env_dir / f"{_check_id(queue_id)}.json"
+
+    def body_file(self, queue_id: str) -> str:
+        """`body_path` as text (cheaper, for the per-message paths)."""
+        return self._body_prefix + _check_id(queue_id)
+
+    def env_file(self, queue_id: str) -> str:
+        """`env_path` as text."""
+        return f"{self._env_prefix}{_check_id(queue_id)}.json"
 
     def message(self, entry: QueueEntry) -> StoredMessage:
         """The entry's body as the `StoredMessage` a delivery backend takes."""
@@ -151,6 +177,17 @@ class QueueStore:
         *,
         prepend: bytes = b"",
     ) -> QueueEntry:
+        """`commit_envelope`, the entry alone."""
+        return self.commit_envelope(spool, sender, recipients, prepend=prepend)[0]
+
+    def commit_envelope(
+        self,
+        spool: StoredMessage,
+        sender: str,
+        recipients: Iterable[object],
+        *,
+        prepend: bytes = b"",
+    ) -> tuple[QueueEntry, bytes]:
         """Make a finished spool file durable in the queue under `spool.queue_id`.
 
         `spool.path` must already be on stable storage (fsync'd by whoever wrote it: the
@@ -164,11 +201,14 @@ class QueueStore:
         `prepend` is header lines (LF-terminated, spool format) to put at the top of the
         message, after Return-Path: the one place where the queued bytes may differ from the
         spool's (a DKIM-Signature made at commit). The body is then a copy, fsync'd here.
+
+        Returns the entry and its envelope as written (JSON), which the caller may pass on
+        (the wake-up datagram) instead of encoding the entry again.
         """
         queue_id = spool.queue_id or new_queue_id()
-        env = self.env_path(queue_id)
+        env = self.env_file(queue_id)
         body = self.body_path(queue_id)
-        if env.exists():
+        if os.path.exists(env):
             raise EntryExists(queue_id)
         try:
             try:
@@ -195,12 +235,12 @@ class QueueStore:
                 envid=spool.envelope_dsn.envid,
                 requiretls=spool.requiretls,
             )
-            self._write_env(entry)
+            envelope = self._write_env(entry)
         except BaseException:
-            if not env.exists():  # not committed: leave no half-written entry behind
+            if not os.path.exists(env):  # not committed: leave no half-written entry behind
                 body.unlink(missing_ok=True)
             raise
-        return entry
+        return entry, envelope
 
     def commit_bytes(
         self,
@@ -263,21 +303,24 @@ class QueueStore:
         finally:
             tmp.unlink()
 
-    def _write_env(self, entry: QueueEntry) -> None:
-        tmp = self.tmp_dir / f"{entry.queue_id}.json"
+    def _write_env(self, entry: QueueEntry) -> bytes:
+        """Write the envelope (tmp/, fsync, rename, fsync env/); returns what was written."""
+        data = entry.to_json()
+        tmp = f"{self._tmp_prefix}{entry.queue_id}.json"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            write_all(fd, entry.to_json())
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, self.env_path(entry.queue_id))
+        os.rename(tmp, self.env_file(entry.queue_id))
         self._env_sync.sync()
+        return data
 
     # -- read --------------------------------------------------------------------------
     def load(self, queue_id: str) -> QueueEntry:
         try:
-            raw = self.env_path(queue_id).read_bytes()
+            raw = _read_small(self.env_file(queue_id))
         except FileNotFoundError:
             raise EntryNotFound(queue_id) from None
         try:
@@ -325,7 +368,7 @@ class QueueStore:
     @contextlib.contextmanager
     def _locked(self, queue_id: str) -> Iterator[None]:
         try:
-            fd = os.open(self.body_path(queue_id), os.O_RDONLY)
+            fd = os.open(self.body_file(queue_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise EntryNotFound(queue_id) from None
         try:
@@ -337,7 +380,7 @@ class QueueStore:
     def update(self, entry: QueueEntry) -> None:
         """Atomically replace the envelope; `EntryNotFound` if it was removed meanwhile."""
         with self._locked(entry.queue_id):
-            if not self.env_path(entry.queue_id).exists():
+            if not os.path.exists(self.env_file(entry.queue_id)):
                 raise EntryNotFound(entry.queue_id)
             self._write_env(entry)
 
@@ -370,12 +413,13 @@ class QueueStore:
         try:
             with self._locked(queue_id):
                 try:
-                    self.env_path(queue_id).unlink()
+                    os.unlink(self.env_file(queue_id))
                 except FileNotFoundError:
                     return False
                 if sync:
                     self._env_sync.sync()  # the deletion's commit point
-                self.body_path(queue_id).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.body_file(queue_id))
                 return True
         except EntryNotFound:
             # No body: a stray envelope (should not happen) still gets removed.

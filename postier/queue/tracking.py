@@ -2,14 +2,14 @@
 
 The queue files hold what must survive a crash (per-recipient state, next attempt times);
 this holds what only the running scheduler needs: when each entry is next dispatched,
-whether it was flushed, which of its domains have an attempt running, and the lock that
-serialises updates of its file. One `Tracked` record per entry keeps those consistent; the
-heap orders the due times and may hold stale items, which `pop_due` skips.
+whether it was flushed, and which of its domains have an attempt running (updates of an
+entry's file are serialised by the scheduler's one recorder task). One `Tracked` record per
+entry keeps those consistent; the heap orders the due times and may hold stale items, which
+`pop_due` skips.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 from dataclasses import dataclass, field
 
@@ -23,7 +23,6 @@ class Tracked:
     due: float | None = None  # next dispatch (its item in the heap); None: not scheduled
     forced: bool = False  # flushed: every pending recipient is tried at the next dispatch
     inflight: set[str] = field(default_factory=set)  # domains with an attempt running
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one update of the file at a time
     # The entry as just committed by this process (`Scheduler.enqueue`): its first dispatch
     # takes it instead of reading the file it was written to a moment ago.
     fresh: QueueEntry | None = None
