@@ -7,6 +7,7 @@ attempt answered on its own."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 from postier.delivery.base import Recipient, delivered
 from postier.queue.decide import RetryPolicy
 from postier.queue.effects import record_attempts
+from postier.queue.entry import PENDING
 from postier.queue.store import EntryNotFound
 from tests.test_scheduler import World, aio, commit
 
@@ -83,3 +85,33 @@ def test_a_batch_records_each_attempt_on_its_own(tmp_path: Path) -> None:
         outcome, notices, kept = result
         assert outcome.final and notices == [] and kept
     assert w.store.list() == []
+
+
+def test_recipients_added_while_an_attempt_is_recorded_are_kept(tmp_path: Path) -> None:
+    """The record reads, decides and writes under the entry's lock. A router adding local
+    recipients meanwhile (`add_recipients`, under that lock) either comes before the read,
+    and the record sees them, or after the write: never between, where the record's removal
+    of the "finished" entry (or its rewrite) would lose them after their 250."""
+    w = World(tmp_path)
+    qid = commit(w.store, tmp_path, "a@example.org", ["b@example.net"], 0.0)
+    attempt = [(qid, [delivered(Recipient("b@example.net"), "250 ok")], "mx.example.net")]
+    done: list[object] = []
+
+    def record() -> None:
+        policy = RetryPolicy()
+        done.extend(record_attempts(w.store, attempt, now=10.0, policy=policy, hostname="mx.test"))
+
+    with w.store.locked(qid):  # as add_recipients holds it
+        recorder = threading.Thread(target=record)
+        recorder.start()
+        recorder.join(0.5)  # it waits for the lock (before the fix: it had read the entry)
+        entry = w.store.load(qid)
+        added = dataclasses.replace(entry.recipients[0], address="local@example.org")
+        entry.recipients.append(added)
+        w.store.update(entry, held=True)  # what add_recipients writes
+    recorder.join(60)
+    assert not recorder.is_alive() and not isinstance(done[0], Exception), done
+    left = w.store.load(qid)  # not removed: one recipient still to deliver
+    state = {r.address: r.state for r in left.recipients}
+    assert state["local@example.org"] is PENDING
+    assert state["b@example.net"] is not PENDING  # the attempt's result is recorded

@@ -33,10 +33,12 @@ def apply_outcome(
     now: float,
     retry_until: float,
     sign: Callable[[bytes, int], bytes] | None = None,
+    held: bool = False,
 ) -> tuple[list[str], bool]:
     """Log each change, queue the reports owed to the sender (never to <>), then write the
     entry back or remove it when final. Returns (the reports' queue ids, whether the entry
-    is still there: False when `postier queue delete` removed it meanwhile)."""
+    is still there: False when `postier queue delete` removed it meanwhile). `held`: the
+    caller holds the entry's lock (`QueueStore.locked`)."""
     entry = outcome.entry
     qid = entry.queue_id
     # `line`: the daemon's writer takes these directly, not through logging's records; and
@@ -59,11 +61,11 @@ def apply_outcome(
              dsn_qid=notice or "none (null sender)")  # fmt: skip
         notices += [notice] if notice else []
     if outcome.final:
-        store.remove(qid, sync=False)  # lazy: see the module docstring
+        store.remove(qid, sync=False, held=held)  # lazy: see the module docstring
         line("removed", logger=log, qid=qid)
         return notices, True
     try:
-        store.update(entry)
+        store.update(entry, held=held)
     except EntryNotFound:
         return notices, False
     return notices, True
@@ -86,13 +88,19 @@ def record_attempt(
     """One attempt's results, in one thread-pool job: read the entry as it is now (another
     domain's attempt may have changed it), decide (`apply_results`), apply (`apply_outcome`).
 
+    All three under the entry's lock: a worker's router may add recipients to this entry
+    meanwhile (`QueueStore.add_recipients`, local recipients whose delivery failed), and a
+    decision made on the entry read before that write would overwrite or remove them.
+
     Returns (the outcome, the reports' queue ids, whether the entry is still there); raises
     `EntryNotFound` when it was deleted during the attempt."""
-    entry = store.load(queue_id)
-    outcome = apply_results(entry, results, now, policy, remote_mta=remote_mta)
-    notices, kept = apply_outcome(
-        store, outcome, hostname=hostname, now=now, retry_until=policy.expires_at(entry), sign=sign
-    )
+    with store.locked(queue_id):
+        entry = store.load(queue_id)
+        outcome = apply_results(entry, results, now, policy, remote_mta=remote_mta)
+        notices, kept = apply_outcome(
+            store, outcome, hostname=hostname, now=now, retry_until=policy.expires_at(entry),
+            sign=sign, held=True,
+        )  # fmt: skip
     return outcome, notices, kept
 
 

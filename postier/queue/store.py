@@ -366,7 +366,11 @@ class QueueStore:
 
     # -- change ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _locked(self, queue_id: str) -> Iterator[None]:
+    def locked(self, queue_id: str) -> Iterator[None]:
+        """Hold the entry's lock (an exclusive `flock` on its body file) for a read-decide-
+        write: `update(..., held=True)` and `remove(..., held=True)` inside. `EntryNotFound`
+        when the entry is gone. Not re-entrant: a second `locked`, or `update`/`remove`
+        without `held`, for the same entry inside would wait for itself."""
         try:
             fd = os.open(self.body_file(queue_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -377,9 +381,10 @@ class QueueStore:
         finally:
             os.close(fd)
 
-    def update(self, entry: QueueEntry) -> None:
-        """Atomically replace the envelope; `EntryNotFound` if it was removed meanwhile."""
-        with self._locked(entry.queue_id):
+    def update(self, entry: QueueEntry, *, held: bool = False) -> None:
+        """Atomically replace the envelope; `EntryNotFound` if it was removed meanwhile.
+        `held`: the caller holds the entry's lock (`locked`)."""
+        with contextlib.nullcontext() if held else self.locked(entry.queue_id):
             if not os.path.exists(self.env_file(entry.queue_id)):
                 raise EntryNotFound(entry.queue_id)
             self._write_env(entry)
@@ -395,7 +400,7 @@ class QueueStore:
         For a message whose remote recipients were committed before its local delivery:
         the local recipients that did not get their copy join the same entry (one body, one
         id) rather than a second commit under the same id. Durable on return."""
-        with self._locked(queue_id):
+        with self.locked(queue_id):
             entry = self.load(queue_id)
             known = {r.address for r in entry.recipients}
             new = [a for a in dict.fromkeys(map(_address, recipients)) if a not in known]
@@ -404,14 +409,15 @@ class QueueStore:
                 self._write_env(entry)
             return entry
 
-    def remove(self, queue_id: str, *, sync: bool = True) -> bool:
+    def remove(self, queue_id: str, *, sync: bool = True, held: bool = False) -> bool:
         """Remove an entry (safe while the daemon runs); False if it was not there.
 
         `sync=False` leaves the envelope's deletion to the file system's next commit: the
         scheduler's removal of a finished entry, where a crash bringing the entry back only
-        means a second delivery (at least once), never a lost message."""
+        means a second delivery (at least once), never a lost message. `held`: the caller
+        holds the entry's lock (`locked`)."""
         try:
-            with self._locked(queue_id):
+            with contextlib.nullcontext() if held else self.locked(queue_id):
                 try:
                     os.unlink(self.env_file(queue_id))
                 except FileNotFoundError:
