@@ -29,6 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: python3 bench/core_cost.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.targets import tree_label
+
 ROWS = ("protocol", "log-lines")
 CONTENT = b"Subject: bench\r\n\r\n" + (b"x" * 70 + b"\r\n") * 28
 
@@ -115,13 +120,6 @@ def _child(tree: Path, messages: int) -> dict[str, float]:
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def _commit(tree: Path) -> str:
-    git = ["git", "-C", str(tree)]
-    head = subprocess.run([*git, "log", "-1", "--format=%h"], capture_output=True, text=True)
-    dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
-    return (head.stdout.strip() or "?") + ("+" if dirty.stdout.strip() else "")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trees", default=".", help="postier checkouts, comma-separated")
@@ -138,7 +136,7 @@ def main() -> int:
     for _ in range(args.repeat):
         for i, tree in enumerate(trees):
             runs[i].append(_child(tree, args.messages))
-    names = [f"#{i + 1} {t.name} {_commit(t)}" for i, t in enumerate(trees)]
+    names = [f"#{i + 1} {tree_label(t)}" for i, t in enumerate(trees)]
     width = max(12, *(len(n) for n in names))
     header = f"{'us/msg':<10}" + "".join(f"  {n:>{width}}" for n in names)
     header += "  last/first" if len(trees) > 1 else ""

@@ -50,25 +50,31 @@ def _postier_copy(directory: Path) -> Path:
     return tree
 
 
+def _ten_messages(port: int, pipelining: bool) -> loadgen.LoadResult:
+    """10 messages of 2 KiB over 2 sessions, rotated over the users; each must get its 250."""
+    cfg = loadgen.LoadConfig(
+        port=port,
+        messages=10,
+        sessions=2,
+        size=2048,
+        recipients=harness.RECIPIENTS,
+        sender=harness.SENDER,
+        pipelining=pipelining,
+        deadline=60,
+    )
+    result = loadgen.run(cfg)
+    assert result.error_samples == []
+    assert (result.ok, result.errors, result.timed_out) == (10, 0, False)
+    return result
+
+
 @pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelined"])
 def test_loadgen_against_postier(serve_exists, tmp_path, pipelining):
     opts = run.parse_args(["--sessions", "2", "--format", "maildir"])
     target = targets.PostierTarget(tmp_path, opts)
     target.start()
     try:
-        cfg = loadgen.LoadConfig(
-            port=target.port,
-            messages=10,
-            sessions=2,
-            size=2048,
-            recipients=harness.RECIPIENTS,
-            sender=harness.SENDER,
-            pipelining=pipelining,
-            deadline=60,
-        )
-        result = loadgen.run(cfg)
-        assert result.error_samples == []
-        assert (result.ok, result.errors, result.timed_out) == (10, 0, False)
+        result = _ten_messages(target.port, pipelining)
         assert len(result.latencies) == 10
         assert target.delivered() == 10
         # 10 messages rotated over the users: each mailbox got its share
@@ -89,19 +95,7 @@ def test_the_floor_row_stores_every_message(tmp_path, pipelining):
     target = baselines.FloorTarget(tmp_path, opts)
     target.start()
     try:
-        cfg = loadgen.LoadConfig(
-            port=target.port,
-            messages=10,
-            sessions=2,
-            size=2048,
-            recipients=harness.RECIPIENTS,
-            sender=harness.SENDER,
-            pipelining=pipelining,
-            deadline=60,
-        )
-        result = loadgen.run(cfg)
-        assert result.error_samples == []
-        assert (result.ok, result.errors, result.timed_out) == (10, 0, False)
+        _ten_messages(target.port, pipelining)
         assert target.delivered() == 10
         copy = next((target.root / harness.USERS[0] / "new").iterdir())
         assert copy.read_bytes().endswith(b"\r\n") and not copy.read_bytes().endswith(b".\r\n")
