@@ -428,6 +428,39 @@ async def test_messages_share_a_connection(tmp_path: Path) -> None:
 
 
 @aio
+async def test_a_connection_outlives_the_message_count_while_slots_are_free(
+    tmp_path: Path,
+) -> None:
+    """Like Postfix's connection reuse: no count limit while nobody waits for a slot."""
+    w = World(tmp_path, ok, session=True, per_destination_limit=1, messages_per_connection=2)
+    queued = [w.add(rcpts=[f"u{i}@example.net"]) for i in range(5)]
+    await w.settle()
+    assert isinstance(w.backend, SessionBackend)
+    assert w.backend.sessions == [queued]
+
+
+@aio
+async def test_the_message_count_gives_a_taken_slot_back(tmp_path: Path) -> None:
+    """Every connection slot taken: a session ends after its count, for another's turn."""
+    w = World(tmp_path, ok, session=True, per_destination_limit=1, messages_per_connection=2,
+              max_connections=1)  # fmt: skip
+    queued = [w.add(rcpts=[f"u{i}@example.net"]) for i in range(5)]
+    await w.settle()
+    assert isinstance(w.backend, SessionBackend)
+    assert w.backend.sessions == [queued[:2], queued[2:4], queued[4:]]
+    assert w.store.list() == []
+
+
+@aio
+async def test_a_connection_is_reused_for_a_time_only(tmp_path: Path) -> None:
+    w = World(tmp_path, ok, session=True, per_destination_limit=1, connection_reuse_time=0.0)
+    queued = [w.add(rcpts=[f"u{i}@example.net"]) for i in range(3)]
+    await w.settle()
+    assert isinstance(w.backend, SessionBackend)
+    assert w.backend.sessions == [[q] for q in queued]
+
+
+@aio
 async def test_bounce_to_local_sender_goes_to_local_delivery(tmp_path: Path) -> None:
     w = World(tmp_path, never)
     w.sched.local_deliver = w.local.deliver
