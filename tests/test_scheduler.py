@@ -420,8 +420,7 @@ async def test_per_destination_connection_limit(tmp_path: Path) -> None:
 @aio
 async def test_messages_share_a_connection(tmp_path: Path) -> None:
     w = World(tmp_path, ok, session=True, per_destination_limit=1)
-    queued = [w.add(rcpts=[f"u{i}@example.net"]) for i in range(5)]
-    await w.settle()
+    queued = await queued_behind_a_gate(w, 5)  # all waiting: one session takes them all
     assert isinstance(w.backend, SessionBackend)
     assert w.backend.sessions == [queued]
     assert w.store.list() == []
