@@ -100,6 +100,7 @@ class Router:
             recipient_dsn=txn.recipient_dsn,
             spam=txn.spam,
             requiretls=txn.requiretls,
+            content=writer.content if txn.remote else None,  # for the queue's commit alone
         )
 
     @staticmethod

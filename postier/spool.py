@@ -93,6 +93,9 @@ class SpoolWriter:
         self._scanned = self._scanner  # kept after the header section, for its counts
         self._copy_fd: int | None = None  # the checks' in-memory copy (complete())
         self._copy_size = 0
+        # The whole file as `finish()` wrote it in one piece (a message kept in memory to
+        # the end), for `content`; None once the file was written otherwise or rewritten.
+        self._whole: bytes | None = None
 
     @property
     def header_names(self) -> frozenset[bytes]:
@@ -148,8 +151,15 @@ class SpoolWriter:
         self._pending += len(data)
         return self._pending >= FLUSH_AT
 
-    def flush(self) -> None:
-        """Append what is buffered to the file (thread pool)."""
+    @property
+    def content(self) -> bytes | None:
+        """The stored bytes after `content_offset`, from memory, when `finish()` wrote the
+        file whole: the queue's commit hands them to the first relay attempt, which then
+        reads nothing back from disk. None when the file was written in pieces."""
+        return None if self._whole is None else self._whole[self.content_offset :]
+
+    def flush(self) -> bytes:
+        """Append what is buffered to the file (thread pool); returns what was written."""
         if self._state is _State.MEMORY:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
             try:
@@ -168,6 +178,8 @@ class SpoolWriter:
             self.size += len(data)
             self._parts.clear()
             self._pending = 0
+            return data
+        return b""
 
     def complete(self) -> None:
         """Make the whole message readable at `readable_path`, for the checks. Thread pool.
@@ -222,7 +234,10 @@ class SpoolWriter:
         if self._state is _State.FINISHED and not self._stale:
             return
         if self._state is not _State.FINISHED:
-            self.flush()
+            in_memory = self._state is _State.MEMORY
+            written = self.flush()
+            if in_memory:  # the prologue and every part, in that one write
+                self._whole = written
         if self._stale:
             self._rewrite()
         else:
@@ -234,6 +249,7 @@ class SpoolWriter:
     def _rewrite(self) -> None:
         """New prologue + the old content (kernel copy) into a new file, fsync, rename over."""
         self._close_fd()  # the old file needs no fsync: it is replaced
+        self._whole = None  # the content may change (remove_fields)
         new_path = self.path.with_name(self.path.name + ".new")
         prologue = self._prologue()
         src = os.open(self.path, os.O_RDONLY)
@@ -290,6 +306,7 @@ class SpoolWriter:
     def discard(self) -> None:
         """Forget the message (rejected, failed, or delivered everywhere). Safe to repeat."""
         self._parts.clear()
+        self._whole = None
         self._close_copy()
         self._close_fd()
         if self.on_disk:

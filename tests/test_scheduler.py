@@ -420,11 +420,58 @@ async def test_per_destination_connection_limit(tmp_path: Path) -> None:
 @aio
 async def test_messages_share_a_connection(tmp_path: Path) -> None:
     w = World(tmp_path, ok, session=True, per_destination_limit=1)
-    queued = [w.add(rcpts=[f"u{i}@example.net"]) for i in range(5)]
-    await w.settle()
+    queued = await queued_behind_a_gate(w, 5)  # all waiting: one session takes them all
     assert isinstance(w.backend, SessionBackend)
     assert w.backend.sessions == [queued]
     assert w.store.list() == []
+
+
+async def queued_behind_a_gate(w: World, count: int) -> list[str]:
+    """`count` messages to example.net, every one queued for the destination before the
+    first send returns: the sessions then depend on the rules alone, not on how fast the
+    thread pool loads the entries."""
+    w.backend.gate = asyncio.Event()
+    queued = [w.add(rcpts=[f"u{i}@example.net"]) for i in range(count)]
+    await w.sched.run_once()
+    for _ in range(10_000):
+        dest = w.sched._dests.get("example.net")
+        if dest is not None and len(dest.jobs) == count - 1 and w.backend.active:
+            break
+        await asyncio.sleep(0.001)
+    w.backend.gate.set()
+    await w.settle()
+    return queued
+
+
+@aio
+async def test_a_connection_outlives_the_message_count_while_slots_are_free(
+    tmp_path: Path,
+) -> None:
+    """Like Postfix's connection reuse: no count limit while nobody waits for a slot."""
+    w = World(tmp_path, ok, session=True, per_destination_limit=1, messages_per_connection=2)
+    queued = await queued_behind_a_gate(w, 5)
+    assert isinstance(w.backend, SessionBackend)
+    assert w.backend.sessions == [queued]
+
+
+@aio
+async def test_the_message_count_gives_a_taken_slot_back(tmp_path: Path) -> None:
+    """Every connection slot taken: a session ends after its count, for another's turn."""
+    w = World(tmp_path, ok, session=True, per_destination_limit=1, messages_per_connection=2,
+              max_connections=1)  # fmt: skip
+    queued = await queued_behind_a_gate(w, 5)
+    assert isinstance(w.backend, SessionBackend)
+    assert w.backend.sessions == [queued[:2], queued[2:4], queued[4:]]
+    assert w.store.list() == []
+
+
+@aio
+async def test_a_connection_is_reused_for_a_time_only(tmp_path: Path) -> None:
+    w = World(tmp_path, ok, session=True, per_destination_limit=1, connection_reuse_time=0.0)
+    queued = [w.add(rcpts=[f"u{i}@example.net"]) for i in range(3)]
+    await w.settle()
+    assert isinstance(w.backend, SessionBackend)
+    assert w.backend.sessions == [[q] for q in queued]
 
 
 @aio

@@ -218,3 +218,36 @@ def test_without_a_filter_everything_passes() -> None:
     scanner = HeaderScanner()
     out = scanner.feed(MESSAGE[:30]) + scanner.feed(MESSAGE[30:]) + scanner.close()
     assert out == MESSAGE
+
+
+def test_content_of_a_message_written_whole_is_the_file_after_return_path(
+    tmp_path: Path,
+) -> None:
+    """What the queue's commit hands to the first relay attempt instead of a file read."""
+    w = writer(tmp_path)
+    w.add(b"Subject: hi\r\n\r\nbody\r\n")
+    w.complete()  # the checks' in-memory copy: the file is still written once, at finish
+    w.add_header_lines(b"Authentication-Results: mx.test; none\n", above_received=True)
+    assert w.content is None  # nothing written yet
+    w.finish()
+    assert w.content == w.path.read_bytes()[w.content_offset :]
+    assert w.content.startswith(b"Authentication-Results: mx.test; none\nReceived: ")
+
+
+def test_no_content_once_written_in_pieces_or_rewritten(tmp_path: Path) -> None:
+    large = writer(tmp_path / "large")
+    large.add(b"From: <a@example.net>\r\n\r\n")
+    while not large.add(b"x" * 998 + b"\r\n"):
+        pass
+    large.flush()
+    large.add(b"the end\r\n")
+    large.finish()
+    assert large.content is None
+    again = writer(tmp_path / "again")
+    again.add(b"Subject: hi\r\n\r\nbody\r\n")
+    again.finish()
+    assert again.content is not None
+    again.add_header_lines(b"X-Late: yes\n")
+    again.finish()  # rewritten with the new line: what was in memory is stale
+    assert again.content is None
+    assert b"X-Late: yes\n" in again.path.read_bytes()

@@ -77,6 +77,10 @@ class StoredMessage:
     spam: bool = False
     # MAIL FROM ... REQUIRETLS (RFC 8689): relay only over verified TLS to a hop that offers it.
     requiretls: bool = False
+    # The bytes after `content_offset` when the spool writer still had them in memory (a
+    # small message): the queue's commit passes them to the first relay attempt instead of
+    # reading the file back. None: read the file.
+    content: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

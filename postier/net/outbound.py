@@ -27,7 +27,7 @@ from postier.delivery.base import (
     delivered,
     permanent,
 )
-from postier.delivery.content import read_body
+from postier.delivery.content import WHOLE, read_body
 from postier.dkim.signer import DkimSigner
 from postier.errors import ConfigError
 from postier.outbound.tlsrpt_send import start_tls_reports
@@ -142,18 +142,28 @@ class Outbound:
         """
         recipients = [str(a) for a in addresses]
         envelope: bytes | None = None
+        # The queued content (the signature fields, then the spool's content) when the
+        # spool writer still had it in memory; None for an entry that existed already.
+        known: bytes | None = None
         try:
+            prepend = self.headers_at_commit(message)
             entry, envelope = self.store.commit_envelope(
-                message, message.sender, recipients, prepend=self.headers_at_commit(message)
+                message, message.sender, recipients, prepend=prepend
             )
+            if message.content is not None:
+                known = prepend + message.content if prepend else message.content
         except EntryExists:
             entry = self.store.add_recipients(message.queue_id, recipients, message.recipient_dsn)
-        # Read back now, while the file is hot and we are in the thread pool anyway: the
-        # first relay attempt then needs no file read (postier.delivery.content.Preloaded).
+        # For the first relay attempt, which then needs no file read
+        # (postier.delivery.content.Preloaded): the bytes at hand, else read back now, while
+        # the file is hot and we are in the thread pool anyway.
         content = None
         if any(self._over_smtp(r.domain) for r in entry.pending()):
-            content = read_body(self.store.body_file(entry.queue_id), entry.content_offset,
-                                entry.size)  # fmt: skip
+            if known is not None and len(known) <= WHOLE:
+                content = known
+            else:
+                content = read_body(self.store.body_file(entry.queue_id),
+                                    entry.content_offset, entry.size)  # fmt: skip
         if len(self._committed) >= _COMMITTED_MAX:  # commits never announced: a bounded leak
             self._committed.clear()
         self._committed[entry.queue_id] = (entry, envelope, content)

@@ -7,7 +7,9 @@ Model (a small Postfix qmgr):
 - One `Destination` per domain (`postier.queue.destinations`) holds a deque of jobs and
   at most `per_destination_limit` worker tasks (connections). A worker opens a session (a
   `Relay`'s keeps its connection) and takes the next job for the same domain from the
-  deque, up to `messages_per_connection`: many messages to one domain share a connection.
+  deque: many messages to one domain share a connection, for up to `connection_reuse_time`
+  seconds (Postfix's smtp_connection_reuse_time_limit, 300 s), or `messages_per_connection`
+  messages when every connection slot is taken (another destination may be waiting for one).
 - After each attempt the entry is re-read and `decide.apply_results` says, as data, what
   the attempt means (delivered, retry when, bounce, expiry, delay warning; the rules are in
   `postier.queue.decide`). `postier.queue.effects` then applies that `Outcome` (reports to
@@ -93,6 +95,7 @@ class Scheduler:
         per_destination_limit: int = 4,
         max_connections: int = 100,
         messages_per_connection: int = 100,
+        connection_reuse_time: float = 300.0,
         destination_hold: float | None = None,
         jitter: float = 0.1,
         local_deliver: DeliverFn | None = None,
@@ -116,6 +119,7 @@ class Scheduler:
         self.sign_own = sign_own  # DKIM for our own DSNs: (bytes, content_offset) -> bytes
         self.per_destination_limit = max(1, per_destination_limit)
         self.messages_per_connection = max(1, messages_per_connection)
+        self.connection_reuse_time = connection_reuse_time
         first_step = self.policy.schedule[0]
         self.destination_hold = first_step if destination_hold is None else destination_hold
         self.local_deliver = local_deliver
@@ -339,7 +343,12 @@ class Scheduler:
             opened = open_session(self.backend_for_domain(dest.domain), dest.domain)
         async with opened as session:
             recorded: asyncio.Future[None] | None = None
-            for sent in range(self.messages_per_connection):
+            # A new session costs a connection, EHLO and the routing and TLS-policy look-ups:
+            # it goes on while mail for here waits, for a time; by count only when the slots
+            # are all taken, so that another destination waiting for one gets its turn.
+            until = time.monotonic() + self.connection_reuse_time
+            sent = 0
+            while True:
                 if not dest.jobs and recorded is not None:
                     # Nothing more to send yet: before closing, give the last attempt the
                     # time its recording takes, as more mail for here often comes meanwhile.
@@ -348,7 +357,16 @@ class Scheduler:
                 # may force one to a dead destination); later ones stop when it died.
                 if not dest.jobs or (sent and dest.dead_until > self.clock()):
                     break
+                if sent and self._connection_due(sent, until):
+                    break
                 recorded = await self._attempt(dest, dest.jobs.popleft(), session)
+                sent += 1
+
+    def _connection_due(self, sent: int, until: float) -> bool:
+        """A session that has sent `sent` messages gives its connection slot back."""
+        if sent >= self.messages_per_connection and self._connections.locked():
+            return True
+        return time.monotonic() >= until
 
     def _defer_if_dead(self, dest: Destination) -> None:
         """The destination just failed: queued jobs wait for it instead of trying now."""
