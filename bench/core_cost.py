@@ -29,11 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: python3 bench/core_cost.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.targets import tree_label
-
 ROWS = ("protocol", "log-lines")
 CONTENT = b"Subject: bench\r\n\r\n" + (b"x" * 70 + b"\r\n") * 28
 
@@ -131,6 +126,11 @@ def main() -> int:
         figures = {"protocol": _protocol(args.child), "log-lines": _log_lines(args.child)}
         print(json.dumps(figures))
         return 0
+    # Only here, in the parent: a child must import postier from its tree, first on its path.
+    if __package__ in (None, ""):  # run as a script: python3 bench/core_cost.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.targets import tree_label
+
     trees = [Path(t).resolve() for t in args.trees.split(",") if t]
     runs: list[list[dict[str, float]]] = [[] for _ in trees]
     for _ in range(args.repeat):

@@ -185,15 +185,16 @@ def test_idle_connections_bench(serve_exists, tmp_path, capsys):
     assert row["rss_kib_per_conn"] is not None
 
 
-def test_core_cost_bench_reports_its_rows():
-    """bench/core_cost.py measures this tree's protocol engine and log lines (no timing)."""
+def test_core_cost_bench_measures_each_tree_it_is_given(tmp_path):
+    """bench/core_cost.py reports its rows (no timing), and a tree's figures come from that
+    tree's code: its child imports postier from the tree, not from this checkout."""
+    other = _postier_copy(tmp_path)
+    argv = [sys.executable, str(BENCH / "core_cost.py"), "--messages", "20", "--repeat", "1"]
+    argv += ["--trees", f"{harness.REPO},{other}"]
     out = subprocess.run(
-        [sys.executable, str(BENCH / "core_cost.py"), "--messages", "20", "--repeat", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
+        argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
     )
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0] for line in out.stdout.splitlines()[3:] if line.strip()}
     assert rows == {"protocol", "log-lines"}, out.stdout
+    assert (other / "ran-from-copy").exists()  # the child runs in its tree, with its code
