@@ -41,7 +41,7 @@ from pathlib import Path
 
 from postier.delivery.base import Recipient, StoredMessage
 from postier.delivery.dirsync import DirSync
-from postier.delivery.fsutil import copy_from, fsync_dir, write_all
+from postier.delivery.fsutil import copy_from, fsync_dir, read_small, write_all
 from postier.errors import PostierError
 from postier.protocol.dsn import MailDsn, RcptDsn
 from postier.queue.entry import (  # noqa: F401 - the names users of the store import
@@ -78,19 +78,6 @@ def _check_id(queue_id: str) -> str:
     if not is_queue_id(queue_id):
         raise EntryNotFound(f"not a queue id: {queue_id!r}")
     return queue_id
-
-
-def _read_small(path: str) -> bytes:
-    """A whole file in four system calls when it is small (an envelope), where pathlib's
-    read_bytes makes a buffered file object and asks for its size first."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _address(r: object) -> str:
@@ -320,7 +307,7 @@ class QueueStore:
     # -- read --------------------------------------------------------------------------
     def load(self, queue_id: str) -> QueueEntry:
         try:
-            raw = _read_small(self.env_file(queue_id))
+            raw = read_small(self.env_file(queue_id))
         except FileNotFoundError:
             raise EntryNotFound(queue_id) from None
         try:
