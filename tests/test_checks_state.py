@@ -4,12 +4,14 @@ state shared between processes and kept across a restart (a new object on the sa
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from pathlib import Path
 
 import pytest
 
 from postier.checks.greylist_store import GreylistStore, client_network
 from postier.checks.ratelimit import RateLimiter, client_key
+from postier.checks.sqlite_state import StateFile
 
 
 class Clock:
@@ -114,3 +116,29 @@ def test_client_network() -> None:
     assert client_network("192.0.2.77") == "192.0.2.0/24"
     assert client_network("2001:db8:a:b:c::1") == "2001:db8:a:b::/64"
     assert client_network("::ffff:198.51.100.3") == "198.51.100.0/24"
+
+
+def test_workers_opening_a_new_state_file_at_once_all_get_it(tmp_path: Path) -> None:
+    """The workers start together and open the same new file at once: SQLite fails one of
+    two connections switching it to WAL with "database is locked" at once (no busy wait);
+    every one must still open it. 30 new files, 4 openers each, released together."""
+    schema = "CREATE TABLE IF NOT EXISTS hits (key TEXT PRIMARY KEY, n INTEGER NOT NULL);"
+    errors: list[BaseException] = []
+    for i in range(30):
+        path = tmp_path / f"state-{i}.sqlite"
+        start = threading.Barrier(4)
+
+        def open_it(path: Path = path, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                conn = StateFile(path, schema).connection()
+                conn.execute("INSERT OR IGNORE INTO hits VALUES ('k', 1)")
+            except BaseException as exc:  # collected: the assertion below names it
+                errors.append(exc)
+
+        openers = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in openers:
+            t.start()
+        for t in openers:
+            t.join(60)
+    assert errors == []

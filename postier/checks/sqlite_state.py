@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+# How long opening a state file may wait for the other workers opening it at the same time.
+OPEN_TIMEOUT = 10.0
 
 
 class StateFile:
@@ -27,10 +32,11 @@ class StateFile:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(self.path, timeout=OPEN_TIMEOUT, isolation_level=None)
+            deadline = time.monotonic() + OPEN_TIMEOUT
+            _until_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"), deadline)
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(self.schema)
+            _until_unlocked(lambda: conn.executescript(self.schema), deadline)
             self._local.conn = conn
         return conn
 
@@ -39,3 +45,22 @@ class StateFile:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _until_unlocked(step: Callable[[], object], deadline: float) -> None:
+    """Run `step`, again while SQLite says the file is locked, until `deadline`.
+
+    The workers start together and open the same new file at once. Switching it to WAL
+    (and creating its tables) needs an exclusive lock: of two connections that each hold a
+    shared lock and want it, SQLite fails one at once with "database is locked" instead of
+    calling its busy handler (that wait could deadlock), so the connect timeout does not
+    cover this. The failed statement has let its lock go; trying again succeeds once the
+    other connection is done."""
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
