@@ -15,8 +15,9 @@ Model (a small Postfix qmgr):
   `postier.queue.decide`). `postier.queue.effects` then applies that `Outcome` (reports to
   the sender first, then the entry's update or removal) and the scheduler sets the next
   dispatch time. This is recorded in the background by one task (`_record_all`), several
-  attempts per thread-pool job, while the connection goes on with its next message; that
-  one task is what serialises the updates of an entry's file.
+  attempts per thread-pool job, while the connection goes on with its next message. Each
+  record reads, decides and writes under the entry's file lock (`QueueStore.locked`), which
+  also keeps out a router adding recipients from another worker.
 - What the scheduler knows about an entry between loads is one record
   (`postier.queue.tracking`): when it is next due, whether it was flushed, and which
   domains have an attempt running (until it is recorded).
@@ -401,9 +402,9 @@ class Scheduler:
     async def _record_all(self) -> None:
         """Record every finished attempt, a batch per thread-pool job, until none is left.
 
-        One recorder at a time: it is what serialises the updates of an entry's file (two
-        domains' attempts of one entry finishing together are applied one after the other,
-        each reading the entry as the other left it)."""
+        One recorder at a time, in order: two domains' attempts of one entry finishing
+        together are applied one after the other, each reading the entry as the other left
+        it (each under the entry's lock, `effects.record_attempt`)."""
         batch: list[_Unrecorded] = []
         try:
             while self._unrecorded:

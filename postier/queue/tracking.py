@@ -3,7 +3,7 @@
 The queue files hold what must survive a crash (per-recipient state, next attempt times);
 this holds what only the running scheduler needs: when each entry is next dispatched,
 whether it was flushed, and which of its domains have an attempt running (updates of an
-entry's file are serialised by the scheduler's one recorder task). One `Tracked` record per
+entry's file take the entry's lock, `QueueStore.locked`). One `Tracked` record per
 entry keeps those consistent; the heap orders the due times and may hold stale items, which
 `pop_due` skips.
 """
