@@ -61,6 +61,7 @@ def _until_unlocked(step: Callable[[], object], deadline: float) -> None:
             step()
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
+            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() >= deadline:
                 raise
             time.sleep(0.005)
