@@ -52,9 +52,11 @@ _plain = _PLAIN.fullmatch
 
 def _quote(value: object) -> str:
     text = value if type(value) is str else str(value)
-    if _plain(text):
-        return text
-    # Never let a peer's bytes split a log line or forge fields.
+    return text if _plain(text) else _escape(text)
+
+
+def _escape(text: str) -> str:
+    """A value that is not plain: never let a peer's bytes split a log line or forge fields."""
     text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
     if not text or any(c in text for c in ' "='):
         text = '"' + text.replace('"', '\\"') + '"'
@@ -70,7 +72,7 @@ def render(kv: dict[str, object]) -> str:
 
     Written for the hot path (seven events a message): integers need no quoting, a plain
     text value takes one regex match, and only a value with a space, quote, equals sign,
-    backslash or line break goes through `_quote`."""
+    backslash or line break (or an empty one) is escaped."""
     parts = []
     for k, v in kv.items():
         if v is None:
@@ -80,7 +82,7 @@ def render(kv: dict[str, object]) -> str:
             parts.append(f"{k}={v}")
             continue
         text = v if t is str else str(v)
-        parts.append(f"{k}={text}" if _plain(text) else f"{k}={_quote(text)}")
+        parts.append(f"{k}={text}" if _plain(text) else f"{k}={_escape(text)}")
     return " ".join(parts)
 
 
