@@ -42,6 +42,7 @@ class RunResult:
     cpu_ms_per_msg: float | None
     error_samples: list[str] = field(default_factory=list)
     peer_cpu_ms_per_msg: float | None = None  # the far end's (smtp-sink, Dovecot), if any
+    load_cpu_ms_per_msg: float | None = None  # the load generator's (smtp-source, loadgen)
     tls_handshakes: int = 0
     tls_resumed: int = 0
     tls_version: str | None = None
@@ -59,6 +60,8 @@ def print_run(t: Target, i: int, r: RunResult, opts: argparse.Namespace) -> None
     more = ""
     if r.peer_cpu_ms_per_msg is not None:
         more += f", peer cpu {r.peer_cpu_ms_per_msg} ms/{u}"
+    if r.load_cpu_ms_per_msg is not None:
+        more += f", load generator cpu {r.load_cpu_ms_per_msg} ms/{u}"
     if r.tls_handshakes:
         more += f", {r.tls_version}, {r.tls_resumed}/{r.tls_handshakes} resumed"
     print(
@@ -85,6 +88,7 @@ def make_row(t: Target, sessions: int, runs: list[RunResult], opts: argparse.Nam
         "p99_ms": _median([r.p99_ms for r in runs]),
         "cpu_ms_per_msg": _median([r.cpu_ms_per_msg for r in runs]),
         "peer_cpu_ms_per_msg": _median([r.peer_cpu_ms_per_msg for r in runs]),
+        "load_cpu_ms_per_msg": _median([r.load_cpu_ms_per_msg for r in runs]),
         "tls_handshakes": sum(r.tls_handshakes for r in runs),
         "tls_resumed": sum(r.tls_resumed for r in runs),
         "peak_rss_mib": round(max(r.peak_rss for r in runs) / 2**20, 1),
@@ -116,6 +120,7 @@ def format_table(rows: list[dict]) -> str:
     """One table; ``rows`` share a unit (messages, or connections for handshake rows)."""
     u = rows[0].get("unit", "msg") if rows else "msg"
     peer = any(r.get("peer_cpu_ms_per_msg") is not None for r in rows)
+    load = any(r.get("load_cpu_ms_per_msg") is not None for r in rows)
     tls = any(r.get("tls_handshakes") for r in rows)
     head = [
         "server",
@@ -125,6 +130,7 @@ def format_table(rows: list[dict]) -> str:
         "p99 ms",
         f"CPU ms/{u}",
         *([f"peer CPU ms/{u}"] if peer else []),
+        *([f"load gen CPU ms/{u}"] if load else []),
         "peak RSS MiB",
         "peak PSS MiB",
         *(["TLS resumed"] if tls else []),
@@ -147,6 +153,7 @@ def format_table(rows: list[dict]) -> str:
                 _fmt(r["p99_ms"]),
                 _fmt(r["cpu_ms_per_msg"]),
                 *([_fmt(r.get("peer_cpu_ms_per_msg"))] if peer else []),
+                *([_fmt(r.get("load_cpu_ms_per_msg"))] if load else []),
                 f"{r['peak_rss_mib']:.1f}",
                 f"{r['peak_pss_mib']:.1f}",
                 *([f"{r.get('tls_resumed', 0)}/{hs}" if hs else "-"] if tls else []),

@@ -134,6 +134,9 @@ def test_before_and_after_in_one_run(serve_exists, tmp_path, capsys):
     for r in rows[:2]:
         assert (r["sent"], r["accepted"], r["delivered"], r["errors"]) == (10, 10, 10, 0)
         assert r["cpu_ms_per_msg"] is not None and r["peak_rss_mib"] > 0
+    # the load generator's own CPU (a Python process: never zero), for every row
+    assert all(r["load_cpu_ms_per_msg"] > 0 for r in rows)
+    assert "load gen CPU ms/msg" in out
     assert rows[2]["accepted"] == 10 and rows[2]["delivered"] is None
     assert doc["options"]["trees"] == [str(harness.REPO), str(other)]
 
