@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None, servers_default: str = "postier") -> int
     failures: list[str] = []
     started = time.time()
     info = report.machine()  # before the load, so that its load average is the machine's own
+    info["file_system"] = report.file_system(base)
     try:
         for part in scenarios.parts(opts):
             popts = argparse.Namespace(**{**vars(opts), "part": part.title, **part.overrides})
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None, servers_default: str = "postier") -> int
     print(
         f"\n{opts.messages} messages x {opts.size} B per run, median of {opts.repeat}, "
         f"{mode}, {os.cpu_count()} CPUs, load average before the run "
-        f"{info['loadavg'][0]:.2f}"
+        f"{info['loadavg'][0]:.2f}, mail on {info['file_system']}"
     )
     if rows:
         print(report.format_tables(rows))

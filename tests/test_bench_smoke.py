@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import harness, loadgen, run, targets
+from bench import harness, loadgen, report, run, targets
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -137,6 +137,10 @@ def test_before_and_after_in_one_run(serve_exists, tmp_path, capsys):
     # the load generator's own CPU (a Python process: never zero), for every row
     assert all(r["load_cpu_ms_per_msg"] > 0 for r in rows)
     assert "load gen CPU ms/msg" in out
+    # what the mail lives on, told with the run: on ext4 it says whether there is a journal
+    fs = doc["machine"]["file_system"]
+    assert f"mail on {fs}" in out and fs == report.file_system(tmp_path)
+    assert fs != "unknown" and " on " in fs
     assert rows[2]["accepted"] == 10 and rows[2]["delivered"] is None
     assert doc["options"]["trees"] == [str(harness.REPO), str(other)]
 
