@@ -45,7 +45,8 @@ def test_vrfy_answers_are_logged(local_server: PostierServer) -> None:
         assert c.cmd("VRFY bob")[0] == 250
     finally:
         c.close()
-    assert "event=vrfy" in local_server.log() and "query=bob" in local_server.log()
+    log = local_server.wait_log("event=vrfy", "query=bob")
+    assert "event=vrfy" in log and "query=bob" in log
 
 
 @pytest.fixture(scope="module")
