@@ -8,6 +8,7 @@ SIGTERM and waits; `kill()` sends SIGKILL (crash tests).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,9 +18,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, chosen below the kernel's ephemeral range.
+
+    A port the kernel gives to `bind(0)` comes from the ephemeral range, the one outgoing
+    connections take their local ports from: between this choice and the server's bind, a
+    test's own client (to a DNS responder, an MX, the server itself) could take it, and the
+    server failed to start with "Address already in use" (seen in CI). Below that range the
+    kernel never assigns a port on its own; the bind here checks nobody else holds it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    low, _ = _ephemeral_range()
+    first = 10000 if low > 12000 else 1024
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(first, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(family, socket.SOCK_STREAM) as s:  # a crowded machine: the old way
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
