@@ -94,15 +94,19 @@ class PostierServer:
         except FileNotFoundError:
             return ""
 
-    def wait_log(self, *texts: str, timeout: float = 15.0) -> str:
-        """The log once it holds every one of `texts`. The server writes the lines of one
-        loop iteration together after it (postier.log_writer), so a line can land just
-        after the reply the client already read; a test asks for it with this, not `log`."""
+    def logged(self, *texts: str, timeout: float = 15.0) -> bool:
+        """Whether the log comes to hold every one of `texts` within `timeout` seconds.
+
+        The server writes the lines of one loop iteration together after it
+        (postier.log_writer), so a line can land just after the reply the client already
+        read: a test that expects a line asks with this, not with `text in log()`."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.log()
-            if all(t in text for t in texts) or time.monotonic() > deadline:
-                return text
+            if all(t in text for t in texts):
+                return True
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.02)
 
     def stop(self, timeout: float = 30.0) -> int:

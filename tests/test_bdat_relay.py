@@ -162,7 +162,7 @@ def test_daemon_relays_a_bdat_message_with_bdat(
         while not [p for p in own.maildir_files("alice") if p not in before]:
             assert time.monotonic() < deadline, sender.log()
             time.sleep(0.1)
-        assert "in reply to BDAT LAST" in sender.log()
+        assert sender.logged("in reply to BDAT LAST")
     finally:
         assert sender.stop() == 0
     [path] = [p for p in own.maildir_files("alice") if p not in before]

@@ -121,7 +121,7 @@ def test_notify_success_for_local_delivery_gives_a_delivered_report(
         assert "Final-Recipient: rfc822; carol@example.org" in text
         assert text.count("Action: delivered") == 2 and "Status: 2.0.0" in text
         assert BODY not in report.as_string()  # a success report returns headers only
-        assert "event=dsn" in srv.log() and "action=delivered" in srv.log()
+        assert srv.logged("event=dsn", "action=delivered")
     finally:
         srv.stop()
 

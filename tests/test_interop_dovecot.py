@@ -305,8 +305,8 @@ def test_lmtp_delivery_read_back_over_imap(
         assert b"by mx.test" in header and header.endswith(b"\r\n" + head)
         assert fetch_meta(imap, num)[0] == {"\\Recent"}
     logout_and_check_log(maildir_peer, imap, "dave")
-    assert "event=delivery " in srv.log() and "backend=lmtp" in srv.log()
-    assert "Saved" in srv.log()  # Dovecot's per-recipient 250 after the final dot
+    assert srv.logged("event=delivery ", "backend=lmtp")
+    assert srv.logged("Saved")  # Dovecot's per-recipient 250 after the final dot
 
 
 def copies_for(peer: Peer, user: str, marker: bytes) -> int:

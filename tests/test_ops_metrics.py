@@ -102,7 +102,7 @@ def test_scrape_during_load_is_valid_and_counters_add_up(
     assert total(values, "postier_message_bytes_total", listener="mx") > sent * 100
     assert len(srv.maildir_files("alice")) == sent
     # Both workers took sessions, and their counts are summed in one scrape.
-    assert "postier[w0] event=message" in srv.log() and "postier[w1] event=message" in srv.log()
+    assert srv.logged("postier[w0] event=message", "postier[w1] event=message")
     assert total(values, "postier_queue_entries", state="queued") == 0
     if promtool is not None:
         final = subprocess.run(

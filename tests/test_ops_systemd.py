@@ -174,7 +174,7 @@ def test_socket_activation_serves_the_passed_socket(tmp_path: Path) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.sendmail("a@example.net", ["alice@example.org"], "Subject: s\r\n\r\nx\r\n")
         assert len(srv.maildir_files("alice")) == 1
-        assert f"role=mx address=127.0.0.1:{port}" in srv.log()
+        assert srv.logged(f"role=mx address=127.0.0.1:{port}")
         with pytest.raises(OSError):  # the configured --mx was replaced by the passed socket
             socket.create_connection(("127.0.0.1", srv.mx_port), timeout=5).close()
         assert srv.stop() == 0
@@ -186,7 +186,7 @@ def test_listen_fds_for_another_pid_are_ignored(tmp_path: Path) -> None:
     srv, listener = _activated_server(tmp_path, "1")
     try:
         listener.close()
-        assert "event=listen-fds-ignored" in srv.log()
+        assert srv.logged("event=listen-fds-ignored")
         with smtplib.SMTP("127.0.0.1", srv.mx_port, timeout=30) as client:
             assert client.noop()[0] == 250
         assert srv.stop() == 0

@@ -207,7 +207,7 @@ def test_reports_sent_to_mailto_and_https_then_forgotten(
         assert _wait(lambda: reports.days() == [_today()]), reports.days()
     finally:
         reports.close()
-    assert "event=tlsrpt-report" in sender.log()
+    assert sender.logged("event=tlsrpt-report")
 
 
 def test_dns_trouble_keeps_the_day_and_no_rua_forgets_it(tmp_path: Path) -> None:

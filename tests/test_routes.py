@@ -173,4 +173,4 @@ def test_each_kind_of_route(pub: Path) -> None:
                 assert b"5.1.2" in bounce and b"moved to new.test" in bounce
             finally:
                 srv.stop()
-            assert "backend=error" in srv.log()
+            assert srv.logged("backend=error")

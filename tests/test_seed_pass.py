@@ -44,7 +44,7 @@ def test_seed_file_auth_and_only_authenticated_users_send(
     seed_server: tuple[PostierServer, int],
 ) -> None:
     srv, port = seed_server
-    assert "plain-text passwords" in srv.log()  # the seed file works, with its warning
+    assert srv.logged("plain-text passwords")  # the seed file works, with its warning
     c = Client(port)
     try:
         assert c.reply()[0] == 220

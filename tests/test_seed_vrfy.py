@@ -45,8 +45,7 @@ def test_vrfy_answers_are_logged(local_server: PostierServer) -> None:
         assert c.cmd("VRFY bob")[0] == 250
     finally:
         c.close()
-    log = local_server.wait_log("event=vrfy", "query=bob")
-    assert "event=vrfy" in log and "query=bob" in log
+    assert local_server.logged("event=vrfy", "query=bob"), local_server.log()
 
 
 @pytest.fixture(scope="module")

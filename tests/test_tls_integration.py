@@ -219,7 +219,7 @@ def start_tls_server(
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PYTHONPATH", path)
             srv.start()
-        assert "loop=asyncio" in srv.log(), srv.log()
+        assert srv.logged("loop=asyncio"), srv.log()
     else:
         srv.start()
     return TlsServer(srv, submission, submissions, cert, key, cert_dir, passwords)
