@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:  # a crowded machine: the old way
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.02
+) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass; its last answer. A safety
+    bound for something the server does after the reply a test read, never a speed test."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return bool(predicate())
+        time.sleep(interval)
+    return True
 
 
 @dataclass
@@ -100,14 +114,7 @@ class PostierServer:
         The server writes the lines of one loop iteration together after it
         (postier.log_writer), so a line can land just after the reply the client already
         read: a test that expects a line asks with this, not with `text in log()`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log()
-            if all(t in text for t in texts):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
+        return wait_until(lambda: all(t in self.log() for t in texts), timeout)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

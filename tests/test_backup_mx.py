@@ -11,7 +11,6 @@ from __future__ import annotations
 import smtplib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from postier.outbound.backup_mx import load_relay_recipients
 from tests.dnsserver import DnsServer
-from tests.server import PostierServer, free_port, make_server
+from tests.server import PostierServer, free_port, make_server, wait_until
 from tests.sinks import PrivatePostfix, SmtpSink, have
 
 pytestmark = pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")
@@ -31,16 +30,6 @@ ZONE = {
     # We are the best MX of this one: delivering would loop to ourselves.
     "selfbest.test": {"MX": [(10, "mx.test"), (20, "primary.test")]},
 }
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    """A safety bound, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
 
 
 def queue_cmd(srv: PostierServer, *args: str) -> str:

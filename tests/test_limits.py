@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import PostierServer, make_server
+from tests.server import wait_until as poll_until
 from tests.test_integration_smtp import Raw, split_stored
 
 SAFETY_TIMEOUT = 20.0
@@ -63,10 +64,7 @@ def nothing_pending(c: Raw) -> bool:
 
 
 def wait_until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + SAFETY_TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
+    assert poll_until(predicate, SAFETY_TIMEOUT), f"never happened: {what}"
 
 
 def log_count(srv: PostierServer, needle: str) -> int:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from postier.auth.passwd import hash_password
+from tests.server import wait_until
 from tests.test_tls_integration import TlsServer, client_context, start_tls_server
 
 CLIENTS = 20
@@ -30,10 +31,8 @@ def replace_file(path: Path, text: str) -> None:
 
 
 def wait_log(t: TlsServer, needle: str, count: int = 1) -> None:
-    deadline = time.monotonic() + SAFETY
-    while t.server.log().count(needle) < count:
-        assert time.monotonic() < deadline, f"never logged {needle!r}:\n{t.server.log()[-3000:]}"
-        time.sleep(0.05)
+    seen = wait_until(lambda: t.server.log().count(needle) >= count, SAFETY, 0.05)
+    assert seen, f"never logged {needle!r}:\n{t.server.log()[-3000:]}"
 
 
 def rcpt_code(t: TlsServer, rcpt: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import smtplib
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from tests.outbound_helpers import (
     start_receivers,
     stored,
 )
-from tests.server import make_server
+from tests.server import make_server, wait_until
 
 STS_DOMAINS = (
     "sts.test",
@@ -321,12 +320,8 @@ def test_expired_cache_is_not_used(tmp_path: Path) -> None:
 # --- through the daemon: the flags reach the relay --------------------------------------------
 
 
-def _wait_for(predicate: Callable[[], bool], what: str, attempts: int = 600) -> None:
-    for _ in range(attempts):  # bounded: 600 x 50 ms
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def _wait_for(predicate: Callable[[], bool], what: str) -> None:
+    assert wait_until(predicate, 30.0, 0.05), f"timed out waiting for {what}"
 
 
 @pytest.mark.parametrize("sts_on", [True, False])

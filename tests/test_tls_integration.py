@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 from postier.auth.passwd import hash_password
 from postier.gencert import write_pair
 from tests.rawsmtp import RawReplies
-from tests.server import PostierServer, free_port, make_server
+from tests.server import PostierServer, free_port, make_server, wait_until
 
 SAFETY = 20.0  # seconds; bounds a hung peer, never a measurement
 OPENSSL = shutil.which("openssl")
@@ -541,11 +541,8 @@ def test_mx_sends_no_session_tickets(tls: TlsServer) -> None:
 
 
 def wait_log_count(server: PostierServer, needle: str, count: int, after: int = 0) -> None:
-    deadline = time.monotonic() + SAFETY
-    while server.log()[after:].count(needle) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"fewer than {count} {needle!r}:\n{server.log()[after:]}")
-        time.sleep(0.02)
+    if not wait_until(lambda: server.log()[after:].count(needle) >= count, SAFETY):
+        raise AssertionError(f"fewer than {count} {needle!r}:\n{server.log()[after:]}")
 
 
 def test_sessions_resume_across_workers_and_reloads(tmp_path: Path) -> None:
