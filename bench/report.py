@@ -215,12 +215,8 @@ def format_comparison(rows: list[dict], trees: list) -> str:
 
 
 def file_system(path: str | Path) -> str:
-    """What the mail roots and queues live on, e.g. "ext4 (no journal) on /dev/vda".
-
-    It moves the figures: on ext4 without a journal, making a file scans the inodes of its
-    group freed in the last minutes (the kernel's `recently_deleted`, a no-journal safeguard),
-    so a path that makes and frees files per message (the relay: spool file and envelope
-    made, body and envelope freed) pays more CPU there than on a journaled file system."""
+    """What the mail roots and queues live on, e.g. "ext4 (no journal) on /dev/vda": it
+    moves the figures (bench/README.md, "Reading the figures", says how and why)."""
     target = os.path.realpath(path)
     best: tuple[str, str, str] | None = None
     with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
