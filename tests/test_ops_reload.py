@@ -157,3 +157,56 @@ def test_dkim_keys_reload_and_a_bad_key_keeps_the_old_ones(tmp_path: Path) -> No
         assert "three.pem" in failed
     finally:
         assert srv.stop() == 0
+
+
+def test_a_file_replaced_before_the_workers_start_is_reloaded(tmp_path: Path) -> None:
+    """The start-up load and a worker's first look at the files are apart (the fork, queue
+    recovery): a file replaced in between must still read as changed, not as the baseline."""
+    import asyncio
+
+    from postier.cli import load_config, make_parser
+    from postier.net.daemon import build_context
+    from postier.ops.reload import Reloader
+
+    users = tmp_path / "users"
+    users.write_text(USERS)
+    argv = ["serve", "-H", "mx.test", "-s", "example.org", "-u", str(users)]
+    argv += ["-R", str(tmp_path / "mail"), "-Q", str(tmp_path / "queue")]
+    ctx = build_context(load_config(make_parser().parse_args(argv)))
+    try:
+        assert ctx.policy.users.keys() == {"alice@example.org", "bob@example.org"}
+        replace_file(users, USERS + "carol@example.org\n")
+        reloader = Reloader(ctx, 0.2)  # what a worker makes when it starts
+        assert asyncio.run(reloader.reload(only_changed=True, reason="changed")) == 0
+        assert "carol@example.org" in ctx.policy.users
+    finally:
+        ctx.executor.shutdown()
+
+
+def test_a_respawned_worker_serves_the_reloaded_files(tmp_path: Path) -> None:
+    """A worker that dies is replaced by a fork of the supervisor, which holds the start-up
+    data: the new worker must see that the users file changed since, not serve the old one."""
+    from tests.server import make_server
+
+    conf = tmp_path / "reload.toml"
+    conf.write_text("reload_interval = 0.2\n")
+    srv = make_server(tmp_path, users=USERS, extra=["--workers", "2", "-c", str(conf)])
+    srv.start()
+    try:
+        assert srv.logged("worker=0", "worker=1")
+        replace_file(tmp_path / "users", USERS + "carol@example.org\n")
+        assert wait_until(lambda: srv.log().count("event=reload what=users") >= 2, SAFETY)
+        ready = [x for x in srv.log().splitlines() if "event=ready" in x and "worker=1" in x]
+        pid = int(ready[0].split("pid=")[1].split()[0])
+        os.kill(pid, signal.SIGKILL)
+        assert srv.logged("event=worker-died worker=1")
+        assert wait_until(lambda: srv.log().count("event=reload what=users") >= 3, SAFETY), (
+            srv.log()
+        )
+        for _ in range(6):  # fresh connections land on both workers
+            with smtplib.SMTP("127.0.0.1", srv.mx_port, timeout=SAFETY) as client:
+                client.ehlo("client.test")
+                client.mail("sender@example.net")
+                assert client.rcpt("carol@example.org")[0] == 250
+    finally:
+        assert srv.stop() == 1  # a worker was killed: the supervisor's exit status says so

@@ -70,6 +70,8 @@ class ServerContext:
     reverse_names: ReverseNames = field(default_factory=ReverseNames)
     resolver: Resolver | None = None  # the worker's one resolver (see dns_resolver())
     spf_executor: ThreadPoolExecutor | None = None  # made on first use, kept across reloads
+    # Stamps of the reloadable files, taken just before build_context read them (ops.reload).
+    loaded_stamps: dict[Path, tuple[int, int, int] | None] = field(default_factory=dict)
     # Password hashing (ARGON2ID: ~64 MiB and ~170 ms of CPU each) runs at most this many at
     # a time per worker; more would only trade memory for nothing on a machine this size.
     hash_slots: asyncio.Semaphore | None = None

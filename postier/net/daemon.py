@@ -33,7 +33,7 @@ from postier.net.listeners import Bound, bind_all
 from postier.net.roles import ROLES
 from postier.net.session import SmtpSession
 from postier.netaddr import parse_networks
-from postier.ops.reload import Reloader
+from postier.ops.reload import Reloader, stamps_before_load
 from postier.ops.sd_notify import (
     Notifier,
     listen_fds,
@@ -68,6 +68,7 @@ IO_THREADS = 8
 
 def build_context(config: Config) -> ServerContext:
     """Load everything a worker needs; ConfigError on anything wrong."""
+    loaded_stamps = stamps_before_load(config)  # before reading: a later change reloads
     users = load_users(config.users, config.domain) if config.users else {}
     aliases = load_aliases(config.aliases) if config.aliases else {}
     from postier.outbound.backup_mx import RelayDomains
@@ -106,6 +107,7 @@ def build_context(config: Config) -> ServerContext:
         ),
         spool_dir=Path(config.mail_root) / SPOOL_SUBDIR,
         outbound=outbound,
+        loaded_stamps=loaded_stamps,
     )
     if config.tls_cert is not None and config.tls_key is not None:
         from postier.tls import CertificateStore

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from postier import log
+from postier.config import Config
 from postier.errors import ConfigError
 from postier.net.context import ServerContext
 from postier.policy import Policy, load_aliases, load_users
@@ -51,13 +52,28 @@ def register_hook(hook: Hook) -> None:
     _HOOKS[:] = [h for h in _HOOKS if h.name != hook.name] + [hook]
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+Stamp = tuple[int, int, int] | None
+
+
+def _stamp(path: Path) -> Stamp:
     """Changes when the file is edited in place or replaced by a rename."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def stamps_before_load(config: Config) -> dict[Path, Stamp]:
+    """The stamps of every built-in file, taken before the start-up load reads them.
+
+    The workers compare against these, not against what they find when they start: a file
+    replaced between the load and a worker's start (or before a crashed worker's
+    replacement starts with the start-up data) then still reads as changed."""
+    paths = [p for p in (config.users, config.aliases, config.passwords) if p is not None]
+    if config.dkim_keys is not None:
+        paths += _key_tree(Path(config.dkim_keys))
+    return {p: _stamp(p) for p in paths}
 
 
 # ---- the built-in files --------------------------------------------------------------------
@@ -109,7 +125,10 @@ def _dkim_paths(ctx: ServerContext) -> list[Path]:
     signer = ctx.outbound.dkim if ctx.outbound is not None else None
     if signer is None or signer.directory is None:
         return []
-    top = Path(signer.directory)
+    return _key_tree(Path(signer.directory))
+
+
+def _key_tree(top: Path) -> list[Path]:
     found = [top]
     try:
         for domain_dir in sorted(top.iterdir()):
@@ -148,10 +167,14 @@ class Reloader:
         self.ctx = ctx
         self.interval = interval
         self.hooks = [h for h in (*BUILT_IN, *_HOOKS) if h.paths(ctx)]
-        self.stamps = {h.name: self._stamps(h) for h in self.hooks}
+        # What the data in force was read from: the start-up load's stamps where it took
+        # them (ctx.loaded_stamps), so a change since then is seen at the first check.
+        self.stamps = {
+            h.name: [ctx.loaded_stamps.get(p, _stamp(p)) for p in h.paths(ctx)] for h in self.hooks
+        }
         self._lock = asyncio.Lock()
 
-    def _stamps(self, hook: Hook) -> list[tuple[int, int, int] | None]:
+    def _stamps(self, hook: Hook) -> list[Stamp]:
         return [_stamp(p) for p in hook.paths(self.ctx)]
 
     async def reload(self, only_changed: bool = False, reason: str = "sighup") -> int:
