@@ -155,7 +155,7 @@ def test_bounces_follow_notify_ret_envid_and_orcpt(pub: Path, dns: DnsServer) ->
             full = got["full"][0]
             assert full.get_payload()[2].get_content_type() == "message/rfc822"  # type: ignore[index]
             assert BODY in full.as_string()
-            assert srv.log().count("event=bounced") == 3
+            assert wait_until(lambda: srv.log().count("event=bounced") == 3), srv.log()
         finally:
             srv.stop()
 
