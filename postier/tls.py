@@ -291,10 +291,17 @@ class CertificateStore:
         """
         while True:
             await asyncio.sleep(interval)
-            current = await asyncio.to_thread(self._fingerprint)
-            if current != self._seen:
-                log.debug("certificate files changed; reloading")
-                await asyncio.to_thread(self.reload)
+            await asyncio.to_thread(self.reload_if_changed)
+
+    def reload_if_changed(self) -> bool:
+        """Reload when a file changed since the last load; whether it reloaded and succeeded.
+
+        A worker runs this before it serves: one respawned after a crash is a fork of the
+        supervisor, whose certificates are those of the start-up."""
+        if self._fingerprint() == self._seen:
+            return False
+        log.debug("certificate files changed; reloading")
+        return self.reload()
 
     # -- internals --
 

@@ -182,6 +182,13 @@ async def _serve_worker(
     ctx.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if metrics is not None:  # before the first session, so that every event is counted
         await metrics.start_worker(serve_http=worker in (None, 0))
+    # Catch up before serving: a worker respawned after a crash is a fork of the supervisor
+    # and holds the start-up users, passwords, keys and certificates, not the reloaded ones
+    # (a revoked password would otherwise work for up to reload_interval seconds).
+    reloader = Reloader(ctx, config.reload_interval)
+    await reloader.reload(only_changed=True, reason="changed")
+    if ctx.tls is not None:
+        await loop.run_in_executor(ctx.executor, ctx.tls.reload_if_changed)
     servers: list[asyncio.Server] = []
     mine: list[tuple[str, socket.socket]] = []
     for role_name, group in bound:
@@ -217,7 +224,6 @@ async def _serve_worker(
     if ctx.tls is not None:
         watch_task = loop.create_task(ctx.tls.watch())
 
-    reloader = Reloader(ctx, config.reload_interval)
     reload_tasks = {loop.create_task(reloader.watch())}
 
     async def reload_all() -> None:
