@@ -51,6 +51,18 @@ def auth_code(t: TlsServer, user: str, password: str) -> int:
             return exc.smtp_code
 
 
+def two_workers(tmp_path: Path, reload_interval: float, *extra: str) -> TlsServer:
+    """A TLS server with two workers, alice's password "old-secret" and this interval."""
+    conf = tmp_path / "reload.toml"
+    conf.write_text(f"reload_interval = {reload_interval}\n")
+    return start_tls_server(
+        tmp_path,
+        passwords={"alice@example.org": "old-secret"},
+        sni_names=(),
+        extra=["--workers", "2", *extra, "-c", str(conf)],
+    )
+
+
 def _load(t: TlsServer, stop: threading.Event, sent: list[int], errors: list[str]) -> None:
     try:
         with smtplib.SMTP("127.0.0.1", t.mx, timeout=SAFETY) as client:
@@ -68,14 +80,7 @@ def _load(t: TlsServer, stop: threading.Event, sent: list[int], errors: list[str
 def test_reload_under_load(tmp_path: Path) -> None:
     aliases = tmp_path / "aliases"
     aliases.write_text(ALIASES)
-    conf = tmp_path / "reload.toml"
-    conf.write_text("reload_interval = 0.2\n")
-    t = start_tls_server(
-        tmp_path,
-        passwords={"alice@example.org": "old-secret"},
-        sni_names=(),
-        extra=["--workers", "2", "-a", str(aliases), "-c", str(conf)],
-    )
+    t = two_workers(tmp_path, 0.2, "-a", str(aliases))
     try:
         users = tmp_path / "users"
         replace_file(users, USERS)  # the server started with carol: she goes
@@ -190,14 +195,7 @@ def test_a_respawned_worker_catches_up_before_it_serves(tmp_path: Path) -> None:
     from postier.gencert import write_pair
     from tests.test_tls_integration import Client, der, load_cert
 
-    conf = tmp_path / "reload.toml"
-    conf.write_text("reload_interval = 3600\n")
-    t = start_tls_server(
-        tmp_path,
-        passwords={"alice@example.org": "old-secret"},
-        sni_names=(),
-        extra=["--workers", "2", "-c", str(conf)],
-    )
+    t = two_workers(tmp_path, 3600)
     srv = t.server
     try:
         assert srv.logged("worker=0", "worker=1")
