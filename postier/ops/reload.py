@@ -1,8 +1,10 @@
 """Live reload of the users, aliases, password file and DKIM keys (and any registered hook).
 
-Each worker reloads on its own: on SIGHUP (the supervisor forwards it to every worker) and
-when a file's modification stamp changes (checked every `reload_interval` seconds, 30 by
-default). Nothing is shared between workers and nothing is restarted:
+Each worker reloads on its own: on SIGHUP (the supervisor forwards it to every worker), when
+a file's modification stamp changes (checked every `reload_interval` seconds, 30 by default)
+and once before it serves, against the stamps the start-up load took (`stamps_before_load`),
+so a worker respawned from the supervisor's start-up data catches up. Nothing is shared
+between workers and nothing is restarted:
 - each file is read and validated off the event loop, then swapped in one assignment on it;
   a session holds no copy, so the next RCPT or AUTH sees the new data and no session drops;
 - a file that does not validate keeps the old version, logs `event=reload result=failed`
