@@ -13,7 +13,6 @@ import email.policy
 import smtplib
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from tests.dnsserver import DnsServer
 from tests.server import PostierServer, make_server
+from tests.server import wait_until as poll_until
 from tests.sinks import PrivatePostfix, SmtpSink, have
 
 pytestmark = pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")
@@ -34,13 +34,8 @@ BODY = "the body that RET=HDRS keeps at home"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    """A safety bound, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+    """A safety bound, not a speed assertion (Postfix's queue runs take their time)."""
+    return poll_until(predicate, timeout, 0.1)
 
 
 @pytest.fixture

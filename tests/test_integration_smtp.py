@@ -69,13 +69,6 @@ def lf(message: bytes) -> bytes:
     return message.replace(b"\r\n", b"\n")
 
 
-def wait_for_log(server: PostierServer, needle: str) -> None:
-    deadline = time.monotonic() + SAFETY_TIMEOUT
-    while needle not in server.log():
-        assert time.monotonic() < deadline, f"{needle!r} never logged:\n{server.log()}"
-        time.sleep(0.02)
-
-
 def all_files(server: PostierServer) -> dict[str, list[Path]]:
     root = server.mail_root
     out: dict[str, list[Path]] = {}
@@ -471,7 +464,7 @@ def test_sigterm_finishes_the_transaction_in_flight(tmp_path: Path) -> None:
         assert idle.reply()[0] == 220
         assert srv.proc is not None
         srv.proc.send_signal(signal.SIGTERM)
-        wait_for_log(srv, "event=shutdown")
+        assert srv.logged("event=shutdown", timeout=SAFETY_TIMEOUT), srv.log()
         # The idle session is told at once.
         code, text = idle.reply()
         assert code == 421 and "4.3.2" in text

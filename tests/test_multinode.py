@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pytest
 
 from tests.dovecot import CONFIG, MAIL_GROUP, MAIL_USER, available, mail_owner
 from tests.dovecot import _stop as _stop_dovecot
+from tests.server import wait_until as poll_until
 from tests.sinks import PrivatePostfix, have, public_tmpdir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,12 +104,7 @@ def start(cmd: list[str], node: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 def wait_until(predicate, timeout: float = SAFETY) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return bool(predicate())
+    return poll_until(predicate, timeout, 0.2)  # predicates run commands in namespaces
 
 
 class Node:

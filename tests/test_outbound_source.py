@@ -8,7 +8,6 @@ the receiving server's record of where each connection came from.
 from __future__ import annotations
 
 import smtplib
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from postier.config import build
 from postier.errors import ConfigError, DeliveryError
 from postier.outbound.source import OutboundSource, parse_binds, sending_addresses
 from tests.dnsserver import DnsServer
-from tests.server import free_port, make_server
+from tests.server import free_port, make_server, wait_until
 from tests.sinks import SmtpSink, have
 
 
@@ -60,16 +59,6 @@ def test_doctor_checks_ptr_of_the_sending_addresses_only() -> None:
 
 
 # ---- through the daemon --------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    """A safety bound, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
 
 
 @pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")

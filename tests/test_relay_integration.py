@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DnsServer
-from tests.server import PostierServer, make_server
+from tests.server import PostierServer, make_server, wait_until
 from tests.sinks import PrivatePostfix, SmtpSink, have
 
 pytestmark = pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")
@@ -28,16 +28,6 @@ ZONE = {
     "mx.remote.test": {"A": ["127.0.0.1"]},
     "nullmx.test": {"MX": [(0, ".")]},
 }
-
-
-def wait_until(predicate, timeout: float = 30.0, pause: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
-    """A safety bound, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(pause)
-    return predicate()
 
 
 def queue_cmd(srv: PostierServer, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ Real parts: `postier serve` as a subprocess, the loopback DNS responder, Postfix
 from __future__ import annotations
 
 import smtplib
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from postier.config import build
 from postier.errors import ConfigError
 from postier.outbound.routes import Route, RouteTable, parse_routes_table
 from tests.dnsserver import DnsServer
-from tests.server import PostierServer, make_server
+from tests.server import PostierServer, make_server, wait_until
 from tests.sinks import SmtpSink, have
 
 # ---- syntax and matching -------------------------------------------------------------------
@@ -93,16 +92,6 @@ def test_routes_in_toml(tmp_path: Path) -> None:
 # ---- through the daemon --------------------------------------------------------------------
 
 needs_sink = pytest.mark.skipif(not have("/usr/sbin/smtp-sink"), reason="postfix not installed")
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    """A safety bound, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
 
 
 def routed_server(

@@ -30,7 +30,7 @@ from postier.outbound.srs import FORGED_OR_EXPIRED, Srs
 from tests.dnsserver import DnsServer
 from tests.mailauth_dns import txt
 from tests.mailauth_sign import genkey, key_record, sign
-from tests.server import PostierServer, make_server
+from tests.server import PostierServer, make_server, wait_until
 from tests.sinks import PrivatePostfix, SmtpSink, have
 
 SECRET = "a test secret, not a real one"
@@ -68,16 +68,6 @@ def spf_resolver(port: int) -> Iterator[None]:
         yield
     finally:
         dns.resolver.default_resolver = saved
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    """A safety bound, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
 
 
 def forwarder(root: Path, dns_port: int, remote_port: int) -> PostierServer:
