@@ -50,11 +50,6 @@ _PLAIN = re.compile(r'[^ "=\\\r\n]+')
 _plain = _PLAIN.fullmatch
 
 
-def _quote(value: object) -> str:
-    text = value if type(value) is str else str(value)
-    return text if _plain(text) else _escape(text)
-
-
 def _escape(text: str) -> str:
     """A value that is not plain: never let a peer's bytes split a log line or forge fields."""
     text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")

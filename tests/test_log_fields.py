@@ -1,7 +1,7 @@
 """The text form of an event's fields: plain values as they are, the rest quoted and escaped.
 
 `postier.log.render` is the hot-path version (seven events a message); these tests hold it
-to the rule each value follows through `_quote`, and check that a hostile value can neither
+to the rule each value follows (`_quote` below), and check that a hostile value can neither
 split a line nor forge a field (a client's HELO name, address or reply text lands here).
 """
 
@@ -11,7 +11,13 @@ import enum
 
 import pytest
 
-from postier.log import _quote, fields, parse_fields, render
+from postier.log import _escape, _plain, fields, parse_fields, render
+
+
+def _quote(value: object) -> str:
+    """The rule: a value's text as it is when plain, else escaped and quoted."""
+    text = value if type(value) is str else str(value)
+    return text if _plain(text) else _escape(text)
 
 
 class _Code(enum.IntEnum):
