@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from postier.auth.passwd import hash_password
-from tests.server import wait_until
+from postier.log import parse_fields
+from tests.server import PostierServer, wait_until
 from tests.test_tls_integration import TlsServer, client_context, start_tls_server
 
 CLIENTS = 20
@@ -61,6 +62,16 @@ def two_workers(tmp_path: Path, reload_interval: float, *extra: str) -> TlsServe
         sni_names=(),
         extra=["--workers", "2", *extra, "-c", str(conf)],
     )
+
+
+def ready_pids(srv: PostierServer, worker: int) -> list[int]:
+    """The pids of a worker's `event=ready` lines, in order: one more each time it starts."""
+    pids = []
+    for line in srv.log().splitlines():
+        kv = parse_fields(line[line.find("event=") :]) if "event=ready" in line else None
+        if kv is not None and kv.get("worker") == str(worker):
+            pids.append(int(kv["pid"]))
+    return pids
 
 
 def _load(t: TlsServer, stop: threading.Event, sent: list[int], errors: list[str]) -> None:
@@ -208,11 +219,10 @@ def test_a_respawned_worker_catches_up_before_it_serves(tmp_path: Path) -> None:
             assert wait_until(lambda n=needle: srv.log().count(n) >= 2, SAFETY), srv.log()
         assert "result=failed" not in srv.log()
 
-        ready = [x for x in srv.log().splitlines() if "event=ready" in x and "worker=1" in x]
-        os.kill(int(ready[0].split("pid=")[1].split()[0]), signal.SIGKILL)
+        [first] = ready_pids(srv, worker=1)
+        os.kill(first, signal.SIGKILL)
         assert srv.logged("event=worker-died worker=1")
-        again = lambda: sum("event=ready" in x and "worker=1" in x for x in srv.log().splitlines())  # noqa: E731
-        assert wait_until(lambda: again() == 2, SAFETY), srv.log()
+        assert wait_until(lambda: len(ready_pids(srv, worker=1)) == 2, SAFETY), srv.log()
 
         for _ in range(12):  # fresh connections land on both workers (1 in 4096 that not)
             assert rcpt_code(t, "carol@example.org") == 250
